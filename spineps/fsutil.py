@@ -1,0 +1,91 @@
+"""Atomic file writing: every output is written under a temporary name in its final folder
+and renamed into place, so an interrupted run never leaves a half-written file under a name
+that a rerun would trust. Temporary names are unique per process and call, so parallel
+participant runs into one output folder never share one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import socket
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+__all__ = ["atomic_path", "write_text_atomic", "write_json_atomic", "remove_stale_temps", "TEMP_PREFIX"]
+
+log = logging.getLogger(__name__)
+
+TEMP_PREFIX = ".spineps-tmp-"
+_TEMP_RE = re.compile(r"^\.spineps-tmp-(.+?)-(\d+)-[0-9a-f]{12}-")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+
+
+@contextmanager
+def atomic_path(final: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``final`` (same extension, hidden name); on success it
+    is renamed onto ``final``, on any error it is removed and ``final`` is untouched."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f"{TEMP_PREFIX}{_host()}-{os.getpid()}-{uuid.uuid4().hex[:12]}-{final.name}")
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise FileNotFoundError(f"nothing was written to the temporary file for {final}")
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            try:
+                tmp.unlink()
+            except OSError:  # pragma: no cover - best effort
+                log.warning("could not remove temporary file %s", tmp)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with atomic_path(Path(path)) as tmp:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(root: Path) -> list[Path]:
+    """Remove temporary files under ``root`` left by processes that no longer run
+    (e.g. a killed job) on this host. Files of live processes, and of other hosts, are left alone. Returns what was removed."""
+    removed: list[Path] = []
+    root = Path(root)
+    if not root.is_dir():
+        return removed
+    for path in root.rglob(f"{TEMP_PREFIX}*"):
+        m = _TEMP_RE.match(path.name)
+        # only this host's files: on a shared file system another node's pid means nothing here
+        if m and m.group(1) == _host() and not _pid_alive(int(m.group(2))):
+            try:
+                path.unlink()
+                removed.append(path)
+            except OSError:
+                pass
+    if removed:
+        log.info("removed %d temporary file(s) left by interrupted runs", len(removed))
+    return removed
