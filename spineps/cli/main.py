@@ -1,0 +1,200 @@
+"""``main(argv) -> int``: parse, build the settings, set up logging, dispatch to the
+participant or group level, and turn typed errors into exit codes with a one-line message
+(tracebacks only with ``-vv``). The only place that knows about exit codes.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import traceback
+from contextlib import contextmanager
+from typing import Iterator, Optional, Sequence
+
+from spineps.cli.parser import build_parser, build_subcommand_parser, is_subcommand
+from spineps.errors import OutputError, SpinepsError, UsageError
+
+__all__ = ["main", "entry_point", "Terminated", "EXIT_INTERRUPTED", "EXIT_TERMINATED"]
+
+log = logging.getLogger("spineps.cli")
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread when the process receives SIGTERM (e.g. a scheduler's
+    time limit), so it unwinds like Ctrl-C: temporary files are removed on the way out."""
+
+
+def _on_sigterm(signum, frame):  # type: ignore[no-untyped-def]
+    raise Terminated()
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _say(message: str) -> None:
+    """One line on stderr before logging is set up."""
+    sys.stderr.write(f"spineps: error: {message}\n")
+    sys.stderr.flush()
+
+
+def _report(exc: BaseException, verbosity: int, logging_ready: bool) -> None:
+    if isinstance(exc, SpinepsError):
+        text = str(exc)
+    else:
+        text = f"unexpected error: {type(exc).__name__}: {exc}"
+    if logging_ready:
+        if verbosity >= 2:
+            log.error("%s", text, exc_info=exc)
+        else:
+            log.error("%s", text)  # stderr stays one line; the traceback goes to the log file
+            _log_traceback_to_file(exc)
+    else:
+        _say(text)
+        if verbosity >= 2:
+            traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+
+
+def _log_traceback_to_file(exc: BaseException) -> None:
+    """Put the traceback into the run's log file only (not on stderr)."""
+    from spineps.logging_setup import file_handlers
+
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    record = log.makeRecord(log.name, logging.DEBUG, __file__, 0, "traceback:\n%s", (tb,), None)
+    for h in file_handlers():
+        h.handle(record)
+
+
+def _verbosity_guess(argv: Sequence[str]) -> int:
+    """-v count from raw argv (for messages about errors that happen while parsing)."""
+    n = 0
+    for a in argv:
+        if a == "--verbose":
+            n += 1
+        elif a.startswith("-") and not a.startswith("--") and set(a[1:]) == {"v"}:
+            n += len(a) - 1
+    return n
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line ``argv`` (default: ``sys.argv[1:]``); return the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbosity = _verbosity_guess(argv)
+    try:
+        if is_subcommand(argv):
+            return _run_subcommand(argv)
+        ns = build_parser().parse_args(argv)
+        verbosity = int(ns.verbose or 0)
+        from spineps.settings import Settings
+
+        settings = Settings.from_args(ns)
+    except SystemExit as exc:  # --help / --version
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 1
+    except SpinepsError as exc:
+        _report(exc, verbosity, logging_ready=False)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    return _run(settings)
+
+
+def _run(settings) -> int:  # type: ignore[no-untyped-def]
+    from spineps.fsutil import write_text_atomic
+    from spineps.logging_setup import setup_logging, teardown_logging
+
+    try:
+        try:
+            settings.logs_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create the output folder ({exc.strerror or exc})", settings.logs_dir) from exc
+    except SpinepsError as exc:
+        _report(exc, settings.verbosity, logging_ready=False)
+        return exc.exit_code
+
+    try:
+        setup_logging(settings.verbosity, settings.log_file)
+    except OSError as exc:
+        _say(f"{settings.log_file}: cannot create the log file ({exc.strerror or exc})")
+        return OutputError.exit_code
+    try:
+        with _sigterm_as_interrupt():
+            try:
+                log.info("spineps %s, %s level, run %s", settings.version, settings.analysis_level, settings.run_id)
+                log.info("bids_dir=%s output_dir=%s", settings.bids_dir, settings.output_dir)
+                log.info("log file: %s", settings.log_file)
+                write_text_atomic(settings.settings_file, settings.to_json())
+                if settings.analysis_level == "participant":
+                    _participant(settings)
+                else:
+                    _group(settings)
+                log.info("done")
+                return 0
+            except Terminated:
+                log.error("terminated (SIGTERM); see the log for what finished: %s", settings.log_file)
+                return EXIT_TERMINATED
+            except KeyboardInterrupt:
+                log.error("interrupted; see the log for what finished: %s", settings.log_file)
+                return EXIT_INTERRUPTED
+            except SpinepsError as exc:
+                _report(exc, settings.verbosity, logging_ready=True)
+                return exc.exit_code
+            except Exception as exc:  # a bug: one line, traceback in the log (and on stderr with -vv)
+                _report(exc, settings.verbosity, logging_ready=True)
+                return 1
+    except Terminated:  # arrived between the inner handlers and the restore
+        return EXIT_TERMINATED
+    finally:
+        teardown_logging()
+
+
+def _participant(settings) -> None:  # type: ignore[no-untyped-def]
+    from spineps import participant
+    from spineps.models import registry
+
+    discovery = participant.check_inputs(settings)
+    semantic, instance = registry.load_segmenters(settings)
+    participant.run_participant(settings, semantic, instance, discovery=discovery)
+
+
+def _group(settings) -> None:  # type: ignore[no-untyped-def]
+    from spineps.group.collect import run_group
+
+    run_group(settings)
+
+
+def _run_subcommand(argv: list[str]) -> int:
+    from spineps.logging_setup import setup_logging, teardown_logging
+
+    ns = build_subcommand_parser().parse_args(argv)
+    setup_logging(int(getattr(ns, "verbose", 0) or 0), None)
+    try:
+        if ns.command == "demo":
+            try:
+                from spineps.synth.demo import write_demo_dataset
+            except ImportError as exc:
+                raise UsageError(f"the demo dataset writer is not available in this installation ({exc})") from exc
+            out = write_demo_dataset(ns.out_dir, n_subjects=ns.subjects, seed=ns.seed)
+            log.info("demo dataset written to %s", out)
+            log.info("next: spineps %s %s participant", out, out / "derivatives" / "spineps")
+            return 0
+        raise UsageError(f"unknown command {ns.command!r}")  # pragma: no cover - argparse rejects it first
+    finally:
+        teardown_logging()
+
+
+def entry_point() -> None:
+    """The ``spineps`` console script."""
+    sys.exit(main())

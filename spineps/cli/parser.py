@@ -1,0 +1,192 @@
+"""The command-line parsers. Pure: building or using them reads no file, creates no
+folder and imports nothing heavy (no torch, no numpy), so ``--help`` and ``--version``
+answer instantly.
+
+Two usages share the ``spineps`` command:
+
+- the BIDS-App: ``spineps bids_dir output_dir {participant,group} [options]``;
+- tool subcommands, chosen by the first argument: ``spineps demo OUT_DIR [--subjects N]``.
+
+Usage errors raise :class:`spineps.errors.UsageError` (exit 64) instead of argparse's
+``sys.exit(2)`` (2 is reserved by the BIDS-Apps execution spec).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import NoReturn, Optional, Sequence
+
+from spineps.errors import UsageError
+from spineps.settings import ANALYSIS_LEVELS, INSTANCE_MODEL_ENV, SEMANTIC_MODEL_ENV
+
+__all__ = [
+    "build_parser",
+    "build_subcommand_parser",
+    "SUBCOMMANDS",
+    "ANALYSIS_LEVELS",
+    "DEVICES",
+    "SEMANTIC_MODEL_ENV",
+    "INSTANCE_MODEL_ENV",
+    "is_subcommand",
+]
+
+DEVICES = ("auto", "cpu", "cuda")
+#: tool subcommands (not BIDS-App runs), chosen when they are the first argument
+SUBCOMMANDS = ("demo",)
+
+_DESCRIPTION = """\
+SPINEPS as a BIDS-App: whole-spine semantic and instance segmentation of sagittal T2w MRI.
+
+usages:
+  spineps bids_dir output_dir participant [options]   segment every sagittal T2w scan
+  spineps bids_dir output_dir group [options]         tables from the participant outputs
+  spineps demo OUT_DIR [--subjects N] [--seed S]      write a small phantom BIDS dataset
+"""
+
+_EPILOG = """\
+exit codes: 0 success; 1 some scans failed (the others finished); 16 input failed BIDS
+validation; 17 unknown analysis level; 18 labels or filters selected no files; 64 usage
+error; 65 bad input data; 66 input missing; 73 output cannot be created; 74 I/O error;
+75 temporary failure (memory, disk); 78 no usable model; 130/143 interrupted.
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser that raises ``UsageError`` (exit 64) instead of exiting with 2."""
+
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message} (see --help)")
+
+
+def _version_string() -> str:
+    # spineps.__version__ reads installed metadata (cheap, no heavy import)
+    from spineps import __version__
+
+    return f"spineps {__version__}"
+
+
+class _VersionAction(argparse.Action):
+    """Like argparse's ``version`` action, but the version is looked up only when asked."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
+                 default: str = argparse.SUPPRESS, help: Optional[str] = None) -> None:
+        super().__init__(option_strings=option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[no-untyped-def]
+        import sys
+
+        parser._print_message(_version_string() + "\n", sys.stdout)
+        parser.exit(0)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _label(prefix: str):  # type: ignore[no-untyped-def]
+    """Accept labels with or without their ``sub-``/``ses-`` prefix; return them bare."""
+
+    def parse(text: str) -> str:
+        bare = text[len(prefix):] if text.startswith(prefix) else text
+        if not bare or not bare.isalnum():
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a valid label (letters and digits, optionally prefixed with '{prefix}')")
+        return bare
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The BIDS-App parser: ``bids_dir output_dir {participant,group}`` and options."""
+    p = _Parser(
+        prog="spineps",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    p.add_argument("bids_dir", type=Path, help="the root of the input BIDS dataset (read only; never written)")
+    p.add_argument("output_dir", type=Path,
+                   help="where the derivatives go (must not lie inside bids_dir, except under bids_dir/derivatives/)")
+    # no argparse `choices` here: an unknown level is exit 17, not a usage error
+    p.add_argument("analysis_level", metavar="{participant,group}",
+                   help="participant: segment scans; group: collect the participant outputs into tables")
+    p.add_argument("--version", action=_VersionAction, help="print the version and exit")
+
+    g = p.add_argument_group("selecting inputs")
+    g.add_argument("--participant-label", "--participant_label", dest="participant_label", nargs="+",
+                   type=_label("sub-"), metavar="LABEL",
+                   help="subjects to process, with or without 'sub-' (default: all)")
+    g.add_argument("--session-label", "--session_label", dest="session_label", nargs="+",
+                   type=_label("ses-"), metavar="LABEL",
+                   help="sessions to process, with or without 'ses-' (default: all)")
+    g.add_argument("--bids-filter-file", "--bids_filter_file", dest="bids_filter_file", type=Path, metavar="FILE",
+                   help='JSON file of pybids filters, e.g. {"t2w": {"acquisition": "sag"}}; '
+                        'null means "entity absent", "*" means "any value"')
+    g.add_argument("--skip-bids-validation", "--skip_bids_validation", dest="skip_bids_validation",
+                   action="store_true", help="do not validate the input dataset")
+
+    r = p.add_argument_group("resources")
+    r.add_argument("-w", "--work-dir", "--work_dir", dest="work_dir", type=Path, metavar="DIR",
+                   help="folder for intermediate files (the pybids index, removed after indexing); must not "
+                        "lie inside bids_dir (default: none, the index is kept in memory)")
+    r.add_argument("--nprocs", "--n-cpus", "--n_cpus", dest="nprocs", type=_positive_int, metavar="N",
+                   help="processes for pre-processing and inference workers (default: the CPUs available)")
+    r.add_argument("--omp-nthreads", "--omp_nthreads", dest="omp_nthreads", type=_positive_int, metavar="N",
+                   help="threads per process for torch/OpenMP (default: --nprocs)")
+    r.add_argument("--device", choices=DEVICES, default="auto",
+                   help="where the networks run; auto picks CUDA when available, else CPU (default: auto)")
+
+    m = p.add_argument_group("models")
+    m.add_argument("--semantic-model", "--semantic_model", dest="semantic_model", type=Path, metavar="DIR",
+                   help=f"semantic (nnU-Net) model folder (default: ${SEMANTIC_MODEL_ENV}, else the bundled model)")
+    m.add_argument("--instance-model", "--instance_model", dest="instance_model", type=Path, metavar="DIR",
+                   help=f"instance (cutout U-Net) model folder (default: ${INSTANCE_MODEL_ENV}, "
+                        "else the bundled model; without one only the semantic mask is written)")
+
+    o = p.add_argument_group("run behaviour")
+    o.add_argument("--overwrite", action="store_true",
+                   help="recompute scans whose outputs are complete (default: skip them)")
+    o.add_argument("--no-n4", "--no_n4", dest="no_n4", action="store_true",
+                   help="skip N4 bias-field correction before the semantic phase")
+    o.add_argument("-v", "--verbose", dest="verbose", action="count", default=0,
+                   help="more log output (-v debug messages; -vv also tracebacks)")
+    return p
+
+
+def build_subcommand_parser() -> argparse.ArgumentParser:
+    """The tool subcommands (not BIDS-App runs): ``spineps demo OUT_DIR``."""
+    p = _Parser(prog="spineps", description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
+                allow_abbrev=False)
+    p.add_argument("--version", action=_VersionAction, help="print the version and exit")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    demo = sub.add_parser("demo", help="write a small phantom BIDS dataset to try the app on",
+                          description="Write a small phantom BIDS dataset (sagittal T2w scans) to OUT_DIR.")
+    demo.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="folder to create the dataset in")
+    demo.add_argument("--subjects", type=_positive_int, default=3, metavar="N", help="number of subjects (default 3)")
+    demo.add_argument("--seed", type=_nonneg_int, default=0, metavar="S", help="random seed (default 0)")
+    demo.add_argument("-v", "--verbose", dest="verbose", action="count", default=0, help="more log output")
+    return p
+
+
+def is_subcommand(argv: Sequence[str]) -> bool:
+    """True when ``argv`` asks for a tool subcommand rather than a BIDS-App run."""
+    return bool(argv) and argv[0] in SUBCOMMANDS

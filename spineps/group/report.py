@@ -1,0 +1,500 @@
+"""The group level: cohort tables, robust outlier flags and a self-contained HTML QC report,
+built ONLY from what participant runs left in ``output_dir`` (the raw dataset may be gone).
+
+Outputs (all written atomically, all listed in ``.bidsignore`` through ``group_*``):
+
+- ``group_T2w.tsv`` / ``.json``: one row per scan, ``bids_name`` first, then the level-naming
+  rule, the levels, the vertebra count, volumes (mm^3) per semantic class and per vertebra /
+  disc / endplate level, QC columns (flags, gaps, missing discs, mask disagreement, unusual
+  sizes, cut structures, naming confidence, cohort outliers) and key per-level measurements
+  (body heights and depth, disc heights, canal and cord cross-sections).
+- ``group_T2w_levels.tsv`` / ``.json``: long format, one row per scan, level, structure and
+  measure, with the value, its robust z-score against the cohort and an outlier flag
+  (``spineps.group.outliers``).
+- ``group_T2w_report.html``: opens from disk, no server, no network, nothing external: CSS
+  and JS inline (``spineps/group/templates``), the data as one inline JSON blob, plots drawn
+  as inline SVG by the page's script. Summary counts, per-level distributions (click a point
+  to open its scan), a sortable, filterable, paginated table of scans, the figures of the
+  table page and of each scan (relative links to the participant PNGs, ``loading="lazy"``),
+  and a pass / fail / artifact + note rating per scan stored in the browser's localStorage
+  and exportable as JSON or TSV.
+
+Per scan the measurements come from its ``_desc-spine_morphometry.tsv`` when the participant
+level wrote one; otherwise they are computed here from the masks (``measure_scan``).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence, Union
+
+__all__ = ["GroupSummary", "ScanRecord", "build_group", "find_scans", "render_html", "GROUP_TSV", "GROUP_JSON",
+           "LEVELS_TSV", "LEVELS_JSON", "REPORT_HTML", "PLOT_MEASURES", "KEY_COLUMNS", "BIDSIGNORE_EXTRA"]
+
+log = logging.getLogger(__name__)
+
+GROUP_TSV = "group_T2w.tsv"
+GROUP_JSON = "group_T2w.json"
+LEVELS_TSV = "group_T2w_levels.tsv"
+LEVELS_JSON = "group_T2w_levels.json"
+REPORT_HTML = "group_T2w_report.html"
+BIDSIGNORE_EXTRA: tuple[str, ...] = ("group_*", "*_morphometry.tsv", "*_morphometry.json")
+SEMANTIC_SUFFIX = "_desc-spine_dseg.nii.gz"
+INSTANCE_SUFFIX = "_desc-vertebrae_dseg.nii.gz"
+FIGURE_SUFFIX = "_desc-spine_dseg.png"
+_SUB_RE = re.compile(r"^sub-[A-Za-z0-9]+$")
+
+#: (structure, measure, label) offered in the report's distribution plot, in this order
+PLOT_MEASURES: tuple[tuple[str, str, str], ...] = (
+    ("body", "height_middle_mm", "Vertebral body height, middle (mm)"),
+    ("body", "height_anterior_mm", "Vertebral body height, anterior (mm)"),
+    ("body", "height_posterior_mm", "Vertebral body height, posterior (mm)"),
+    ("body", "depth_mm", "Vertebral body depth (mm)"),
+    ("body", "volume_mm3", "Vertebral body volume (mm\u00b3)"),
+    ("vertebra", "volume_mm3", "Vertebra volume (mm\u00b3)"),
+    ("disc", "height_middle_mm", "Disc height, middle (mm)"),
+    ("disc", "height_anterior_mm", "Disc height, anterior (mm)"),
+    ("disc", "height_posterior_mm", "Disc height, posterior (mm)"),
+    ("disc", "volume_mm3", "Disc volume (mm\u00b3)"),
+    ("canal", "csa_mm2", "Spinal canal cross-section (mm\u00b2)"),
+    ("canal", "ap_diameter_mm", "Spinal canal AP diameter (mm)"),
+    ("cord", "csa_mm2", "Spinal cord cross-section (mm\u00b2)"),
+    ("cord", "ap_diameter_mm", "Spinal cord AP diameter (mm)"),
+)
+#: per-level measurements copied into the wide table (``<level>_<structure>_<measure>``)
+KEY_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("body", "height_anterior_mm"), ("body", "height_middle_mm"), ("body", "height_posterior_mm"),
+    ("body", "depth_mm"), ("disc", "height_middle_mm"), ("canal", "csa_mm2"), ("canal", "ap_diameter_mm"),
+    ("cord", "csa_mm2"),
+)
+
+
+@dataclass
+class ScanRecord:
+    bids_name: str
+    subject: str
+    session: Optional[str]
+    semantic_path: Path
+    instance_path: Optional[Path]
+    figure: Optional[str] = None  # relative to output_dir
+    values: list[tuple[str, str, str, float]] = field(default_factory=list)
+    qc: dict[str, Any] = field(default_factory=dict)
+    naming: dict[str, Any] = field(default_factory=dict)
+    source: str = "morphometry"  # or "masks" when measured at the group level
+    outliers: list[Any] = field(default_factory=list)
+
+
+@dataclass
+class GroupSummary:
+    output_dir: Path
+    scans: list[ScanRecord]
+    failed: dict[str, str]
+    files: dict[str, Path]
+    n_flagged: int
+    n_outliers: int
+    seconds: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def n_scans(self) -> int:
+        return len(self.scans)
+
+
+# ------------------------------------------------------------------------------ finding
+def _sidecar(nii: Path) -> Path:
+    return nii.with_name(nii.name[: -len(".nii.gz")] + ".json")
+
+
+def find_scans(output_dir: Path) -> list[tuple[str, Path, Optional[Path]]]:
+    """``(bids_name, semantic mask, instance mask or None)`` of every scan whose semantic
+    mask and sidecar exist (the sidecar is written last by the participant level), by name."""
+    output_dir = Path(output_dir)
+    out = []
+    for sub in sorted(p for p in output_dir.iterdir() if p.is_dir() and _SUB_RE.match(p.name)):
+        for sem in sorted(sub.rglob(f"*{SEMANTIC_SUFFIX}")):
+            if sem.name.startswith("."):
+                continue
+            if not _sidecar(sem).is_file():
+                log.warning("%s has no sidecar (its run was interrupted?): left out", sem)
+                continue
+            name = sem.name[: -len(SEMANTIC_SUFFIX)]
+            inst = sem.with_name(name + INSTANCE_SUFFIX)
+            out.append((name, sem, inst if inst.is_file() and _sidecar(inst).is_file() else None))
+    return out
+
+
+def _entity(name: str, key: str) -> Optional[str]:
+    m = re.search(rf"(?:^|_){key}-([A-Za-z0-9]+)", name)
+    return m.group(1) if m else None
+
+
+def _naming_from_sidecars(inst: Optional[Path], sem: Path) -> dict[str, Any]:
+    for nii in (inst, sem):
+        if nii is None:
+            continue
+        try:
+            meta = json.loads(_sidecar(nii).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        naming = meta.get("LevelNaming")
+        if isinstance(naming, dict):
+            return naming
+    return {}
+
+
+def _load_record(output_dir: Path, name: str, sem: Path, inst: Optional[Path]) -> ScanRecord:
+    from spineps.measure.scan import measure_scan, morphometry_paths, read_measurements
+
+    rec = ScanRecord(name, _entity(name, "sub") or "", _entity(name, "ses"), sem, inst)
+    fig = sem.with_name(name + FIGURE_SUFFIX)
+    if fig.is_file():
+        rec.figure = fig.relative_to(output_dir).as_posix()
+    tsv, _ = morphometry_paths(sem)
+    if tsv.is_file():
+        rows, meta = read_measurements(tsv)
+        rec.values = rows
+        rec.qc = dict(meta.get("QC") or {})
+        rec.naming = dict(meta.get("LevelNaming") or {})
+        if inst is None:  # a semantic-only scan: its levels are not known
+            rec.qc.setdefault("flags", ["no_instances"])
+        return rec
+    from spineps.geometry.io import load_volume
+
+    semantic = load_volume(sem, kind="label")
+    instance = load_volume(inst, kind="label") if inst is not None else None
+    if instance is not None and not instance.same_grid(semantic):
+        from spineps.errors import InputError
+
+        raise InputError("instance mask is not on the grid of the semantic mask", inst)
+    m = measure_scan(semantic, instance, _naming_from_sidecars(inst, sem))
+    rec.values = m.rows()
+    rec.qc = m.qc.as_dict()
+    rec.naming = m.naming
+    rec.source = "masks"
+    return rec
+
+
+# ------------------------------------------------------------------------------ tables
+def _fmt(x: Any) -> str:
+    if x is None:
+        return "n/a"
+    if isinstance(x, float):
+        if not math.isfinite(x):
+            return "n/a"
+        return f"{x:.3f}".rstrip("0").rstrip(".") if abs(x) < 1e12 else f"{x:.6g}"
+    return str(x)
+
+
+def _level_order() -> dict[str, int]:
+    from spineps.labels import VERTEBRA_ORDER, vertebra_name
+    from spineps.measure.morphometry import disc_level_name
+
+    order: dict[str, int] = {"all": -1}
+    for i, v in enumerate(VERTEBRA_ORDER):
+        order[vertebra_name(v)] = 2 * i
+        if v != 26:
+            order[disc_level_name(v)] = 2 * i + 1
+    return order
+
+
+def _instance_columns(records: Sequence[ScanRecord]) -> list[tuple[str, str, str]]:
+    """(column, level, structure) for the instance volumes present in any scan (H3's names)."""
+    order = _level_order()
+    present: set[tuple[str, str]] = set()
+    for r in records:
+        for level, structure, measure, _ in r.values:
+            if measure == "volume_mm3" and structure in ("vertebra", "disc", "endplate"):
+                present.add((level, structure))
+    cols = []
+    for structure, prefix in (("vertebra", "vol_"), ("disc", "vol_disc_"), ("endplate", "vol_endplate_")):
+        for level in sorted((lv for lv, st in present if st == structure), key=lambda lv: order.get(lv, 999)):
+            top = level.split("/")[0]
+            cols.append((prefix + top, level, structure))
+    return cols
+
+
+def _key_columns(records: Sequence[ScanRecord]) -> list[tuple[str, str, str, str]]:
+    order = _level_order()
+    present: set[tuple[str, str, str]] = set()
+    wanted = set(KEY_COLUMNS)
+    for r in records:
+        for level, structure, measure, _ in r.values:
+            if (structure, measure) in wanted:
+                present.add((level, structure, measure))
+    key_rank = {k: i for i, k in enumerate(KEY_COLUMNS)}
+    out = []
+    for level, structure, measure in sorted(present, key=lambda t: (order.get(t[0], 999), key_rank[(t[1], t[2])])):
+        out.append((f"{level.replace('/', '-')}_{structure}_{measure}", level, structure, measure))
+    return out
+
+
+def _wide_table(records: Sequence[ScanRecord]) -> tuple[list[str], dict[str, dict[str, Any]], list[list[str]]]:
+    from spineps.labels import SEMANTIC
+    from spineps.measure.qc import FLAG_CODES
+    from spineps.measure.scan import MEASURE_DESCRIPTIONS, semantic_structure_name
+
+    cols: dict[str, dict[str, Any]] = {
+        "bids_name": {"Description": "Source scan name without suffix and extension (its BIDS entities)"},
+        "naming_rule": {"Description": "Rule the level names were derived from; n/a without instance segmentation"},
+        "levels": {"Description": "Vertebra levels found, top to bottom, comma-separated"},
+        "n_vertebrae": {"Description": "Number of vertebrae in the instance mask"},
+    }
+    for lab in SEMANTIC:
+        cols[f"vol_{lab.abbreviation}"] = {"Description": f"Volume of the '{lab.name}' class (value {lab.value}) in the "
+                                                          "desc-spine mask", "Units": "mm^3"}
+    inst_cols = _instance_columns(records)
+    for col, level, structure in inst_cols:
+        what = {"vertebra": f"vertebra {level}", "disc": f"the {level} disc",
+                "endplate": f"the endplates at the {level} disc"}[structure]
+        cols[col] = {"Description": f"Volume of {what} in the desc-vertebrae mask", "Units": "mm^3"}
+    cols.update({
+        "naming_confidence": {"Description": "Confidence of the level naming (0-1), from the instance phase"},
+        "qc_flags": {"Description": "QC flags, comma-separated; none when clean",
+                     "Levels": dict(FLAG_CODES)},
+        "qc_gaps": {"Description": "Breaks in the found level sequence"},
+        "qc_missing_discs": {"Description": "Consecutive vertebrae without a disc between them"},
+        "qc_inconsistent_fraction": {"Description": "Voxels on which the instance and semantic masks disagree, as a "
+                                                    "fraction of the instance voxels"},
+        "qc_size_flags": {"Description": "Structures outside the reference volume range of their region"},
+        "qc_truncated": {"Description": "Structures cut by the field of view (their heights/areas are n/a)"},
+        "n_outliers": {"Description": "Measurements of this scan that are cohort outliers (robust |z| > threshold)"},
+        "outliers": {"Description": "The outlying measurements: level structure measure (z-score), semicolon-separated"},
+    })
+    key_cols = _key_columns(records)
+    for col, level, structure, measure in key_cols:
+        d = MEASURE_DESCRIPTIONS.get(measure, {})
+        cols[col] = {"Description": f"{structure} at {level}: {d.get('Description', measure)}",
+                     "Units": d.get("Units", "")}
+    names = list(cols)
+    rows = []
+    for r in records:
+        vals = {(lv, st, me): v for lv, st, me, v in r.values}
+        has_inst = r.instance_path is not None
+        qc = r.qc or {}
+        rec: dict[str, str] = {
+            "bids_name": r.bids_name,
+            "naming_rule": _fmt(r.naming.get("rule")) if has_inst and r.naming.get("rule") is not None else "n/a",
+            "levels": ",".join(qc.get("levels") or []) if has_inst and qc.get("levels") else "n/a",
+            "n_vertebrae": str(qc.get("n_vertebrae", 0)) if has_inst else "n/a",
+        }
+        for lab in SEMANTIC:
+            rec[f"vol_{lab.abbreviation}"] = _fmt(vals.get(("all", semantic_structure_name(lab.value), "volume_mm3"), 0.0))
+        for col, level, structure in inst_cols:
+            rec[col] = _fmt(vals.get((level, structure, "volume_mm3"), 0.0)) if has_inst else "n/a"
+        flags = list(qc.get("flags") or [])
+        if r.outliers and "outlier" not in flags:
+            flags.append("outlier")
+        conf = r.naming.get("confidence")
+        rec.update({
+            "naming_confidence": _fmt(float(conf)) if isinstance(conf, (int, float)) else "n/a",
+            "qc_flags": ",".join(flags) if flags else "none",
+            "qc_gaps": "; ".join(qc.get("gaps") or []) or ("none" if has_inst else "n/a"),
+            "qc_missing_discs": ",".join(qc.get("missing_discs") or []) or ("none" if has_inst else "n/a"),
+            "qc_inconsistent_fraction": _fmt(float(qc.get("inconsistent_fraction", 0.0))) if has_inst else "n/a",
+            "qc_size_flags": "; ".join(qc.get("size_flags") or []) or ("none" if has_inst else "n/a"),
+            "qc_truncated": ",".join(qc.get("truncated") or []) or "none",
+            "n_outliers": str(len(r.outliers)),
+            "outliers": "; ".join(f"{o.key[0]} {o.key[1]} {o.key[2]} ({o.z:+.1f})" for o in r.outliers) or "none",
+        })
+        for col, level, structure, measure in key_cols:
+            rec[col] = _fmt(vals.get((level, structure, measure)))
+        rows.append([rec.get(c, "n/a").replace("\t", " ") for c in names])
+    return names, cols, rows
+
+
+def _write(path: Path, text: str) -> None:
+    from spineps.errors import OutputError
+    from spineps.fsutil import write_text_atomic
+
+    try:
+        write_text_atomic(path, text)
+    except OSError as exc:
+        raise OutputError(f"cannot write: {exc.strerror or exc}", path) from exc
+
+
+# ------------------------------------------------------------------------------ HTML
+def _template(name: str) -> str:
+    from importlib import resources
+
+    return resources.files("spineps.group").joinpath("templates", name).read_text(encoding="utf-8")
+
+
+def _r(x: Optional[float], nd: int = 2) -> Optional[float]:
+    if x is None or not math.isfinite(x):
+        return None
+    return round(float(x), nd)
+
+
+def render_html(records: Sequence[ScanRecord], stats: dict, *, title: str, output_dir_name: str, software: str,
+                threshold: float, min_scans: int) -> str:
+    """The report page (a string): templates + one inline JSON blob."""
+    from spineps.measure.qc import FLAG_CODES
+
+    order = _level_order()
+    wanted = {(s, m) for s, m, _ in PLOT_MEASURES}
+    present: set[tuple[str, str, str]] = set()
+    for r in records:
+        for level, structure, measure, v in r.values:
+            if (structure, measure) in wanted and v is not None and math.isfinite(v):
+                present.add((level, structure, measure))
+    keys = sorted(present, key=lambda k: (k[1], k[2], order.get(k[0], 999)))
+    kidx = {k: i for i, k in enumerate(keys)}
+    choices = [[s, m, label] for s, m, label in PLOT_MEASURES if any(k[1] == s and k[2] == m for k in keys)]
+    st_rows = []
+    for k in keys:
+        st = stats.get(k)
+        st_rows.append(None if st is None else [st.n, _r(st.median, 3), _r(st.q1, 3), _r(st.q3, 3), _r(st.lo, 3),
+                                                _r(st.hi, 3), _r(st.scale, 5)])
+    scans = []
+    for r in records:
+        vec: list[Optional[float]] = [None] * len(keys)
+        for level, structure, measure, v in r.values:
+            i = kidx.get((level, structure, measure))
+            if i is not None:
+                vec[i] = _r(v, 2)
+        qc = r.qc or {}
+        flags = list(qc.get("flags") or [])
+        if r.outliers and "outlier" not in flags:
+            flags.append("outlier")
+        conf = r.naming.get("confidence")
+        scans.append({
+            "n": r.bids_name, "sub": r.subject, "ses": r.session, "fig": r.figure,
+            "lv": ",".join(qc.get("levels") or []), "nv": qc.get("n_vertebrae") if r.instance_path else None,
+            "rule": r.naming.get("rule"), "conf": _r(float(conf), 3) if isinstance(conf, (int, float)) else None,
+            "flags": flags,
+            "qc": {"gaps": qc.get("gaps") or [], "missing_discs": qc.get("missing_discs") or [],
+                   "inc": _r(float(qc.get("inconsistent_fraction") or 0.0), 5), "size": qc.get("size_flags") or [],
+                   "trunc": qc.get("truncated") or [], "warn": qc.get("naming_warnings") or []},
+            "o": [[kidx[o.key], _r(o.z, 2)] for o in r.outliers if o.key in kidx],
+            "ot": [f"{o.key[0]} {o.key[1]} {o.key[2]}: {_fmt(round(o.value, 2))} (median {_fmt(round(o.median, 2))}, "
+                   f"z={o.z:+.1f})" for o in r.outliers],
+            "v": vec,
+        })
+    ident = hashlib.sha1("\n".join([title] + [r.bids_name for r in records]).encode()).hexdigest()[:12]
+    data = {
+        "title": title, "generated": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "software": software, "output_dir_name": output_dir_name, "report_id": ident,
+        "threshold": threshold, "min_scans": min_scans, "flag_codes": dict(FLAG_CODES),
+        "keys": [list(k) for k in keys], "stats": st_rows, "measure_choices": choices, "scans": scans,
+    }
+    blob = json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    blob = blob.replace("</", "<\\/").replace("<!--", "<\\!--")
+    html = _template("report.html")
+    esc_title = (title.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;"))
+    # replace the data last: the other parts must not be searched inside user-controlled text
+    html = html.replace("__SPINEPS_TITLE__", esc_title)
+    html = html.replace("__SPINEPS_CSS__", _template("report.css"))
+    html = html.replace("__SPINEPS_JS__", _template("report.js"))
+    return html.replace("__SPINEPS_DATA__", blob)
+
+
+# ------------------------------------------------------------------------------ main
+def _software() -> str:
+    try:
+        from spineps import __version__ as v  # type: ignore[attr-defined]
+    except Exception:  # pragma: no cover - version is optional here
+        v = None
+    return f"spineps {v}" if v else "spineps"
+
+
+def build_group(output_dir: Union[str, Path], *, participant_labels: Optional[Iterable[str]] = None,
+                threshold: Optional[float] = None, min_scans: Optional[int] = None,
+                title: Optional[str] = None) -> GroupSummary:
+    """Build every group output from the participant outputs in ``output_dir``.
+
+    Raises ``NoInputError`` when ``output_dir`` does not exist, ``NoMatchError`` when no scan
+    (of the wanted participants) has outputs. A scan whose outputs cannot be read is logged,
+    left out and listed in ``GroupSummary.failed``."""
+    from spineps.bids.derivatives import write_bidsignore
+    from spineps.errors import NoInputError, NoMatchError, SpinepsError
+    from spineps.fsutil import write_json_atomic
+    from spineps.group import outliers as om
+
+    t0 = time.perf_counter()
+    out = Path(output_dir)
+    if not out.is_dir():
+        raise NoInputError("the output folder does not exist: run the participant level first", out)
+    thr = om.OUTLIER_Z if threshold is None else float(threshold)
+    mins = om.MIN_SCANS if min_scans is None else int(min_scans)
+    found = find_scans(out)
+    if participant_labels:
+        wanted = {lab if lab.startswith("sub-") else f"sub-{lab}" for lab in participant_labels}
+        have = {n.split("_")[0] for n, _, _ in found}
+        missing = sorted(wanted - have)
+        if missing:
+            raise NoMatchError(f"no participant outputs for {', '.join(missing)} in {out}")
+        found = [f for f in found if f[0].split("_")[0] in wanted]
+    if not found:
+        raise NoMatchError(f"no participant outputs (sub-*/**/*{SEMANTIC_SUFFIX} with sidecar) in {out}: "
+                           "run the participant level first")
+    records: list[ScanRecord] = []
+    failed: dict[str, str] = {}
+    for name, sem, inst in found:
+        try:
+            records.append(_load_record(out, name, sem, inst))
+        except (SpinepsError, ValueError) as exc:
+            log.error("%s: left out of the group outputs: %s", name, exc)
+            failed[name] = str(exc)
+    if not records:
+        raise NoMatchError(f"no readable participant outputs in {out} ({len(failed)} unreadable)")
+    t_read = time.perf_counter() - t0
+
+    table: dict[tuple[str, str, str], list[tuple[str, float]]] = {}
+    for r in records:
+        for level, structure, measure, v in r.values:
+            table.setdefault((level, structure, measure), []).append((r.bids_name, v))
+    stats, outs = om.robust_outliers(table, threshold=thr, min_scans=mins)
+    by_scan = om.per_scan(outs)
+    for r in records:
+        r.outliers = by_scan.get(r.bids_name, [])
+    t_stats = time.perf_counter() - t0 - t_read
+
+    names, cols, rows = _wide_table(records)
+    files = {"table": out / GROUP_TSV, "table_json": out / GROUP_JSON, "levels": out / LEVELS_TSV,
+             "levels_json": out / LEVELS_JSON, "report": out / REPORT_HTML}
+    _write(files["table"], "\n".join(["\t".join(names)] + ["\t".join(r) for r in rows]) + "\n")
+    write_json_atomic(files["table_json"], cols)
+
+    zs: dict[tuple[str, str], float] = {}
+    for o in outs:
+        zs[(o.scan, o.key)] = o.z
+    order = _level_order()
+    lines = ["bids_name\tlevel\tstructure\tmeasure\tvalue\trobust_z\toutlier"]
+    for r in records:
+        for level, structure, measure, v in sorted(r.values, key=lambda t: (order.get(t[0], 999), t[1], t[2])):
+            st = stats.get((level, structure, measure))
+            z = (v - st.median) / st.scale if st is not None and math.isfinite(v) and st.n >= mins else None
+            lines.append("\t".join([r.bids_name, level, structure, measure, _fmt(v), _fmt(None if z is None else round(z, 3)),
+                                    "n/a" if z is None else str(int(abs(z) > thr))]))
+    _write(files["levels"], "\n".join(lines) + "\n")
+    write_json_atomic(files["levels_json"], {
+        "bids_name": {"Description": "Source scan name without suffix and extension"},
+        "level": {"Description": "Vertebra (L1), disc level (L1/L2) or 'all' (whole-mask class volumes)"},
+        "structure": {"Description": "vertebra, body, disc, endplate, canal, cord, or a semantic class name"},
+        "measure": {"Description": "What was measured; units in the name (_mm, _mm2, _mm3)"},
+        "value": {"Description": "The measurement; n/a where not measurable (e.g. cut by the field of view)"},
+        "robust_z": {"Description": "(value - cohort median) / (1.4826 * MAD) over the scans with this level, "
+                                    f"structure and measure (scale floored at {om.REL_FLOOR:.0%} of |median|); n/a "
+                                    f"with fewer than {mins} scans"},
+        "outlier": {"Description": f"1 when |robust_z| > {thr:g}", "Levels": {"0": "within range", "1": "outlier"}},
+    })
+    html = render_html(records, stats, title=title or f"SPINEPS group report \u2014 {len(records)} scan(s)",
+                       output_dir_name=out.resolve().name, software=_software(), threshold=thr, min_scans=mins)
+    _write(files["report"], html)
+    write_bidsignore(out, extra=BIDSIGNORE_EXTRA)
+    n_flagged = sum(1 for r in records if (r.qc.get("flags") or r.outliers))
+    seconds = time.perf_counter() - t0
+    log.info("group: %d scan(s) (%d measured from masks), %d flagged, %d outlier measurement(s); report %s "
+             "(%.0f kB) in %.2f s", len(records), sum(r.source == "masks" for r in records), n_flagged, len(outs),
+             files["report"].name, len(html.encode()) / 1024, seconds)
+    return GroupSummary(out, records, failed, files, n_flagged, len(outs), seconds,
+                        {"read": round(t_read, 3), "stats": round(t_stats, 3),
+                         "write": round(seconds - t_read - t_stats, 3)})

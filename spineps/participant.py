@@ -1,0 +1,297 @@
+"""The participant level: every selected sagittal T2w scan through ``segment_scan``, with
+outputs written atomically, complete scans skipped on reruns, and one scan's failure
+logged and skipped while the others go on.
+
+Order of writes per scan: semantic mask, instance mask, centroids, then the sidecars. The
+sidecars are the last files of ``expected_outputs``, so a scan counts as complete only
+when everything before them was written (every single write is atomic, see
+``spineps.fsutil``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+from spineps.errors import BIDSValidationError, ScanFailuresError, SpinepsError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from spineps.pipeline import InstanceSegmenter, ScanResult, SemanticSegmenter
+    from spineps.settings import Settings
+
+__all__ = ["ParticipantSummary", "check_inputs", "run_participant", "process_scan", "model_provenance"]
+
+log = logging.getLogger(__name__)
+
+
+
+@dataclass
+class ParticipantSummary:
+    """What one participant-level run did (relative paths of the source scans)."""
+
+    total: int = 0
+    processed: list[str] = field(default_factory=list)
+    skipped_complete: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    not_selected: dict[str, str] = field(default_factory=dict)  # discovery's skips: path -> reason
+    seconds: float = 0.0
+
+    def lines(self) -> list[str]:
+        out = [f"{self.total} scan(s): {len(self.processed)} processed, {len(self.skipped_complete)} skipped "
+               f"(outputs complete), {len(self.failed)} failed; {len(self.not_selected)} other file(s) not used; "
+               f"{self.seconds:.1f} s"]
+        out += [f"  failed: {name}: {why}" for name, why in self.failed.items()]
+        return out
+
+
+def _validate(settings: "Settings") -> None:
+    from spineps.bids.validation import validate_dataset
+
+    report = validate_dataset(settings.bids_dir, derivative=False)
+    if not report.available:
+        log.warning("the input dataset was not validated: %s", getattr(report, "reason", "validator not available"))
+        return
+    for w in list(report.warnings)[:20]:
+        log.debug("BIDS validator warning: %s", w)
+    if not report.ok:
+        errors = list(report.errors)
+        shown = "; ".join(str(e) for e in errors[:5]) + (f"; ... ({len(errors)} in all)" if len(errors) > 5 else "")
+        raise BIDSValidationError(f"the input dataset is not valid BIDS ({shown}); fix it, or run with "
+                                  "--skip-bids-validation", settings.bids_dir)
+    log.info("input dataset passed BIDS validation")
+
+
+def check_inputs(settings: "Settings"):  # -> Discovery
+    """Validate the input dataset (unless skipped) and select the scans. Raises
+    ``BIDSValidationError`` (16) and, for labels or filters that select nothing,
+    ``NoMatchError`` (18)."""
+    from spineps.bids.discovery import discover_scans, load_bids_filters
+
+    if settings.skip_bids_validation:
+        log.info("BIDS validation skipped (--skip-bids-validation)")
+    else:
+        _validate(settings)
+    filters = load_bids_filters(settings.bids_filter_file) if settings.bids_filter_file else None
+    database_dir = (settings.work_dir / "pybids") if settings.work_dir else None  # a fresh subfolder per run
+    discovery = discover_scans(
+        settings.bids_dir,
+        participant_labels=list(settings.participant_labels) or None,
+        session_labels=list(settings.session_labels) or None,
+        bids_filters=filters,
+        database_dir=database_dir,
+    )
+    return discovery  # discovery logs each skipped file with its reason
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return Path(path).relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _prepare_output_dir(settings: "Settings") -> None:
+    """Dataset-level files; every write is atomic, so parallel runs can all do it."""
+    from spineps.bids.derivatives import write_bidsignore, write_dataset_description, write_lookup_tables
+    from spineps.fsutil import remove_stale_temps
+
+    remove_stale_temps(settings.output_dir)
+    from spineps.group.collect import BIDSIGNORE_EXTRA
+
+    write_dataset_description(settings.output_dir, bids_dir=settings.bids_dir, version=settings.version,
+                              container=settings.container_info())
+    write_lookup_tables(settings.output_dir)
+    write_bidsignore(settings.output_dir, extra=BIDSIGNORE_EXTRA)
+
+
+def run_participant(settings: "Settings", semantic: "SemanticSegmenter", instance: Optional["InstanceSegmenter"],
+                    discovery: Any = None) -> ParticipantSummary:
+    """Process every selected scan. Raises ``ScanFailuresError`` at the end when any scan
+    failed (the others are finished first); ``KeyboardInterrupt`` (also SIGTERM, see
+    ``spineps.cli.main``) abandons the current scan after logging what finished."""
+    from spineps.bids.derivatives import expected_outputs
+
+    t_start = time.perf_counter()
+    if discovery is None:
+        discovery = check_inputs(settings)
+    scans = list(discovery.scans)
+    summary = ParticipantSummary(total=len(scans))
+    summary.not_selected = {_rel(Path(p), settings.bids_dir): str(why) for p, why in discovery.skipped}
+    _prepare_output_dir(settings)
+    log.info("%d scan(s) selected", len(scans))
+
+    current: Optional[str] = None
+    try:
+        for i, scan in enumerate(scans, start=1):
+            name = scan.relpath
+            current = name
+            expected = expected_outputs(settings.output_dir, scan, with_instances=instance is not None)
+            if not settings.overwrite and all(Path(p).is_file() for p in expected):
+                log.info("[%d/%d] %s: outputs complete, skipped (use --overwrite to recompute)", i, len(scans), name)
+                summary.skipped_complete.append(name)
+                continue
+            log.info("[%d/%d] %s", i, len(scans), name)
+            try:
+                _revoke_complete(settings, scan)
+                process_scan(settings, scan, semantic, instance)
+            except SpinepsError as exc:
+                why = exc.reason if exc.path is not None and Path(exc.path) == Path(scan.path) else str(exc)
+                why = f"{type(exc).__name__}: {why}"
+                log.error("[%d/%d] %s failed: %s", i, len(scans), name, _one_line(why))
+                summary.failed[name] = _one_line(why)
+            except MemoryError:
+                log.error("[%d/%d] %s failed: out of memory", i, len(scans), name)
+                summary.failed[name] = "out of memory"
+            except Exception as exc:  # a bug or a library failure: keep going with the other scans
+                log.error("[%d/%d] %s failed: %s: %s", i, len(scans), name, type(exc).__name__, _one_line(str(exc)))
+                log.debug("traceback for %s", name, exc_info=True)
+                summary.failed[name] = f"{type(exc).__name__}: {_one_line(str(exc))}"
+            else:
+                summary.processed.append(name)
+            current = None
+    except KeyboardInterrupt:
+        summary.seconds = time.perf_counter() - t_start
+        log.error("interrupted while processing %s (its outputs are incomplete and will be recomputed by a rerun); "
+                  "finished before: %d processed, %d already complete, %d failed",
+                  current or "no scan", len(summary.processed), len(summary.skipped_complete), len(summary.failed))
+        raise
+    summary.seconds = time.perf_counter() - t_start
+    for line in summary.lines():
+        log.info("summary: %s", line.strip())
+    if summary.failed:
+        raise ScanFailuresError(summary.failed)
+    return summary
+
+
+def _revoke_complete(settings: "Settings", scan: Any) -> None:
+    """Remove the scan's sidecars before anything of it is rewritten: an interrupted rerun
+    (e.g. with --overwrite) must not leave new masks beside old sidecars that would make the
+    scan look complete."""
+    from spineps.bids.derivatives import INSTANCE_SIDECAR, SEMANTIC_SIDECAR
+    from spineps.errors import OutputError
+
+    for kind in (SEMANTIC_SIDECAR, INSTANCE_SIDECAR):
+        path = kind.path(settings.output_dir, scan)
+        try:
+            path.unlink()
+            log.debug("removed %s (recomputing)", path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise OutputError(f"cannot remove an old sidecar: {exc.strerror or exc}", path) from exc
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def process_scan(settings: "Settings", scan: Any, semantic: "SemanticSegmenter",
+                 instance: Optional["InstanceSegmenter"]) -> "ScanResult":
+    """Load, segment and write the outputs of one scan (sidecars last)."""
+    import numpy as np
+
+    from spineps.bids.derivatives import CENTROIDS, INSTANCE_MASK, INSTANCE_SIDECAR, SEMANTIC_MASK, SEMANTIC_SIDECAR, \
+        make_sidecar, write_sidecar
+    from spineps.fsutil import write_json_atomic
+    from spineps.geometry.io import load_volume, read_header, save_volume
+    from spineps.pipeline import segment_scan
+
+    t0 = time.perf_counter()
+    name = scan.relpath
+    header = read_header(scan.path)
+    image = load_volume(scan.path, kind="image")
+    t_load = time.perf_counter() - t0
+    log.debug("loaded %s", image)
+    result = segment_scan(image, semantic, instance)
+    out = settings.output_dir
+
+    t1 = time.perf_counter()
+    sem_path = SEMANTIC_MASK.path(out, scan)
+    save_volume(result.semantic.with_data(np.asarray(result.semantic.data).astype(np.uint8)), sem_path,
+                dtype=np.uint8, like=header)
+    written: list[tuple[Path, str]] = [(sem_path, "semantic")]
+    inst_path = cent_path = None
+    if result.instance is not None:
+        inst_path = INSTANCE_MASK.path(out, scan)
+        save_volume(result.instance.with_data(np.asarray(result.instance.data).astype(np.uint16)), inst_path,
+                    dtype=np.uint16, like=header)
+        cent_path = CENTROIDS.path(out, scan)
+        write_json_atomic(cent_path, _centroids_json(result, scan))
+    timings = {"load": round(t_load, 3), **{k: round(float(v), 3) for k, v in result.timings.items()},
+               "write": round(time.perf_counter() - t1, 3)}
+    for w in result.warnings:
+        log.warning("%s: %s", name, w)
+
+    source = f"bids:raw:{name}"
+    models = {"semantic": model_provenance(semantic)}
+    if instance is not None:
+        models["instance"] = model_provenance(instance)
+    params = {**settings.parameters(), "SettingsFile": settings.settings_uri(), "RunId": settings.run_id}
+
+    sem_extra: dict[str, Any] = {"Warnings": list(result.warnings)} if result.warnings else {}
+    write_sidecar(SEMANTIC_SIDECAR.path(out, scan), make_sidecar(
+        description="Semantic segmentation of the spine (vertebra substructures, discs, spinal canal and cord); "
+                    "values as in desc-spine_dseg.tsv",
+        sources=[source], software_version=settings.version, models=models, parameters=params,
+        timings=timings, extra=sem_extra or None))
+    if inst_path is not None and cent_path is not None:
+        inst_source = f"bids::{sem_path.relative_to(out).as_posix()}"
+        inst_extra = {"LevelNaming": _jsonable(result.naming)}
+        if result.warnings:
+            inst_extra["Warnings"] = list(result.warnings)
+        write_sidecar(INSTANCE_SIDECAR.path(out, scan), make_sidecar(
+            description="Instance segmentation of the spine: vertebrae 1-28, intervertebral discs 100+X, "
+                        "endplates 200+X; values as in desc-vertebrae_dseg.tsv",
+            sources=[source, inst_source], software_version=settings.version, models=models,
+            parameters=params, timings=timings, extra=inst_extra))
+    log.info("%s: done in %.1f s", name, time.perf_counter() - t0)
+    return result
+
+
+def model_provenance(model: Any) -> dict[str, Any]:
+    """A segmenter's ``provenance()`` with the keys every sidecar needs first: ``name``,
+    ``version`` and ``checksum`` (``sha256:<hex>``; also read from ``checksum_sha256`` or
+    ``sha256``); the rest is kept as it is."""
+    prov = dict(model.provenance() or {})
+    name = prov.pop("name", None) or getattr(model, "name", None) or type(model).__name__
+    checksum = prov.pop("checksum", None) or prov.pop("checksum_sha256", None) or prov.pop("sha256", None)
+    if checksum and ":" not in str(checksum):
+        checksum = f"sha256:{checksum}"
+    version = prov.pop("version", None) or prov.get("log_name") or "unversioned"
+    return {"name": str(name), "version": str(version), "checksum": str(checksum) if checksum else "n/a",
+            **_jsonable(prov)}
+
+
+def _centroids_json(result: "ScanResult", scan: Any) -> dict[str, Any]:
+    from spineps.labels import VERTEBRA_ORDER, vertebra_name
+
+    return {
+        "Description": "Centre of each vertebral body (whole vertebra where it has no body voxel): voxel indices "
+                       "of the source image and RAS world coordinates in mm",
+        "Source": Path(scan.path).name,
+        "CoordinateSystem": "RAS+ scanner world (mm), voxel indices 0-based",
+        "LevelNaming": _jsonable(result.naming),
+        "Vertebrae": {
+            vertebra_name(int(v)): {"value": int(v), "voxel": c["voxel"], "world": c["world"]}
+            for v, c in sorted(result.centroids.items(), key=lambda kv: VERTEBRA_ORDER.index(int(kv[0])))
+        },
+    }
+
+
+def _jsonable(obj: Any) -> Any:
+    import numpy as np
+
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj

@@ -1,0 +1,206 @@
+"""Every option of one run, as a frozen, typed value (no argparse namespace past the CLI).
+
+``Settings.from_args(namespace, environ)`` turns the parsed command line (plus the
+environment, for the model-folder variables) into absolute paths and tuples, and checks
+what can be checked without touching the data: the folder rules of the BIDS-Apps
+contract (never write into ``bids_dir``). ``to_json()`` is what is saved beside the
+outputs (``logs/<run id>_settings.json``) and referenced from the sidecars.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from spineps.errors import NoInputError, UnknownAnalysisLevelError, UsageError
+
+__all__ = ["Settings", "available_cpus", "make_run_id"]
+
+ANALYSIS_LEVELS = ("participant", "group")
+SEMANTIC_MODEL_ENV = "SPINEPS_SEMANTIC_MODEL"
+INSTANCE_MODEL_ENV = "SPINEPS_INSTANCE_MODEL"
+CONTAINER_TYPE_ENV = "SPINEPS_CONTAINER_TYPE"
+CONTAINER_TAG_ENV = "SPINEPS_CONTAINER_TAG"
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (respects affinity masks, e.g. in SLURM jobs)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def make_run_id(analysis_level: str, now: Optional[datetime] = None, pid: Optional[int] = None) -> str:
+    """A name unique to this process and moment, e.g. ``participant_20261126T221500Z_pid4242``."""
+    now = now or datetime.now(timezone.utc)
+    return f"{analysis_level}_{now.strftime('%Y%m%dT%H%M%S')}{now.microsecond // 1000:03d}Z_pid{pid or os.getpid()}"
+
+
+def _is_within(path: Path, root: Path) -> bool:
+    try:
+        path.relative_to(root)
+        return True
+    except ValueError:
+        return False
+
+
+def _resolve(path: Path) -> Path:
+    return Path(os.path.abspath(os.path.expanduser(str(path)))).resolve()
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One run's options. Paths are absolute; label tuples hold bare labels (no prefix)."""
+
+    bids_dir: Path
+    output_dir: Path
+    analysis_level: str
+    participant_labels: tuple[str, ...] = ()
+    session_labels: tuple[str, ...] = ()
+    bids_filter_file: Optional[Path] = None
+    skip_bids_validation: bool = False
+    work_dir: Optional[Path] = None
+    nprocs: int = 1
+    omp_nthreads: int = 1
+    device: str = "auto"
+    semantic_model: Optional[Path] = None  # from the flag or the environment; None: bundled default
+    instance_model: Optional[Path] = None
+    semantic_model_source: str = "bundled"  # "flag", "env" or "bundled"
+    instance_model_source: str = "bundled"
+    overwrite: bool = False
+    n4: bool = True
+    verbosity: int = 0
+    run_id: str = field(default_factory=lambda: make_run_id("run"))
+    version: str = ""
+    container_type: Optional[str] = None  # from SPINEPS_CONTAINER_TYPE (set in the images)
+    container_tag: Optional[str] = None  # from SPINEPS_CONTAINER_TAG
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_args(cls, ns: Any, environ: Optional[Mapping[str, str]] = None) -> "Settings":
+        """Build from a namespace of :func:`spineps.cli.parser.build_parser` and the
+        environment. Raises ``UnknownAnalysisLevelError`` (17), ``NoInputError`` (66) for a
+        missing ``bids_dir`` and ``UsageError`` (64) for folders that break the rules."""
+        from spineps import __version__
+
+        environ = os.environ if environ is None else environ
+        level = str(ns.analysis_level)
+        if level not in ANALYSIS_LEVELS:
+            raise UnknownAnalysisLevelError(
+                f"unknown analysis level {level!r}; choose one of {', '.join(ANALYSIS_LEVELS)}")
+
+        bids_dir = _resolve(ns.bids_dir)
+        output_dir = _resolve(ns.output_dir)
+        # the group level reads only participant outputs: the raw dataset may be gone
+        if level == "participant" and not bids_dir.is_dir():
+            raise NoInputError("the BIDS dataset folder does not exist", bids_dir)
+        if level == "group" and not output_dir.is_dir():
+            raise NoInputError("the output folder does not exist: run the participant level first", output_dir)
+        if _is_within(output_dir, bids_dir) and not _is_within(output_dir, bids_dir / "derivatives"):
+            raise UsageError(
+                f"output_dir {output_dir} is {'the same as' if output_dir == bids_dir else 'inside'} bids_dir "
+                f"{bids_dir}; choose a folder outside it, or under {bids_dir / 'derivatives'}")
+        if output_dir == bids_dir / "derivatives":
+            raise UsageError(f"output_dir must be a folder under {output_dir}, not that folder itself")
+
+        work_dir = _resolve(ns.work_dir) if getattr(ns, "work_dir", None) else None
+        if work_dir is not None and _is_within(work_dir, bids_dir):
+            raise UsageError(f"work dir {work_dir} lies inside bids_dir {bids_dir}; the input dataset is never "
+                             "written to: choose a folder outside it")
+
+        filt = getattr(ns, "bids_filter_file", None)
+        filter_file = _resolve(filt) if filt else None
+        if filter_file is not None and not filter_file.is_file():
+            raise UsageError(f"--bids-filter-file {filter_file} does not exist")
+
+        nprocs = int(ns.nprocs) if getattr(ns, "nprocs", None) else available_cpus()
+        omp = int(ns.omp_nthreads) if getattr(ns, "omp_nthreads", None) else nprocs
+
+        def model(flag: Optional[Path], env_name: str) -> tuple[Optional[Path], str]:
+            if flag:
+                return _resolve(flag), "flag"
+            value = environ.get(env_name, "").strip()
+            if value:
+                return _resolve(Path(value)), "env"
+            return None, "bundled"
+
+        sem, sem_src = model(getattr(ns, "semantic_model", None), SEMANTIC_MODEL_ENV)
+        ins, ins_src = model(getattr(ns, "instance_model", None), INSTANCE_MODEL_ENV)
+
+        def dedup(labels: Optional[list[str]]) -> tuple[str, ...]:
+            return tuple(dict.fromkeys(labels or ()))
+
+        return cls(
+            bids_dir=bids_dir,
+            output_dir=output_dir,
+            analysis_level=level,
+            participant_labels=dedup(getattr(ns, "participant_label", None)),
+            session_labels=dedup(getattr(ns, "session_label", None)),
+            bids_filter_file=filter_file,
+            skip_bids_validation=bool(getattr(ns, "skip_bids_validation", False)),
+            work_dir=work_dir,
+            nprocs=nprocs,
+            omp_nthreads=omp,
+            device=str(getattr(ns, "device", "auto") or "auto"),
+            semantic_model=sem,
+            instance_model=ins,
+            semantic_model_source=sem_src,
+            instance_model_source=ins_src,
+            overwrite=bool(getattr(ns, "overwrite", False)),
+            n4=not bool(getattr(ns, "no_n4", False)),
+            verbosity=int(getattr(ns, "verbose", 0) or 0),
+            run_id=make_run_id(level),
+            version=__version__,
+            container_type=environ.get(CONTAINER_TYPE_ENV) or None,
+            container_tag=environ.get(CONTAINER_TAG_ENV) or None,
+        )
+
+    # ---------------------------------------------------------------- derived paths
+    @property
+    def logs_dir(self) -> Path:
+        return self.output_dir / "logs"
+
+    @property
+    def log_file(self) -> Path:
+        """This run's own log (unique per process: timestamp + pid)."""
+        return self.logs_dir / f"{self.run_id}.log"
+
+    @property
+    def settings_file(self) -> Path:
+        return self.logs_dir / f"{self.run_id}_settings.json"
+
+    def settings_uri(self) -> str:
+        """Where the settings are saved, relative to the derivatives root (for sidecars)."""
+        return self.settings_file.relative_to(self.output_dir).as_posix()
+
+    # ---------------------------------------------------------------- serialisation
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in asdict(self).items():
+            if isinstance(value, Path):
+                value = str(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[key] = value
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    def container_info(self) -> Optional[dict[str, str]]:
+        """``GeneratedBy.Container`` of the derivatives, when running in an image."""
+        if not self.container_type:
+            return None
+        out = {"Type": self.container_type}
+        if self.container_tag:
+            out["Tag"] = self.container_tag
+        return out
+
+    def parameters(self) -> dict[str, Any]:
+        """The options that change what is computed (for the sidecars' ``Parameters``)."""
+        return {"device": self.device, "n4": self.n4}
