@@ -263,3 +263,15 @@ def test_endplates_as_body(tmp_path):
     rows = read_tsv(out / OUTPUT_FILES["per_scan"])
     assert value(rows, structure="vertebral_body", metric="dice") == "1"
     assert value(rows, structure="vertebra_instances", metric="instance_dice") == "1"
+
+
+def test_main_dispatches_evaluate_subcommand(folders, tmp_path):
+    """``spineps evaluate`` through the real entry point: exit code and outputs."""
+    from spineps.cli.main import main
+
+    ref, good, _ = folders
+    out = tmp_path / "eval_main"
+    assert main(["evaluate", str(ref), str(good), "-o", str(out)]) == 0
+    assert (out / OUTPUT_FILES["per_scan"]).is_file() and (out / OUTPUT_FILES["summary"]).is_file()
+    # a missing reference folder is a clear input error, not a traceback
+    assert main(["evaluate", str(tmp_path / "nope"), str(good), "-o", str(out)]) == 66

@@ -13,7 +13,7 @@ import traceback
 from contextlib import contextmanager
 from typing import Iterator, Optional, Sequence
 
-from spineps.cli.parser import build_parser, build_subcommand_parser, is_subcommand
+from spineps.cli.parser import TOOL_MODULES, build_parser, build_subcommand_parser, is_subcommand
 from spineps.errors import OutputError, SpinepsError, UsageError
 
 __all__ = ["main", "entry_point", "Terminated", "EXIT_INTERRUPTED", "EXIT_TERMINATED"]
@@ -190,6 +190,10 @@ def _run_subcommand(argv: list[str]) -> int:
             log.info("demo dataset written to %s", out)
             log.info("next: spineps %s %s participant", out, out / "derivatives" / "spineps")
             return 0
+        if ns.command in TOOL_MODULES:
+            import importlib
+
+            return int(importlib.import_module(TOOL_MODULES[ns.command][0]).run(ns))
         raise UsageError(f"unknown command {ns.command!r}")  # pragma: no cover - argparse rejects it first
     finally:
         teardown_logging()

@@ -33,7 +33,14 @@ __all__ = [
 
 DEVICES = ("auto", "cpu", "cuda")
 #: tool subcommands (not BIDS-App runs), chosen when they are the first argument
-SUBCOMMANDS = ("demo",)
+SUBCOMMANDS = ("demo", "evaluate")
+#: subcommands whose arguments and runner live in their own module: name -> (module, help, description)
+TOOL_MODULES = {
+    "evaluate": ("spineps.evaluate.cli", "compare predicted derivatives with reference masks",
+                 "Dice, ASSD, instance Dice, RQ/SQ/PQ and level accuracy of predicted masks against "
+                 "references (BIDS derivative folders matched by entities, or file pairs); optional "
+                 "paired Wilcoxon comparison of two methods."),
+}
 
 _DESCRIPTION = """\
 SPINEPS as a BIDS-App: whole-spine semantic and instance segmentation of sagittal T2w MRI.
@@ -42,6 +49,7 @@ usages:
   spineps bids_dir output_dir participant [options]   segment every sagittal T2w scan
   spineps bids_dir output_dir group [options]         tables from the participant outputs
   spineps demo OUT_DIR [--subjects N] [--seed S]      write a small phantom BIDS dataset
+  spineps evaluate REF_DIR PRED_DIR -o OUT [options]  metrics against reference masks
 """
 
 _EPILOG = """\
@@ -184,6 +192,11 @@ def build_subcommand_parser() -> argparse.ArgumentParser:
     demo.add_argument("--subjects", type=_positive_int, default=3, metavar="N", help="number of subjects (default 3)")
     demo.add_argument("--seed", type=_nonneg_int, default=0, metavar="S", help="random seed (default 0)")
     demo.add_argument("-v", "--verbose", dest="verbose", action="count", default=0, help="more log output")
+    import importlib
+
+    for name, (module, help_text, description) in TOOL_MODULES.items():
+        tool = sub.add_parser(name, help=help_text, description=description)
+        importlib.import_module(module).add_arguments(tool)
     return p
 
 
