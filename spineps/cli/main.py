@@ -193,7 +193,8 @@ def _run_subcommand(argv: list[str]) -> int:
         if ns.command in TOOL_MODULES:
             import importlib
 
-            return int(importlib.import_module(TOOL_MODULES[ns.command][0]).run(ns))
+            module, _adder, runner, _kwargs, _help = TOOL_MODULES[ns.command]
+            return int(getattr(importlib.import_module(module), runner)(ns))
         raise UsageError(f"unknown command {ns.command!r}")  # pragma: no cover - argparse rejects it first
     finally:
         teardown_logging()

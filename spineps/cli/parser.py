@@ -33,13 +33,18 @@ __all__ = [
 
 DEVICES = ("auto", "cpu", "cuda")
 #: tool subcommands (not BIDS-App runs), chosen when they are the first argument
-SUBCOMMANDS = ("demo", "evaluate")
-#: subcommands whose arguments and runner live in their own module: name -> (module, help, description)
-TOOL_MODULES = {
-    "evaluate": ("spineps.evaluate.cli", "compare predicted derivatives with reference masks",
-                 "Dice, ASSD, instance Dice, RQ/SQ/PQ and level accuracy of predicted masks against "
-                 "references (BIDS derivative folders matched by entities, or file pairs); optional "
-                 "paired Wilcoxon comparison of two methods."),
+SUBCOMMANDS = ("demo", "evaluate", "fuse", "export-nnunet", "export-cutouts")
+#: subcommands whose arguments and runner live in their own (light) module:
+#: name -> (module, add-arguments function, run function, extra keyword arguments, help)
+TOOL_MODULES: dict[str, tuple[str, str, str, dict, str]] = {
+    "evaluate": ("spineps.evaluate.cli", "add_arguments", "run", {},
+                 "compare predicted derivatives with reference masks (Dice, ASSD, RQ/SQ/PQ, levels)"),
+    "fuse": ("spineps.training.cli", "add_fuse_arguments", "run_fuse", {},
+             "fuse several label sources into one 14-structure semantic mask"),
+    "export-nnunet": ("spineps.training.cli", "add_export_arguments", "run_export", {"kind": "nnunet"},
+                      "export images + masks as an nnU-Net v2 raw dataset (with splits)"),
+    "export-cutouts": ("spineps.training.cli", "add_export_arguments", "run_export", {"kind": "cutouts"},
+                       "export instance-phase training cutouts (labels 1/2/3)"),
 }
 
 _DESCRIPTION = """\
@@ -50,6 +55,8 @@ usages:
   spineps bids_dir output_dir group [options]         tables from the participant outputs
   spineps demo OUT_DIR [--subjects N] [--seed S]      write a small phantom BIDS dataset
   spineps evaluate REF_DIR PRED_DIR -o OUT [options]  metrics against reference masks
+  spineps fuse --source FILE:MAPPING ... -o OUT        fuse label sources (training data)
+  spineps export-nnunet / export-cutouts ...          training-data export for both phases
 """
 
 _EPILOG = """\
@@ -194,9 +201,9 @@ def build_subcommand_parser() -> argparse.ArgumentParser:
     demo.add_argument("-v", "--verbose", dest="verbose", action="count", default=0, help="more log output")
     import importlib
 
-    for name, (module, help_text, description) in TOOL_MODULES.items():
-        tool = sub.add_parser(name, help=help_text, description=description)
-        importlib.import_module(module).add_arguments(tool)
+    for name, (module, adder, _runner, kwargs, help_text) in TOOL_MODULES.items():
+        tool = sub.add_parser(name, help=help_text, description=help_text)
+        getattr(importlib.import_module(module), adder)(tool, **kwargs)
     return p
 
 
