@@ -1,0 +1,667 @@
+"""Level naming: anonymous vertebra instances (1..N, top to bottom) -> vertebra values.
+
+The reference behaviour names the top-most vertebra C2, which is wrong whenever the field
+of view starts lower. Here several cues are measured on the post-processed masks and
+combined; each is also usable alone (``rule=``).
+
+Candidates. A naming is a contiguous window of one of four level sequences ("variants"):
+``standard`` C1..C7 T1..T12 L1..L5, ``T13`` (13 thoracic), ``L6`` (6 lumbar), ``T13+L6``;
+prior probabilities 0.90 / 0.04 / 0.06 / 0.002 (six lumbar-type vertebrae are reported
+more often than thirteen rib-bearing ones). C1 is only a candidate when ``has_c1`` (the
+released models never segment it). Every candidate gets a score (log-likelihood-like);
+the best wins and ``confidence`` is its softmax probability among all candidates.
+
+Cues (``LevelNaming.evidence`` holds each one's measurements and its own best naming):
+
+- ``sacrum`` (hard, penalty 50): the sacrum (26) is in view and lies within
+  ``sacrum_gap_mm`` of the lowest vertebra (and below it) -> the lowest vertebra is the
+  last lumbar one (L5; L6 in the ``L6`` variant), count upwards. Transitional criterion:
+  whether the L6 (or T13) variant wins is decided by the soft ``ribs`` cue (does the
+  vertebra six above the sacrum have thoracic-type or lumbar-type costal processes?)
+  against the variant prior, and, when C2 is also in view, by the count: 24 vertebrae
+  between C2 and the sacrum need T13 or L6, and the ``ribs`` cue picks which.
+- ``c2`` (hard, penalty 40): one of the two top vertebrae has the shape of C2 -- its body
+  (dens included) is tall for its depth (full extent along the spine / depth >=
+  ``dens_ratio``), at least ``dens_vs_next`` times as tall as the next body when that is
+  measurable, with a small cervical depth (< 24 mm), and it is not cut by the volume
+  border -> that vertebra is C2, count downwards (the one above, if any, is C1).
+- ``ribs`` (soft): the semantic mask has no ribs, so this is a geometric proxy. The
+  costal/transverse processes (43/44) of each vertebra give a direction in its axial
+  plane (root -> tip: mean position of the most lateral quarter of the process voxels
+  minus that of the most medial quarter); its posterior tilt (degrees, + =
+  posterolateral) is about -15 for cervical processes (anterolateral, costal element in
+  front), +25 for thoracic transverse processes (they meet the rib tubercles) and +5 for
+  lumbar costal processes (lateral). Class-conditional Gaussians (cervical -15 +- 7, C7
+  -12 +- 8, T1..T10 25 +- 7, T11 19 +- 8, last thoracic (T12 or T13) 12 +- 9, lumbar
+  6 +- 5; 10 % uniform outliers, 50 % for processes shorter than 5 mm root to tip)
+  give each candidate a log-likelihood. The last thoracic vertebrae's processes are
+  short and their tilt is ambiguous (on the phantoms too), so a thoracolumbar transition
+  decides L5 vs L6 only when the tilts are clear. Vertebrae cut by the border are not
+  used. It is only as good as the costal-process
+  segmentation, the weakest class of the semantic model.
+- ``size`` (soft): each measurable vertebral body (49 + its endplates) gives its
+  mid-body height (extent along the local spine axis of the central column, |depth|,
+  |width| < 15 %), its depth and its width (extents of the mid-body slab); their
+  logarithms are matched against an adult morphometric reference sequence
+  (``REFERENCE_BODY_MM``) with one unknown overall scale (prior sd 12 %) and 10 %
+  noise per feature (width half weight: thick sagittal slices); a body cut by the
+  volume border only contributes the dimensions that are not cut. Alone it estimates
+  where a window that shows neither end lies; its accuracy is modest (numbers in the
+  tests and the report).
+- ``count-from-top`` (top = C2, C1 with ``has_c1``: the reference behaviour) and
+  ``count-from-bottom`` (bottom = L5): forced options; count-from-top is also the last
+  resort when nothing is measurable.
+- ``anchor="T12"``: user override "the top vertebra is T12" (hard, penalty 1000).
+
+Precedence in ``rule="auto"``: anchor > sacrum > c2 > soft cues (ribs + size) >
+count-from-top. The penalties implement it: the soft cues choose among the namings the
+hard ones allow (e.g. L5 vs L6 under the sacrum) but never overrule them; with a hard
+cue the size cue's weight drops to 0.05 (a tie-breaker). Without a hard cue only the
+``standard`` variant is considered (the soft cues cannot tell a T13/L6 spine from a
+window shift). ``rule_used`` lists the hard cues the final naming satisfies, primary
+first, followed by the soft cues that changed the result (``"sacrum"``,
+``"sacrum+ribs"``, ``"sacrum+c2"``, ``"ribs+size"``, ``"size"``, ``"count-from-top"``,
+``"anchor"``...). A warning is recorded whenever an available cue's own best naming
+differs from the final one, and when a hard cue had to be overruled.
+
+Known limits: T13 can only be told from T12 when the count from C2 (or the ribs cue
+over the whole thoracic spine) shows it; in a lumbar or thoracolumbar field of view a
+T13 spine is named as a standard one (T13 -> "T12", T12 -> "T11", ...). L6 in a lumbar
+field of view depends on the costal-process tilts (see the report's numbers).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+
+from spineps.errors import InputError, UsageError
+from spineps.geometry.volume import Volume
+from spineps.labels import COSTAL_L, COSTAL_R, SACRUM, vertebra_name, vertebra_value
+
+__all__ = [
+    "RULES",
+    "VARIANTS",
+    "REFERENCE_BODY_MM",
+    "LevelNaming",
+    "VertebraMeasure",
+    "measure_vertebrae",
+    "name_levels",
+    "apply_naming",
+]
+
+log = logging.getLogger(__name__)
+
+RULES = ("auto", "sacrum", "c2", "ribs", "size", "count-from-top", "count-from-bottom")
+
+_C = list(range(1, 8))
+_T = list(range(8, 20))
+_L = list(range(20, 25))
+VARIANTS: dict[str, tuple[int, ...]] = {
+    "standard": tuple(_C + _T + _L),
+    "T13": tuple(_C + _T + [28] + _L),
+    "L6": tuple(_C + _T + _L + [25]),
+    "T13+L6": tuple(_C + _T + [28] + _L + [25]),
+}
+_VARIANT_LOG_PRIOR = {"standard": math.log(0.90), "L6": math.log(0.06), "T13": math.log(0.04),
+                      "T13+L6": math.log(0.002)}
+_LAST_THORACIC = {"standard": 19, "T13": 28, "L6": 19, "T13+L6": 28}
+_LAST_LUMBAR = {"standard": 24, "T13": 24, "L6": 25, "T13+L6": 25}
+
+#: adult vertebral body size reference (height along the spine incl. endplates, depth AP,
+#: width LR; mm). Rounded means from published morphometry (cervical: Panjabi 1991 /
+#: Gilad & Nissan 1986; thoracic: Panjabi 1991; lumbar: Panjabi 1992; C2 height includes
+#: the dens: the central column measured here runs through it). Values for T13 / L6 copy
+#: their neighbours.
+REFERENCE_BODY_MM: dict[int, tuple[float, float, float]] = {
+    2: (38.0, 15.5, 17.0),
+    3: (14.0, 15.5, 16.5), 4: (13.5, 15.5, 17.5), 5: (13.5, 15.7, 18.5), 6: (13.8, 16.2, 20.5),
+    7: (15.0, 16.5, 23.5),
+    8: (16.5, 17.0, 27.0), 9: (17.5, 18.5, 27.5), 10: (18.0, 20.0, 28.0), 11: (18.5, 22.0, 28.5),
+    12: (19.0, 24.0, 29.5), 13: (19.5, 25.5, 30.5), 14: (20.0, 27.0, 31.5), 15: (20.5, 28.0, 33.0),
+    16: (21.0, 29.0, 34.0), 17: (22.0, 30.0, 36.0), 18: (23.0, 31.0, 38.0), 19: (24.0, 32.0, 40.0),
+    28: (24.5, 32.5, 41.0),
+    20: (25.0, 33.0, 42.0), 21: (26.5, 34.0, 44.0), 22: (27.0, 35.0, 46.0), 23: (27.0, 35.0, 48.0),
+    24: (26.5, 34.0, 50.0), 25: (26.0, 34.0, 50.0),
+}
+_HEIGHT = "col"  # size-cue height: "col" (central column) or "vol" (volume / mid area)
+_SIZE_SIGMA = 0.10  # per-feature log noise
+_SIZE_SCALE_SIGMA = 0.12  # inter-subject log scale (adult body dimensions vary by about 10 %)
+_SIZE_WEIGHTS = np.array([1.0, 1.0, 0.5])  # height, depth, width
+
+_PENALTY = {"anchor": 1000.0, "sacrum": 50.0, "c2": 40.0, "bottom": 1000.0, "top": 1000.0}
+_HARD = ("anchor", "sacrum", "c2", "top", "bottom")
+_PRECEDENCE = ("anchor", "sacrum", "c2")  # hard cues, in order
+
+
+@dataclass
+class VertebraMeasure:
+    """Per-vertebra measurements used by the cues (mm, degrees)."""
+
+    id: int
+    height: float = float("nan")  # volumetric: body volume / mid-body cross-section area
+    extent_si: float = float("nan")  # full extent along the spine (C2: dens included)
+    height_col: float = float("nan")  # extent of the central column (mid-body height)
+    depth: float = float("nan")
+    width: float = float("nan")
+    cut: tuple[bool, bool, bool] = (False, False, False)  # height/depth/width cut by the border
+    top_cut: bool = False  # the body touches the volume border above (its top may be missing)
+    process_tilt: float = float("nan")  # mean posterior tilt of its costal processes
+    process_len: float = float("nan")  # mean root -> tip distance of its costal processes (mm)
+    n_body: int = 0
+
+
+@dataclass
+class LevelNaming:
+    """The result of :func:`name_levels`."""
+
+    mapping: dict[int, int]  # anonymous id -> vertebra value (1..28)
+    rule_used: str
+    evidence: dict[str, Any] = field(default_factory=dict)
+    confidence: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+    variant: str = "standard"
+    above_top: Optional[int] = None  # the level just above the top vertebra (for disc 100 / endplate 200)
+
+    def levels(self) -> list[str]:
+        """Names top to bottom, e.g. ``['T12', 'L1', ...]``."""
+        return [vertebra_name(self.mapping[k]) for k in sorted(self.mapping) if self.mapping[k]]
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready summary for the sidecar."""
+        return {
+            "rule": self.rule_used,
+            "levels": self.levels(),
+            "variant": self.variant,
+            "confidence": round(float(self.confidence), 4),
+            "warnings": list(self.warnings),
+            "evidence": _jsonable(self.evidence),
+        }
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        v = float(x)
+        return None if math.isnan(v) else round(v, 3)
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    return x
+
+
+# ------------------------------------------------------------------------------ measuring
+def measure_vertebrae(semantic: Volume, instance: Volume) -> list[VertebraMeasure]:
+    """Body size and costal-process tilt of every anonymous vertebra, top to bottom."""
+    from scipy import ndimage
+
+    from spineps.postprocess.consistency import vertebra_ids
+    from spineps.postprocess.discs import body_mask_of, vertebra_frames
+
+    sem = np.asarray(semantic.data)
+    inst = np.asarray(instance.data)
+    ids = vertebra_ids(inst)
+    if not ids:
+        return []
+    frames = vertebra_frames(semantic, instance, ids)
+    vert = np.where((inst > 0) & (inst < 100) & (inst != SACRUM), inst, 0)
+    boxes = ndimage.find_objects(vert)
+    shape = np.asarray(inst.shape)
+    aff = semantic.affine
+    pad = np.ceil(6.0 / np.asarray(semantic.spacing)).astype(int)  # endplates next to the body
+    out: list[VertebraMeasure] = []
+    for v in ids:
+        f = frames[v]
+        m = VertebraMeasure(v)
+        box = boxes[v - 1]
+        lo = np.maximum([s.start for s in box] - pad, 0)
+        hi = np.minimum([s.stop for s in box] + pad, shape)
+        sl = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+        s_sem, s_inst = sem[sl], inst[sl]
+        body = body_mask_of(s_sem, s_inst, v)
+        m.n_body = int(body.sum())
+        axes = np.stack([f.superior, f.anterior, f.right])  # feature directions (world)
+        # which array axis each feature direction mostly follows
+        dir_vox = axes @ aff[:3, :3] / np.asarray(semantic.spacing) ** 2
+        main_axis = np.abs(dir_vox).argmax(1)
+        if m.n_body >= 4:
+            idx = np.argwhere(body)
+            gidx = idx + lo
+            pts = gidx @ aff[:3, :3].T + aff[:3, 3] - f.centroid
+            proj = pts @ axes.T
+            step = np.abs(axes @ aff[:3, :3]).max(1)  # one voxel step along each direction
+            # full extent along the spine (dens included: the C2 cue)
+            m.extent_si = float(np.percentile(proj[:, 0], 99) - np.percentile(proj[:, 0], 1) + step[0])
+            # mid-body slab perpendicular to the spine: its area gives the volumetric height
+            # (volume / mid cross-section; robust to tilt and wedging), its extents depth/width
+            half = max(0.2 * m.extent_si, 1.5 * step[0])
+            slab = np.abs(proj[:, 0]) <= half
+            if slab.sum() >= 4:
+                thick = float(proj[slab, 0].max() - proj[slab, 0].min() + step[0])
+                area = slab.sum() * semantic.voxel_volume / thick
+                m.height = float(m.n_body * semantic.voxel_volume / area)
+                sp = proj[slab]
+                ext = np.percentile(sp, 99, axis=0) - np.percentile(sp, 1, axis=0) + step
+                m.depth, m.width = float(ext[1]), float(ext[2])
+                # mid-sagittal column height: voxels near the body's central axis
+                col = (np.abs(proj[:, 1]) <= max(0.15 * m.depth, step[1])) & (
+                    np.abs(proj[:, 2]) <= max(0.15 * m.width, step[2]))
+                if col.sum() >= 4:
+                    m.height_col = float(np.percentile(proj[col, 0], 99) - np.percentile(proj[col, 0], 1) + step[0])
+            touch_lo = gidx.min(0) == 0
+            touch_hi = gidx.max(0) == shape - 1
+            touched = touch_lo | touch_hi
+            m.cut = tuple(bool(touched[a]) for a in main_axis)  # type: ignore[assignment]
+            # is the border that is touched on the superior side?
+            sup_dir = dir_vox[0]
+            a0 = main_axis[0]
+            m.top_cut = bool(touch_hi[a0] if sup_dir[a0] > 0 else touch_lo[a0])
+        tilts, lengths = [], []
+        for lab in (COSTAL_L, COSTAL_R):
+            proc = (s_sem == lab) & (s_inst == v)
+            if proc.sum() < 4:
+                continue
+            pts = (np.argwhere(proc) + lo) @ aff[:3, :3].T + aff[:3, 3] - f.centroid
+            r = pts @ f.right
+            a = pts @ f.anterior
+            if abs(r.mean()) < 1e-6:
+                continue
+            lat = np.abs(r)
+            q1, q3 = np.percentile(lat, [25, 75])
+            root, tip = lat <= q1, lat >= q3
+            if not root.any() or not tip.any() or q3 - q1 < 1e-6:
+                continue
+            d_lat = lat[tip].mean() - lat[root].mean()  # root -> tip, lateral component
+            d_ant = a[tip].mean() - a[root].mean()
+            tilts.append(math.degrees(math.atan2(-d_ant, d_lat)))
+            lengths.append(math.hypot(d_lat, d_ant))
+        if tilts:
+            m.process_tilt = float(np.mean(tilts))
+            m.process_len = float(np.mean(lengths))
+        out.append(m)
+    return out
+
+
+# ------------------------------------------------------------------------------ cues
+@dataclass
+class _Candidate:
+    variant: str
+    offset: int
+    names: tuple[int, ...]
+    score: float = 0.0
+    parts: dict[str, float] = field(default_factory=dict)
+
+
+def _candidates(n: int, has_c1: bool) -> list[_Candidate]:
+    out = []
+    for var, seq in VARIANTS.items():
+        start = 0 if has_c1 else 1
+        for o in range(start, len(seq) - n + 1):
+            out.append(_Candidate(var, o, tuple(seq[o:o + n])))
+    return out
+
+
+def _sacrum_cue(semantic: Volume, instance: Volume, ids: list[int], gap_mm: float) -> dict[str, Any]:
+    from scipy import ndimage
+
+    inst = np.asarray(instance.data)
+    sac = inst == SACRUM
+    ev: dict[str, Any] = {"present": bool(sac.any())}
+    if not sac.any() or not ids:
+        ev["applies"] = False
+        return ev
+    low = ids[-1]
+    low_mask = inst == low
+    # bounding box of both (plus the gap) for the distance transform
+    both = np.argwhere(sac | low_mask)
+    spacing = np.asarray(semantic.spacing)
+    margin = np.ceil(gap_mm / spacing).astype(int) + 1
+    lo = np.maximum(both.min(0) - margin, 0)
+    hi = np.minimum(both.max(0) + margin + 1, inst.shape)
+    sl = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    dist = ndimage.distance_transform_edt(~low_mask[sl], sampling=spacing)
+    gap = float(dist[sac[sl]].min())
+    # the sacrum must lie below the lowest vertebra
+    com_s = np.argwhere(sac[sl]).mean(0)
+    com_l = np.argwhere(low_mask[sl]).mean(0)
+    dz = float((semantic.affine[:3, :3] @ (com_l - com_s))[2])
+    ev.update({"gap_mm": gap, "below_lowest": dz > 0, "applies": bool(gap <= gap_mm and dz > 0)})
+    return ev
+
+
+def _c2_cue(measures: list[VertebraMeasure], dens_ratio: float, dens_vs_next: float) -> dict[str, Any]:
+    ev: dict[str, Any] = {"applies": False, "checked": []}
+    for i in range(min(2, len(measures))):
+        m = measures[i]
+        if math.isnan(m.extent_si) or math.isnan(m.depth) or m.cut[0] or m.cut[1] or m.top_cut:
+            ev["checked"].append({"index": i, "measurable": False})
+            continue
+        ratio = m.extent_si / max(m.depth, 1e-6)
+        nxt = measures[i + 1] if i + 1 < len(measures) else None
+        vs_next = (m.extent_si / nxt.extent_si) if (nxt is not None and not math.isnan(nxt.extent_si)
+                                                    and not nxt.cut[0]) else float("nan")
+        ok = ratio >= dens_ratio and m.depth < 24.0 and (math.isnan(vs_next) or vs_next >= dens_vs_next)
+        ev["checked"].append({"index": i, "extent_mm": m.extent_si, "depth_mm": m.depth,
+                              "extent_depth_ratio": ratio, "extent_vs_next": vs_next, "dens": ok})
+        if ok:
+            ev.update({"applies": True, "index": i})
+            break
+    return ev
+
+
+#: class-conditional costal-process tilt (mean, sd in degrees) by level; see the module text
+_TILT_CERVICAL = (-15.0, 7.0)
+_TILT_C7 = (-12.0, 8.0)
+_TILT_THORACIC = (25.0, 7.0)
+_TILT_LOWER_THORACIC = (19.0, 8.0)
+_TILT_LAST_THORACIC = (12.0, 9.0)
+_TILT_LUMBAR = (6.0, 5.0)
+_TILT_OUTLIER = 0.1  # mixture weight of a uniform over [-90, 90] degrees
+_SHORT_PROCESS_MM = 5.0  # root -> tip distance below which a process's direction is doubtful
+_TILT_OUTLIER_SHORT = 0.5
+
+
+def _tilt_class(v: int, variant: str) -> tuple[float, float]:
+    last_t = _LAST_THORACIC[variant]
+    if v == last_t:
+        return _TILT_LAST_THORACIC
+    if v <= 6:
+        return _TILT_CERVICAL
+    if v == 7:
+        return _TILT_C7
+    if v in (18, 19, 28):  # T11, T12 (T12 only when T13 follows)
+        return _TILT_LOWER_THORACIC
+    if 8 <= v <= 17:
+        return _TILT_THORACIC
+    return _TILT_LUMBAR
+
+
+def _ribs_cue(measures: list[VertebraMeasure]) -> dict[str, Any]:
+    """Per-vertebra costal-process tilts; usable when at least three are measured on
+    vertebrae that the border does not cut. Processes shorter than ``_SHORT_PROCESS_MM``
+    root to tip (typically T11/T12) give a less reliable direction: their outlier weight
+    is ``_TILT_OUTLIER_SHORT`` instead of ``_TILT_OUTLIER``."""
+    tilts = np.array([m.process_tilt if not any(m.cut) else np.nan for m in measures], float)
+    lens = np.array([m.process_len for m in measures], float)
+    n_ok = int((~np.isnan(tilts)).sum())
+    outlier = np.where(lens >= _SHORT_PROCESS_MM, _TILT_OUTLIER, _TILT_OUTLIER_SHORT)
+    return {"tilts_deg": [None if math.isnan(t) else round(t, 1) for t in tilts],
+            "lengths_mm": [None if math.isnan(x) else round(x, 1) for x in lens], "measured": n_ok,
+            "applies": n_ok >= 3, "_tilts": tilts, "_outlier": outlier}
+
+
+def _ribs_ll(names: tuple[int, ...], variant: str, tilts: np.ndarray, outlier: np.ndarray) -> float:
+    ll = 0.0
+    for v, t, w in zip(names, tilts, outlier):
+        if math.isnan(t) or v == 0:
+            continue
+        mu, sd = _tilt_class(v, variant)
+        dens = math.exp(-0.5 * ((t - mu) / sd) ** 2) / (sd * math.sqrt(2 * math.pi))
+        ll += math.log((1 - w) * dens + w / 180.0)
+    return ll
+
+
+def _size_features(measures: list[VertebraMeasure]) -> tuple[np.ndarray, np.ndarray]:
+    feats = np.full((len(measures), 3), np.nan)
+    for i, m in enumerate(measures):
+        if m.n_body < 8:
+            continue
+        vals = (m.height_col if _HEIGHT == "col" else m.height, m.depth, m.width)
+        for j in range(3):
+            if not m.cut[j] and not math.isnan(vals[j]) and vals[j] > 0:
+                feats[i, j] = math.log(vals[j])
+    ok = ~np.isnan(feats)
+    return feats, ok
+
+
+_REF_LOG = {k: np.log(np.asarray(v)) for k, v in REFERENCE_BODY_MM.items()}
+
+
+def _size_ll(names: tuple[int, ...], feats: np.ndarray, ok: np.ndarray) -> tuple[float, float]:
+    """Log-likelihood of the size features under a naming (overall scale profiled out)."""
+    ref = np.array([_REF_LOG.get(v, np.full(3, np.nan)) for v in names])
+    use = ok & ~np.isnan(ref)
+    if not use.any():
+        return 0.0, 0.0
+    w = np.where(use, _SIZE_WEIGHTS[None, :], 0.0) / _SIZE_SIGMA ** 2
+    e = np.where(use, feats - np.nan_to_num(ref), 0.0)
+    s = float((w * e).sum() / (w.sum() + 1.0 / _SIZE_SCALE_SIGMA ** 2))
+    ll = -0.5 * float((w * (e - s) ** 2).sum() + s ** 2 / _SIZE_SCALE_SIGMA ** 2)
+    # vertebrae with no reference body (C1) but a measurable body are implausible
+    ll -= 5.0 * float((ok.any(1) & np.array([v not in _REF_LOG for v in names])).sum())
+    return ll, s
+
+
+# ------------------------------------------------------------------------------ naming
+def _score(c: _Candidate, active: dict[str, Any], feats: np.ndarray, ok: np.ndarray, use_size: bool,
+           size_weight: float = 1.0) -> None:
+    parts: dict[str, float] = {"prior": _VARIANT_LOG_PRIOR[c.variant]}
+    n = len(c.names)
+    if "anchor" in active:
+        parts["anchor"] = 0.0 if c.names[0] == active["anchor"] else -_PENALTY["anchor"]
+    if "top" in active:
+        parts["top"] = 0.0 if c.names[0] == active["top"] else -_PENALTY["top"]
+    if "bottom" in active:
+        parts["bottom"] = 0.0 if c.names[-1] == active["bottom"] else -_PENALTY["bottom"]
+    if "sacrum" in active:
+        parts["sacrum"] = 0.0 if c.names[-1] == _LAST_LUMBAR[c.variant] else -_PENALTY["sacrum"]
+    if "c2" in active:
+        k = active["c2"]
+        parts["c2"] = 0.0 if c.names[k] == 2 else -_PENALTY["c2"]
+    if "ribs" in active:
+        parts["ribs"] = _ribs_ll(c.names, c.variant, active["ribs"]["_tilts"], active["ribs"]["_outlier"])
+    if use_size:
+        ll, s = _size_ll(c.names, feats, ok)
+        parts["size"] = size_weight * ll
+    if not any(k in active for k in _HARD) and c.variant != "standard":
+        # without an end in view the soft cues cannot tell a T13/L6 spine: standard only
+        parts["variant"] = -_PENALTY["anchor"]
+    c.parts = parts
+    c.score = float(sum(parts.values()))
+
+
+def _best(cands: list[_Candidate]) -> tuple[_Candidate, float]:
+    scores = np.array([c.score for c in cands])
+    p = np.exp(scores - scores.max())
+    p /= p.sum()
+    i = int(np.argmax(scores))
+    return cands[i], float(p[i])
+
+
+def _top_name(c: _Candidate) -> str:
+    return f"{vertebra_name(c.names[0])}..{vertebra_name(c.names[-1])} ({c.variant})"
+
+
+def name_levels(semantic: Volume, instance: Volume, *, rule: str = "auto", anchor: Optional[str] = None,
+                has_c1: bool = False, sacrum_gap_mm: float = 20.0, dens_ratio: float = 1.6,
+                dens_vs_next: float = 1.5) -> LevelNaming:
+    """Name the anonymous vertebrae 1..N of ``instance`` (post-processed masks, see module text).
+
+    ``rule``: one of :data:`RULES`. ``anchor``: "the top vertebra is X" (e.g. ``"T12"``),
+    overrides everything. ``has_c1``: the instance model segments C1 (model config).
+    Raises :class:`~spineps.errors.UsageError` for an unknown rule or anchor and
+    :class:`~spineps.errors.InputError` when the ids are not 1..N.
+    """
+    from spineps.postprocess.consistency import vertebra_ids
+
+    if rule not in RULES:
+        raise UsageError(f"unknown level-naming rule {rule!r}; choose one of {', '.join(RULES)}")
+    inst = np.asarray(instance.data)
+    ids = vertebra_ids(inst)
+    warnings: list[str] = []
+    if not ids:
+        return LevelNaming({}, "none", {"n_vertebrae": 0}, 0.0, ["no vertebra to name"])
+    n = len(ids)
+    if ids != list(range(1, n + 1)):
+        raise InputError(f"anonymous vertebra ids must be 1..{n} (run make_consistent first), got {ids}")
+
+    measures = measure_vertebrae(semantic, instance)
+    feats, ok = _size_features(measures)
+    evidence: dict[str, Any] = {"n_vertebrae": n, "rule_requested": rule}
+    evidence["bodies_mm"] = [{"height": m.height, "extent": m.extent_si, "depth": m.depth, "width": m.width,
+                              "cut": list(m.cut)} for m in measures]
+
+    anchor_value = None
+    if anchor is not None:
+        try:
+            anchor_value = vertebra_value(anchor)
+        except KeyError:
+            raise UsageError(f"unknown anchor level {anchor!r} (expected e.g. 'C2', 'T12', 'L1')") from None
+        if anchor_value == SACRUM:
+            raise UsageError("the anchor names the top vertebra; the sacrum cannot be it")
+
+    sac = _sacrum_cue(semantic, instance, ids, sacrum_gap_mm)
+    c2 = _c2_cue(measures, dens_ratio, dens_vs_next)
+    ribs = _ribs_cue(measures)
+    evidence.update({"sacrum": sac, "c2": c2, "ribs": {k: v for k, v in ribs.items() if not k.startswith('_')}})
+
+    # a dens on the second vertebra shows C1 above it even when the model config says no C1;
+    # a user anchor "C1" is believed too
+    cands = _candidates(n, has_c1 or c2.get("index") == 1 or anchor_value == 1)
+    if not cands:
+        cands = [_Candidate("T13+L6", 0, tuple(VARIANTS["T13+L6"][:n]) + (0,) * max(0, n - 26))]
+        warnings.append(f"{n} vertebrae are more than any level sequence holds; the lowest stay unnamed")
+
+    available: dict[str, Any] = {}
+    if sac.get("applies"):
+        available["sacrum"] = True
+    if c2.get("applies"):
+        available["c2"] = c2["index"]
+    if ribs.get("applies"):
+        available["ribs"] = ribs
+    have_size = bool(ok.any())
+
+    # the cues each rule uses
+    def run(active: dict[str, Any], use_size: bool, size_weight: float = 1.0) -> tuple[_Candidate, float]:
+        for c in cands:
+            _score(c, active, feats, ok, use_size, size_weight)
+        return _best(cands)
+
+    # standalone result of every available cue (for evidence and disagreement warnings)
+    standalone: dict[str, _Candidate] = {}
+    for key in ("sacrum", "c2", "ribs"):
+        if key in available:
+            act = {key: available[key]}
+            if key in ("sacrum", "c2") and "ribs" in available:
+                act["ribs"] = available["ribs"]  # ribs decide the variant only
+            standalone[key] = run(act, False)[0]
+    if have_size:
+        standalone["size"] = run({}, True)[0]
+    evidence["standalone"] = {k: {"levels": [vertebra_name(v) for v in c.names if v], "variant": c.variant}
+                              for k, c in standalone.items()}
+
+    top_default = 1 if has_c1 else 2
+    rule_used = rule
+    active: dict[str, Any] = {}
+    use_size = False
+    size_weight = 1.0
+    if anchor_value is not None:
+        active = {"anchor": anchor_value, **{k: v for k, v in available.items()}}
+        rule_used = "anchor"
+    elif rule == "auto":
+        active = dict(available)
+        use_size = have_size
+        # size only breaks ties once a hard cue fixed the window
+        size_weight = 0.05 if active else 1.0
+    elif rule == "sacrum":
+        if "sacrum" in available:
+            active = {"sacrum": True, **({"ribs": available["ribs"]} if "ribs" in available else {})}
+        else:
+            warnings.append("rule 'sacrum' forced but no sacrum next to the lowest vertebra: counted from the bottom")
+            active, rule_used = {"bottom": 24}, "count-from-bottom"
+    elif rule == "c2":
+        if "c2" in available:
+            active = {"c2": available["c2"], **({"ribs": available["ribs"]} if "ribs" in available else {})}
+        else:
+            warnings.append("rule 'c2' forced but the top vertebrae do not look like C2: counted from the top")
+            active, rule_used = {"top": top_default}, "count-from-top"
+    elif rule == "ribs":
+        if "ribs" in available:
+            active = {"ribs": available["ribs"]}
+        else:
+            warnings.append("rule 'ribs' forced but fewer than three costal-process tilts measured: size used")
+            use_size, rule_used = have_size, "size"
+            if not have_size:
+                active, rule_used = {"top": top_default}, "count-from-top"
+    elif rule == "size":
+        if have_size:
+            use_size = True
+        else:
+            warnings.append("rule 'size' forced but no measurable vertebral body: counted from the top")
+            active, rule_used = {"top": top_default}, "count-from-top"
+    elif rule == "count-from-top":
+        active = {"top": top_default}
+    elif rule == "count-from-bottom":
+        active = {"bottom": 24}
+
+    if not active and not use_size:
+        active, rule_used = {"top": top_default}, "count-from-top"
+        warnings.append("no cue available: the top vertebra was named C2 (reference behaviour)")
+    best, conf = run(active, use_size, size_weight)
+    if rule == "auto" and anchor_value is None:
+        satisfied = [k for k in _PRECEDENCE if k in active and best.parts.get(k, 0.0) == 0.0]
+        soft = [k for k in ("ribs", "size") if (k in active if k == "ribs" else use_size)]
+        decisive = []
+        for k in soft:
+            act = {a: b for a, b in active.items() if a != k}
+            alt, _ = run(act, use_size and k != "size", size_weight)
+            if alt.names != best.names:
+                decisive.append(k)
+        best, conf = run(active, use_size, size_weight)  # restore the scores of the final run
+        if satisfied:
+            rule_used = "+".join(satisfied + decisive)
+        else:
+            rule_used = "+".join(decisive or soft)
+        overruled = [k for k in _PRECEDENCE if k in active and best.parts.get(k, 0.0) < 0.0]
+        for k in overruled:
+            warnings.append(f"cue '{k}' could not be satisfied together with higher-precedence cues")
+    for key, c in standalone.items():
+        if c.names != best.names:
+            warnings.append(f"rule '{key}' alone suggests {_top_name(c)}; used {_top_name(best)}")
+
+    mapping = {v: int(name) for v, name in zip(ids, best.names)}
+    seq = VARIANTS[best.variant]
+    above_top = seq[best.offset - 1] if best.offset >= 1 and best.names[0] in seq else None
+    evidence["candidates"] = [
+        {"levels": _top_name(c), "score": round(c.score, 2), "parts": {k: round(v, 2) for k, v in c.parts.items()}}
+        for c in sorted(cands, key=lambda c: -c.score)[:3]]
+    if "size" in standalone:
+        _, s = _size_ll(best.names, feats, ok)
+        evidence["size_scale"] = math.exp(s)
+    for w in warnings:
+        log.warning("level naming: %s", w)
+    return LevelNaming(mapping, rule_used, evidence, conf, warnings, best.variant, above_top)
+
+
+def apply_naming(instance: Volume, naming: LevelNaming) -> Volume:
+    """Anonymous instance values -> level values: vertebra ``k`` -> ``naming.mapping[k]``,
+    disc ``100 + k`` -> ``100 + level(k)``, endplate ``200 + k`` -> ``200 + level(k)``
+    (``k = 0``, above the top vertebra, uses ``naming.above_top``); sacrum stays 26. Values
+    that cannot be named (no level above C1) become 0, with a log warning."""
+    inst = np.asarray(instance.data)
+    lut = np.zeros(300, dtype=np.int32)
+    level = dict(naming.mapping)
+    if naming.above_top is not None:
+        level[0] = naming.above_top
+    for k, v in level.items():
+        if k != 0 and v:
+            lut[k] = v
+        if v:
+            lut[100 + k] = 100 + v
+            lut[200 + k] = 200 + v
+    lut[SACRUM] = SACRUM
+    if inst.size and (inst.min() < 0 or inst.max() >= 300):
+        raise InputError("instance values must lie in 0..299")
+    out = lut[inst]
+    lost = int(((inst > 0) & (out == 0)).sum())
+    if lost:
+        log.warning("%d instance voxels have no level name (e.g. a disc above C1) and were set to 0", lost)
+    return instance.with_data(out.astype(np.int16))

@@ -1,0 +1,206 @@
+"""Level naming: rules alone and combined, on constructed label maps, on ``spineps.synth``
+phantoms and (when present) on the real VB2 vertebral-body labels."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from spineps.errors import UsageError
+from spineps.geometry.volume import Volume
+from spineps.labeling.levels import LevelNaming, VARIANTS, apply_naming, name_levels
+from spineps.postprocess.consistency import consistency_problems, make_consistent
+from spineps.postprocess.discs import assign_discs_and_endplates
+from tests.test_levels_phantom import build_phantom
+
+C2_L5 = list(range(2, 25))
+
+
+def _post(semantic: Volume, anonymous: Volume) -> tuple[Volume, Volume]:
+    return assign_discs_and_endplates(*make_consistent(semantic, anonymous))
+
+
+def _names(naming: LevelNaming) -> list[int]:
+    return [naming.mapping[k] for k in sorted(naming.mapping)]
+
+
+# ------------------------------------------------------------------------------ constructed maps
+@pytest.mark.parametrize("levels,rule", [
+    (list(range(19, 25)), "sacrum"),  # lumbar
+    (list(range(15, 25)), "sacrum"),  # thoracolumbar
+    (C2_L5, "sacrum+c2"),  # whole spine
+    (list(range(2, 8)), "c2"),  # cervical, no sacrum
+])
+def test_constructed_auto(levels, rule):
+    ph = build_phantom(levels, sacrum=levels[-1] == 24, noise=0.04, seed=7, curve_mm=8.0)
+    s3, i3 = _post(ph.semantic, ph.anonymous)
+    naming = name_levels(s3, i3)
+    assert _names(naming) == levels
+    assert naming.rule_used.startswith(rule)
+    named = apply_naming(i3, naming)
+    # the named instance mask equals the phantom's truth voxel for voxel
+    assert np.array_equal(named.data, ph.truth.data)
+    assert consistency_problems(s3, named) == []
+
+
+def test_constructed_whole_spine_t13_and_l6():
+    """24 vertebrae between C2 and the sacrum: the costal-process tilt decides T13 vs L6."""
+    t13 = list(range(2, 20)) + [28] + list(range(20, 25))
+    l6 = C2_L5 + [25]
+    for levels, variant in ((t13, "T13"), (l6, "L6")):
+        ph = build_phantom(levels, seed=2)
+        s3, i3 = _post(ph.semantic, ph.anonymous)
+        naming = name_levels(s3, i3)
+        assert _names(naming) == levels and naming.variant == variant
+        assert np.array_equal(apply_naming(i3, naming).data, ph.truth.data)
+
+
+def test_forced_rules_and_anchor():
+    ph = build_phantom(list(range(19, 25)), seed=4)
+    s3, i3 = _post(ph.semantic, ph.anonymous)
+    top = name_levels(s3, i3, rule="count-from-top")
+    assert _names(top) == list(range(2, 8)) and top.rule_used == "count-from-top"
+    assert any("'sacrum' alone suggests" in w for w in top.warnings)  # the rules disagree
+    bottom = name_levels(s3, i3, rule="count-from-bottom")
+    assert _names(bottom) == list(range(19, 25))
+    anchored = name_levels(s3, i3, anchor="T10")
+    assert _names(anchored) == list(range(17, 23)) and anchored.rule_used == "anchor"
+    assert any("sacrum" in w for w in anchored.warnings)
+    # c2 forced on a lumbar scan: no dens -> counted from the top, with a warning
+    forced = name_levels(s3, i3, rule="c2")
+    assert forced.rule_used == "count-from-top" and forced.warnings
+    with pytest.raises(UsageError):
+        name_levels(s3, i3, rule="nonsense")
+    with pytest.raises(UsageError):
+        name_levels(s3, i3, anchor="X9")
+
+
+def test_apply_naming_discs_endplates_and_the_structures_above_the_top():
+    ph = build_phantom(list(range(19, 25)), seed=1)
+    sem = ph.semantic.data.copy()
+    anon = ph.anonymous.data.copy()
+    z_t12 = np.nonzero(ph.truth.data == 19)[2]
+    sem[:, :, z_t12.min():] = 0  # T12 out of view, the T12/L1 disc in view
+    anon[:, :, z_t12.min():] = 0
+    anon[anon > 0] -= 1
+    s3, i3 = _post(ph.semantic.with_data(sem), ph.semantic.with_data(anon))
+    naming = name_levels(s3, i3)
+    assert _names(naming) == list(range(20, 25)) and naming.above_top == 19
+    named = apply_naming(i3, naming)
+    keep = sem > 0
+    assert np.array_equal(named.data[keep], ph.truth.data[keep])  # 119 above L1, 124, 26 ...
+    assert consistency_problems(s3, named) == []
+    # the sidecar summary is JSON
+    doc = json.loads(json.dumps(naming.as_dict()))
+    assert doc["levels"][0] == "L1" and doc["rule"].startswith("sacrum")
+
+
+def test_no_vertebra_and_unnamed_values():
+    empty = Volume(np.zeros((4, 4, 4), np.uint8), np.eye(4))
+    naming = name_levels(empty, empty.with_data(np.zeros((4, 4, 4), np.int16)))
+    assert naming.mapping == {} and naming.warnings
+    # a disc above C1 cannot be named: it is dropped from the instance mask, with a log line
+    inst = np.zeros((4, 4, 4), np.int16)
+    inst[0, 0, 0], inst[1, 1, 1] = 1, 100
+    out = apply_naming(empty.with_data(inst), LevelNaming({1: 1}, "anchor"))
+    assert out.data[0, 0, 0] == 1 and out.data[1, 1, 1] == 0
+
+
+def test_size_rule_on_constructed_windows():
+    """Windows that show neither C2 nor the sacrum: bodies drawn with 6 % noise per dimension
+    and a subject scale in [0.9, 1.1]. Measured (seed 11, 10 windows): see the report."""
+    rng = np.random.default_rng(11)
+    hits = within1 = 0
+    n = 10
+    seq = VARIANTS["standard"]
+    for i in range(n):
+        start = int(rng.integers(seq.index(3), seq.index(19)))
+        levels = list(seq[start:start + int(rng.integers(5, 8))])
+        ph = build_phantom(levels, sacrum=False, noise=0.06, scale=float(rng.uniform(0.9, 1.1)), seed=i,
+                           spacing=(3.0, 2.0, 2.0))
+        naming = name_levels(*_post(ph.semantic, ph.anonymous), rule="size")
+        got = _names(naming)
+        hits += got == levels
+        within1 += abs(seq.index(got[0]) - seq.index(levels[0])) <= 1
+    logging.getLogger(__name__).info("size rule on constructed windows: %d/%d exact, %d within one level",
+                                     hits, n, within1)
+    assert hits >= 5 and within1 >= 8
+
+
+# ------------------------------------------------------------------------------ synth phantoms
+synth = pytest.importorskip("spineps.synth.anatomy")
+
+
+def _synth_case(**kw):
+    ph = synth.make_phantom(synth.PhantomSpec(spacing=(2.0, 2.0, 2.0), **kw))
+    sem, inst = ph.semantic.data, ph.instance.data
+    verts = [v for v in ph.levels if v != 26]
+    anon = np.zeros(inst.shape, np.int16)
+    part = (sem >= 41) & (sem <= 49)
+    for k, v in enumerate(verts, start=1):
+        anon[part & (inst == v)] = k
+    s3, i3 = _post(ph.semantic, ph.semantic.with_data(anon))
+    return ph, verts, s3, i3
+
+
+@pytest.mark.parametrize("kw,rule", [
+    (dict(seed=1, fov="lumbar"), "sacrum"),
+    (dict(seed=2, fov="thoracolumbar"), "sacrum"),
+    (dict(seed=1, fov="whole"), "sacrum+c2"),
+    (dict(seed=3, fov="whole", l6=True), "sacrum+c2"),
+    (dict(seed=1, fov="cervical"), "c2"),
+    (dict(seed=5, fov="cervical", has_c1=True), "c2"),  # C1 segmented: the dens is on the 2nd vertebra
+])
+def test_synth_phantoms(kw, rule):
+    ph, verts, s3, i3 = _synth_case(**kw)
+    naming = name_levels(s3, i3)
+    assert _names(naming) == verts, naming.evidence["candidates"]
+    assert naming.rule_used.startswith(rule)
+    named = apply_naming(i3, naming)
+    assert consistency_problems(s3, named) == []
+    truth = ph.instance.data
+    agree = float(np.mean(named.data[truth > 0] == truth[truth > 0]))
+    assert agree > 0.995  # voxels on the FOV border may differ (partial structures)
+
+
+# ------------------------------------------------------------------------------ real data
+def test_size_rule_on_real_vertebral_bodies(real_data):
+    """VB2: 17 real lumbar scans, bodies T11..L5 labelled (no other structure): the size rule
+    alone must place the window. Measured: 15/17 exact."""
+    import nibabel as nib
+
+    files = sorted((real_data / "VB2").glob("*desc-vert_dseg.nii.gz"))
+    if not files:
+        pytest.skip(f"no VB2 label files under {real_data}")
+    hits = 0
+    for f in files[:4]:  # a subset keeps the test fast; the report has all 17
+        img = nib.load(str(f))
+        vert = np.asarray(img.dataobj).astype(np.int16)
+        levels = sorted(int(x) for x in np.unique(vert) if 0 < x < 100)
+        anon = np.zeros_like(vert)
+        for k, lv in enumerate(levels, start=1):
+            anon[vert == lv] = k
+        sem = Volume(np.where(vert > 0, 49, 0).astype(np.uint8), img.affine)
+        naming = name_levels(sem, sem.with_data(anon), rule="size")
+        hits += _names(naming) == levels
+    assert hits >= 3
+
+
+def test_size_rule_on_synth_windows():
+    """``spineps.synth`` phantoms whose field of view shows neither C2 nor the sacrum.
+    Measured on 24 such windows (2 mm grid, seeds 300..323): size alone 8/24 exact, 18/24
+    within one level; size + ribs (auto) 12/24 exact, 20/24 within one. On this fixed
+    subset of six (kept small for speed) size alone is 0/6 exact but 5/6 within one: on
+    the phantoms it tends to place the window one level too high (their bodies are
+    larger than the adult reference table)."""
+    seq = VARIANTS["standard"]
+    windows = [("T3", "T9"), ("C5", "T2"), ("T8", "L1"), ("T5", "T10"), ("C4", "C7"), ("T10", "L3")]
+    offsets = []
+    for i, (top, bottom) in enumerate(windows):
+        ph, verts, s3, i3 = _synth_case(seed=400 + i, top=top, bottom=bottom)
+        got = _names(name_levels(s3, i3, rule="size"))
+        offsets.append(abs(seq.index(got[0]) - seq.index(verts[0])))
+    assert sum(o <= 1 for o in offsets) >= 4 and np.mean(offsets) <= 1.5, offsets
