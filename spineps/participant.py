@@ -2,7 +2,8 @@
 outputs written atomically, complete scans skipped on reruns, and one scan's failure
 logged and skipped while the others go on.
 
-Order of writes per scan: semantic mask, instance mask, centroids, then the sidecars. The
+Order of writes per scan: semantic mask, instance mask, centroids, morphometry table and QC
+figure (``spineps.measure``), then the sidecars. The
 sidecars are the last files of ``expected_outputs``, so a scan counts as complete only
 when everything before them was written (every single write is atomic, see
 ``spineps.fsutil``).
@@ -96,15 +97,17 @@ def _rel(path: Path, root: Path) -> str:
 def _prepare_output_dir(settings: "Settings") -> None:
     """Dataset-level files; every write is atomic, so parallel runs can all do it."""
     from spineps.bids.derivatives import write_bidsignore, write_dataset_description, write_lookup_tables
-    from spineps.fsutil import remove_stale_temps
+    from spineps.fsutil import remove_stale_locks, remove_stale_temps
 
     remove_stale_temps(settings.output_dir)
+    remove_stale_locks(settings.logs_dir / "locks")
     from spineps.group.collect import BIDSIGNORE_EXTRA
+    from spineps.measure.scan import BIDSIGNORE_EXTRA as MEASURE_BIDSIGNORE
 
     write_dataset_description(settings.output_dir, bids_dir=settings.bids_dir, version=settings.version,
                               container=settings.container_info())
     write_lookup_tables(settings.output_dir)
-    write_bidsignore(settings.output_dir, extra=BIDSIGNORE_EXTRA)
+    write_bidsignore(settings.output_dir, extra=(*BIDSIGNORE_EXTRA, *MEASURE_BIDSIGNORE))
 
 
 def run_participant(settings: "Settings", semantic: "SemanticSegmenter", instance: Optional["InstanceSegmenter"],
@@ -120,6 +123,11 @@ def run_participant(settings: "Settings", semantic: "SemanticSegmenter", instanc
     scans = list(discovery.scans)
     summary = ParticipantSummary(total=len(scans))
     summary.not_selected = {_rel(Path(p), settings.bids_dir): str(why) for p, why in discovery.skipped}
+    for p, why in getattr(discovery, "unusable", ()):  # meant as input but unreadable: a failed scan
+        rel = _rel(Path(p), settings.bids_dir)
+        summary.not_selected.pop(rel, None)
+        summary.failed[rel] = _one_line(f"InputError: {why}")
+        log.error("%s failed: %s", rel, summary.failed[rel])
     _prepare_output_dir(settings)
     log.info("%d scan(s) selected", len(scans))
 
@@ -135,8 +143,14 @@ def run_participant(settings: "Settings", semantic: "SemanticSegmenter", instanc
                 continue
             log.info("[%d/%d] %s", i, len(scans), name)
             try:
-                _revoke_complete(settings, scan)
-                process_scan(settings, scan, semantic, instance)
+                with _scan_lock(settings, scan, f"[{i}/{len(scans)}] {name}"):
+                    if not settings.overwrite and all(Path(p).is_file() for p in expected):
+                        log.info("[%d/%d] %s: outputs completed by another run meanwhile, skipped", i, len(scans),
+                                 name)
+                        summary.skipped_complete.append(name)
+                        continue
+                    _revoke_complete(settings, scan)
+                    process_scan(settings, scan, semantic, instance)
             except SpinepsError as exc:
                 why = exc.reason if exc.path is not None and Path(exc.path) == Path(scan.path) else str(exc)
                 why = f"{type(exc).__name__}: {why}"
@@ -164,6 +178,18 @@ def run_participant(settings: "Settings", semantic: "SemanticSegmenter", instanc
     if summary.failed:
         raise ScanFailuresError(summary.failed)
     return summary
+
+
+def _scan_lock(settings: "Settings", scan: Any, what: str):  # -> context manager
+    """One scan is computed by one process at a time: an ``fcntl.flock`` on
+    ``logs/locks/<scan key>.lock`` in the output folder (removed on release; the kernel
+    releases it when a process dies). A second run on the same scan waits, then skips it
+    when the first one completed it (or recomputes it with ``--overwrite``)."""
+    from spineps.fsutil import exclusive_lock
+
+    path = settings.logs_dir / "locks" / f"{scan.key}.lock"
+    return exclusive_lock(path, on_wait=lambda: log.info("%s: another run is computing this scan; waiting for it",
+                                                         what))
 
 
 def _revoke_complete(settings: "Settings", scan: Any) -> None:
@@ -202,7 +228,11 @@ def process_scan(settings: "Settings", scan: Any, semantic: "SemanticSegmenter",
     t0 = time.perf_counter()
     name = scan.relpath
     header = read_header(scan.path)
+    from spineps.resources import check_scan_resources
+
+    check_scan_resources(header, settings.output_dir)  # InputError / ResourceError before any voxel is read
     image = load_volume(scan.path, kind="image")
+    _check_not_constant(image, scan.path)
     t_load = time.perf_counter() - t0
     log.debug("loaded %s", image)
     result = segment_scan(image, semantic, instance)
@@ -220,8 +250,10 @@ def process_scan(settings: "Settings", scan: Any, semantic: "SemanticSegmenter",
                     dtype=np.uint16, like=header)
         cent_path = CENTROIDS.path(out, scan)
         write_json_atomic(cent_path, _centroids_json(result, scan))
+    t_write = time.perf_counter() - t1
+    extra_timings = _write_measurements_and_figure(out, scan, result, image, sem_path)
     timings = {"load": round(t_load, 3), **{k: round(float(v), 3) for k, v in result.timings.items()},
-               "write": round(time.perf_counter() - t1, 3)}
+               "write": round(t_write, 3), **extra_timings}
     for w in result.warnings:
         log.warning("%s: %s", name, w)
 
@@ -249,6 +281,54 @@ def process_scan(settings: "Settings", scan: Any, semantic: "SemanticSegmenter",
             parameters=params, timings=timings, extra=inst_extra))
     log.info("%s: done in %.1f s", name, time.perf_counter() - t0)
     return result
+
+
+def _check_not_constant(image: Any, path: Path) -> None:
+    """An image with one value everywhere (all zero: an empty export, a failed conversion)
+    holds nothing to segment: ``InputError`` before the model runs (documented in
+    ``docs/hostile-inputs.md``)."""
+    import numpy as np
+
+    from spineps.errors import InputError
+
+    data = np.asarray(image.data)
+    lo, hi = float(data.min()), float(data.max())
+    if lo == hi:
+        raise InputError(f"image is constant (every voxel is {lo:g}): nothing to segment", path)
+
+
+def _write_measurements_and_figure(out: Path, scan: Any, result: "ScanResult", image: Any,
+                                   sem_path: Path) -> dict[str, float]:
+    """Per-scan morphometry (``_desc-spine_morphometry.tsv`` + ``.json``) and the QC figure
+    (``FIGURE``), written after the masks and before the sidecars that mark the scan complete.
+    They are derived from the masks: a failure is logged and the scan still completes (the
+    group level measures scans without morphometry from their masks)."""
+    from spineps.bids.derivatives import FIGURE
+
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    try:
+        from spineps.measure.scan import measure_scan, morphometry_paths, write_measurements
+
+        m = measure_scan(result.semantic, result.instance, result.naming)
+        write_measurements(m, morphometry_paths(sem_path)[0])
+        for flag in m.qc.flags:
+            log.info("%s: QC flag %s", scan.relpath, flag)
+    except Exception as exc:  # measurements are optional outputs: never fail the scan for them
+        log.warning("%s: measurements not written: %s: %s", scan.relpath, type(exc).__name__, _one_line(str(exc)))
+        log.debug("traceback", exc_info=True)
+    timings["measure"] = round(time.perf_counter() - t0, 3)
+    t0 = time.perf_counter()
+    try:
+        from spineps.measure.figures import write_figure
+
+        write_figure(result.semantic, result.instance, FIGURE.path(out, scan), image=image,
+                     title=Path(scan.relpath).name)
+    except Exception as exc:
+        log.warning("%s: figure not written: %s: %s", scan.relpath, type(exc).__name__, _one_line(str(exc)))
+        log.debug("traceback", exc_info=True)
+    timings["figure"] = round(time.perf_counter() - t0, 3)
+    return timings
 
 
 def model_provenance(model: Any) -> dict[str, Any]:

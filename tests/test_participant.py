@@ -62,7 +62,7 @@ def test_rerun_skips_complete_scans_and_overwrite_recomputes(ds: BidsFactory, tm
     out = tmp_path / "out"
     assert _run(ds, out) == 0
     files = _outputs(out)
-    assert len(files) == 3 * 5
+    assert len(files) == 3 * 8  # masks, sidecars, centroids, morphometry .tsv/.json, figure
     old = 1_000_000_000  # mark every output with an old mtime: a rewrite is then unmistakable
     for p in files:
         os.utime(p, ns=(old, old))
@@ -159,8 +159,9 @@ def test_semantic_only_without_instance_model(ds: BidsFactory, tmp_path: Path,
     out = tmp_path / "out"
     assert _run(ds, out) == 0
     names = sorted(p.name for p in _outputs(out))
-    assert names == sorted(f"{stem}_desc-spine_dseg.{ext}" for stem in
-                           ("sub-01_acq-sag", "sub-02_acq-sag", "sub-03_ses-a_acq-sag") for ext in ("json", "nii.gz"))
+    assert names == sorted(f"{stem}_desc-spine_{kind}" for stem in
+                           ("sub-01_acq-sag", "sub-02_acq-sag", "sub-03_ses-a_acq-sag")
+                           for kind in ("dseg.json", "dseg.nii.gz", "dseg.png", "morphometry.json", "morphometry.tsv"))
     assert main([str(ds.root), str(out), "group"]) == 0
     rows = (out / "group_T2w.tsv").read_text().splitlines()
     header = rows[0].split("\t")

@@ -1,4 +1,4 @@
-"""The group level (minimal): one row per segmented scan, read ONLY from what participant
+"""The group level tables (minimal; ``run_group`` now delegates to ``spineps.group.report``): one row per segmented scan, read ONLY from what participant
 runs left in ``output_dir`` (the raw dataset may be gone).
 
 ``output_dir/group_T2w.tsv``: ``bids_name`` first (the source name without suffix, e.g.
@@ -196,25 +196,18 @@ def write_group_table(output_dir: Path, rows: list[ScanRow]) -> tuple[Path, Path
     return tsv, js
 
 
-def run_group(settings: "Settings") -> list[ScanRow]:
-    """The group level of the BIDS-App."""
+def run_group(settings: "Settings"):  # -> spineps.group.report.GroupSummary
+    """The group level of the BIDS-App: tables, outlier flags and the HTML report of
+    ``spineps.group.report.build_group`` (whose ``group_T2w.tsv`` holds the columns of
+    :func:`write_group_table` first, then QC and per-level measurements)."""
+    from spineps.group.report import build_group
+
     out = settings.output_dir
     if not out.is_dir():
         raise NoInputError("the output folder does not exist: run the participant level first", out)
-    rows = collect_rows(out)
-    if settings.participant_labels:
-        wanted = {f"sub-{lab}" for lab in settings.participant_labels}
-        have = {r.bids_name.split("_")[0] for r in rows}
-        missing = sorted(wanted - have)
-        if missing:
-            raise NoMatchError(f"no participant outputs for {', '.join(missing)} in {out}")
-        rows = [r for r in rows if r.bids_name.split("_")[0] in wanted]
-    if not rows:
-        raise NoMatchError(f"no participant outputs (sub-*/**/*{SEMANTIC_SUFFIX} with sidecar) in {out}: "
-                           "run the participant level first")
-    from spineps.bids.derivatives import write_bidsignore
-
-    tsv, js = write_group_table(out, rows)
-    write_bidsignore(out, extra=BIDSIGNORE_EXTRA)
-    log.info("group table: %d scan(s) -> %s (columns described in %s)", len(rows), tsv, js.name)
-    return rows
+    summary = build_group(out, participant_labels=list(settings.participant_labels) or None)
+    log.info("group table: %d scan(s) -> %s; %d flagged; report %s", summary.n_scans, summary.files["table"],
+             summary.n_flagged, summary.files["report"].name)
+    if summary.failed:
+        log.warning("%d scan(s) left out (unreadable outputs): %s", len(summary.failed), ", ".join(summary.failed))
+    return summary
