@@ -14,9 +14,10 @@ import socket
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Optional
 
-__all__ = ["atomic_path", "write_text_atomic", "write_json_atomic", "remove_stale_temps", "TEMP_PREFIX"]
+__all__ = ["atomic_path", "write_text_atomic", "write_json_atomic", "remove_stale_temps", "exclusive_lock",
+           "remove_stale_locks", "TEMP_PREFIX"]
 
 log = logging.getLogger(__name__)
 
@@ -88,4 +89,92 @@ def remove_stale_temps(root: Path) -> list[Path]:
                 pass
     if removed:
         log.info("removed %d temporary file(s) left by interrupted runs", len(removed))
+    return removed
+
+
+@contextmanager
+def exclusive_lock(path: Path, on_wait: Optional[Callable[[], None]] = None) -> Iterator[bool]:
+    """Hold an exclusive ``fcntl.flock`` on ``path`` (created if needed) for the ``with``
+    block; ``on_wait`` is called once when another process holds it (then this one waits).
+    The kernel drops the lock when its holder dies, even by SIGKILL, so a killed run never
+    blocks the next one. The file is removed on release; a waiter that got the lock on a
+    removed file retries on the new one. Yields False (and does not lock) on a file system
+    without ``flock`` support (a warning is logged), True otherwise."""
+    import errno
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    waited = False
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if on_wait is not None and not waited:
+                    on_wait()
+                waited = True
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                log.warning("%s: file locking is not supported here (%s); going on without the lock", path, exc)
+                yield False
+                return
+            raise
+        except BaseException:  # KeyboardInterrupt / SIGTERM while waiting
+            os.close(fd)
+            raise
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the previous holder removed the file while we waited: lock the new one
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{_host()} {os.getpid()}\n".encode())
+        yield True
+    finally:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        os.close(fd)
+
+
+def remove_stale_locks(folder: Path) -> list[Path]:
+    """Remove the ``*.lock`` files of :func:`exclusive_lock` in ``folder`` that no process
+    holds (left by a run killed between its last write and the release). Safe against
+    concurrent users: a file is removed only while this process holds its lock, and
+    :func:`exclusive_lock` re-checks the file after locking. Returns what was removed."""
+    import fcntl
+
+    removed: list[Path] = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for path in sorted(folder.glob("*.lock")):
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except OSError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # held by a live run (or no flock here)
+                continue
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.unlink(path)
+                removed.append(path)
+        finally:
+            os.close(fd)
+    if removed:
+        log.info("removed %d lock file(s) left by interrupted runs", len(removed))
     return removed

@@ -152,6 +152,10 @@ class Discovery:
 
     scans: list[Scan]
     skipped: list[tuple[Path, str]]
+    #: the skipped files that were meant as input but cannot be used (a header that cannot be
+    #: read, not 3D, a malformed JSON sidecar, a name that is not BIDS): a participant run
+    #: counts them as failed scans, unlike deliberate skips (not sagittal, duplicates)
+    unusable: list[tuple[Path, str]] = field(default_factory=list)
 
     def subjects(self) -> list[str]:
         return sorted({s.subject for s in self.scans}, key=_natural_key)
@@ -341,10 +345,45 @@ def merged_sidecar(path: Union[str, Path], bids_dir: Union[str, Path]) -> dict:
     return merged
 
 
+def _drop_symlink_aliases(candidates: list[Path], bids_dir: Path, skipped: list[tuple[Path, str]]) -> list[Path]:
+    """One file reached under several names (a folder symlink, e.g. a loop ``anat/loop -> ..``
+    that pybids walks into again and again) is kept once, under its shortest name; the
+    aliases are skipped (one WARNING for all of them, each at DEBUG level)."""
+    import os
+
+    first: dict[str, Path] = {}
+    kept: list[Path] = []
+    aliases: list[Path] = []
+    for path in sorted(candidates, key=lambda p: (len(p.parts), p.as_posix())):
+        try:
+            real = os.path.realpath(path, strict=True)
+        except OSError:  # broken or looping file symlink: _read_header says so
+            kept.append(path)
+            continue
+        if real in first:
+            reason = f"the same file as {first[real]} (reached through a folder symlink)"
+            log.debug("skipping %s: %s", path, reason)
+            skipped.append((path, reason))
+            aliases.append(path)
+            continue
+        first[real] = path
+        kept.append(path)
+    if aliases:
+        log.warning("skipping %d file(s) reached again through folder symlinks under %s (e.g. %s)", len(aliases),
+                    bids_dir, aliases[0])
+    return sorted(kept, key=lambda p: p.as_posix())
+
+
 def _read_header(path: Path) -> tuple[Any, tuple[int, ...], Optional[int]]:
     """(affine, spatial shape, slice axis or None) from the header only; raises InputError."""
+    import os
+
     import nibabel as nib
 
+    try:
+        os.stat(path)  # follows symlinks: a loop or a dangling link says so here
+    except OSError as exc:
+        raise InputError(f"cannot read the image header: {exc.strerror or exc}", path) from exc
     try:
         img = nib.load(str(path))
         shape = tuple(int(n) for n in img.shape)
@@ -493,7 +532,7 @@ def discover_scans(
             raise NoMatchError(f"no file in {bids_dir} matches the query {json.dumps(query, default=str)}"
                                + (f" for {_describe(subjects, 'sub-')}" if subjects else "")
                                + (f" and {_describe(sessions, 'ses-')}" if sessions else ""))
-        scans, skipped = _select(candidates, bids_dir, prefer_sag)
+        scans, skipped, unusable = _select(candidates, bids_dir, prefer_sag)
     finally:
         handle.close()
 
@@ -501,32 +540,37 @@ def discover_scans(
         reasons = "; ".join(f"{p.relative_to(bids_dir) if _is_within(p, bids_dir) else p}: {why}"
                             for p, why in skipped)
         raise NoMatchError(f"no usable sagittal T2w scan in {bids_dir}: every selected file was skipped ({reasons})")
-    return Discovery(scans, skipped)
+    return Discovery(scans, skipped, unusable)
 
 
-def _select(candidates: list[Path], bids_dir: Path, prefer_sag: bool) -> tuple[list[Scan], list[tuple[Path, str]]]:
+def _select(candidates: list[Path], bids_dir: Path,
+            prefer_sag: bool) -> tuple[list[Scan], list[tuple[Path, str]], list[tuple[Path, str]]]:
     kept: list[tuple[Scan, bool]] = []  # (scan, declared acq-sag)
     skipped: list[tuple[Path, str]] = []
+    unusable: list[tuple[Path, str]] = []
 
-    def skip(path: Path, reason: str, level: int = logging.INFO) -> None:
+    def skip(path: Path, reason: str, level: int = logging.INFO, broken: bool = False) -> None:
         log.log(level, "skipping %s: %s", path, reason)
         skipped.append((path, reason))
+        if broken:
+            unusable.append((path, reason))
 
+    candidates = _drop_symlink_aliases(candidates, bids_dir, skipped)
     for path in candidates:
         try:
             entities, suffix, ext = parse_bids_name(path.name)
         except ValueError as exc:
-            skip(path, str(exc), logging.WARNING)
+            skip(path, str(exc), logging.WARNING, broken=True)
             continue
         try:
             sidecar = merged_sidecar(path, bids_dir)
         except InputError as exc:  # a malformed JSON sidecar
-            skip(path, f"cannot read its JSON sidecar {exc.path}: {exc.reason}", logging.WARNING)
+            skip(path, f"cannot read its JSON sidecar {exc.path}: {exc.reason}", logging.WARNING, broken=True)
             continue
         try:
             affine, shape, slice_axis = _read_header(path)
         except InputError as exc:
-            skip(path, exc.reason, logging.WARNING)
+            skip(path, exc.reason, logging.WARNING, broken=True)
             continue
         orient = slice_orientation(affine, shape, sidecar, slice_axis)
         declared = _declares_sagittal(entities)
@@ -563,4 +607,5 @@ def _select(candidates: list[Path], bids_dir: Path, prefer_sag: bool) -> tuple[l
         seen[scan.key] = scan
         unique.append(scan)
     skipped.sort(key=lambda t: t[0].as_posix())
-    return unique, skipped
+    unusable.sort(key=lambda t: t[0].as_posix())
+    return unique, skipped, unusable

@@ -218,11 +218,16 @@ def _header_from_image(img, path: Path, validate: bool) -> HeaderInfo:
     _check_affine(aff, path)
 
     if qcode > 0 and scode > 0:
-        q = np.asarray(hdr.get_qform(), dtype=np.float64)
+        decoded = True
+        try:
+            q = np.asarray(hdr.get_qform(), dtype=np.float64)
+        except Exception as exc:  # an invalid quaternion (nibabel: "w2 should be positive"); the sform is used
+            log.warning("%s: the qform cannot be decoded (%s); using the sform (code %d)", path, _one_line(exc), scode)
+            q, decoded = np.full((4, 4), np.nan), False
         s = np.asarray(hdr.get_sform(), dtype=np.float64)
         c = _corners(info.spatial_shape)
         dist = float(np.sqrt((((q @ c) - (s @ c))[:3] ** 2).sum(axis=0)).max()) if np.all(np.isfinite(q)) else np.inf
-        if dist > QFORM_SFORM_TOL_MM:
+        if decoded and dist > QFORM_SFORM_TOL_MM:
             log.warning("%s: qform and sform disagree (corners up to %.3g mm apart); using the sform "
                         "(code %d)", path, dist, scode)
     elif qcode <= 0 and scode <= 0:
