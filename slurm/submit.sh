@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# Submit spineps on a SLURM cluster: one participant array (one subject per task, all into
+# OUT_DIR), then the group job, which waits for the array (--dependency=afterany:<ids>).
+#
+# usage: slurm/submit.sh BIDS_DIR OUT_DIR [options] [-- app options for every participant task]
+#   --sif FILE            run this Apptainer/Singularity image (default: $SPINEPS_SIF; without
+#                         one, the tasks run $SPINEPS_CMD, default "spineps" on PATH)
+#   --subjects FILE       subject labels, one per line (default: every sub-* folder of BIDS_DIR)
+#   --max-parallel N      at most N tasks of an array at once (sbatch --array=...%N)
+#   --max-array-size N    tasks per array (default 1000, SLURM's usual MaxArraySize is 1001);
+#                         longer lists become several arrays, and the group job waits for all
+#   --dependency TYPE     afterany (default: the group job runs even if some subjects
+#                         failed; their task logs say why) or afterok
+#   --sbatch-args "..."   extra sbatch options for the array, e.g. "--partition gpu --gres gpu:1"
+#   --group-sbatch-args   extra sbatch options for the group job
+#   --no-group            submit only the participant array(s)
+# Example:
+#   slurm/submit.sh /data/bids /data/derivatives/spineps --sif spineps.sif --max-parallel 100 \
+#       --sbatch-args "--gres gpu:1" -- --skip-bids-validation
+# Writes the subject list and the SLURM logs into OUT_DIR/logs/slurm/; prints the job ids.
+set -euo pipefail
+
+usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
+die() { echo "submit.sh: $*" >&2; exit "${2:-64}"; }
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+[[ $# -ge 1 && ( "$1" == "-h" || "$1" == "--help" ) ]] && { usage; exit 0; }
+[[ $# -ge 2 ]] || { usage >&2; exit 64; }
+bids_dir="$(realpath -m -- "$1")"
+out_dir="$(realpath -m -- "$2")"
+shift 2
+
+sif="${SPINEPS_SIF:-}"
+subjects_in=""
+max_parallel=""
+max_array="${MAX_ARRAY_SIZE:-1000}"
+dependency="afterany"
+sbatch_args=""
+group_sbatch_args=""
+group=1
+app_args=()
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --sif) sif="$(realpath -- "${2:?--sif needs a file}")"; shift 2 ;;
+        --subjects) subjects_in="${2:?--subjects needs a file}"; shift 2 ;;
+        --max-parallel) max_parallel="${2:?}"; shift 2 ;;
+        --max-array-size) max_array="${2:?}"; shift 2 ;;
+        --dependency) dependency="${2:?}"; shift 2 ;;
+        --sbatch-args) sbatch_args="${2:-}"; shift 2 ;;
+        --group-sbatch-args) group_sbatch_args="${2:-}"; shift 2 ;;
+        --no-group) group=0; shift ;;
+        --) shift; app_args=("$@"); break ;;
+        *) die "unknown option $1 (see --help)" ;;
+    esac
+done
+case "$dependency" in afterany|afterok) ;; *) die "--dependency must be afterany or afterok" ;; esac
+[[ "$max_array" =~ ^[1-9][0-9]*$ ]] || die "--max-array-size must be a positive integer"
+[[ -z "$max_parallel" || "$max_parallel" =~ ^[1-9][0-9]*$ ]] || die "--max-parallel must be a positive integer"
+[[ -d "$bids_dir" ]] || die "BIDS_DIR $bids_dir does not exist" 66
+[[ -z "$sif" || -f "$sif" ]] || die "image $sif does not exist" 66
+command -v sbatch >/dev/null || die "sbatch not found (not on a SLURM login node?)" 69
+
+logs="$out_dir/logs/slurm"
+mkdir -p "$logs"
+stamp="$(date -u +%Y%m%dT%H%M%SZ)_$$"
+list="$logs/subjects_${stamp}.txt"
+if [[ -n "$subjects_in" ]]; then
+    grep -v -e '^[[:space:]]*$' -e '^#' "$subjects_in" | sed 's/^[[:space:]]*sub-//; s/^[[:space:]]*//; s/[[:space:]]*$//' > "$list.tmp"
+else
+    find "$bids_dir" -mindepth 1 -maxdepth 1 -type d -name 'sub-*' -printf '%f\n' | sed 's/^sub-//' | LC_ALL=C sort > "$list.tmp"
+fi
+mv "$list.tmp" "$list"
+n="$(wc -l < "$list")"
+(( n > 0 )) || die "no subjects to process (BIDS_DIR has no sub-* folder, or the list is empty)" 66
+
+# the tasks read these from the environment (sbatch --export=ALL)
+export SUBJECTS_FILE="$list" BIDS_DIR="$bids_dir" OUT_DIR="$out_dir" SPINEPS_SIF="$sif"
+export SPINEPS_ARGS="${app_args[*]:-}"
+
+# shellcheck disable=SC2206  # option strings, split on purpose
+extra=($sbatch_args)
+ids=()
+offset=0
+while (( offset < n )); do
+    size=$(( n - offset < max_array ? n - offset : max_array ))
+    spec="1-${size}${max_parallel:+%$max_parallel}"
+    export ARRAY_OFFSET="$offset"
+    out="$(sbatch --parsable --export=ALL --array="$spec" --output="$logs/spineps_%A_%a.out" \
+           "${extra[@]}" "$here/spineps_array.sbatch")"
+    id="${out%%;*}"
+    [[ "$id" =~ ^[0-9]+$ ]] || die "sbatch did not return a job id: $out" 75
+    ids+=("$id")
+    echo "participant array $id: subjects $((offset + 1))-$((offset + size)) of $n ($spec)"
+    offset=$(( offset + size ))
+done
+
+if (( group )); then
+    deps="$(IFS=:; echo "${ids[*]}")"
+    # shellcheck disable=SC2206
+    gextra=($group_sbatch_args)
+    out="$(sbatch --parsable --export=ALL --dependency="$dependency:$deps" --kill-on-invalid-dep=yes \
+           --output="$logs/spineps_group_%j.out" "${gextra[@]}" "$here/spineps_group.sbatch")"
+    echo "group job ${out%%;*}: after $dependency:$deps"
+fi
+echo "subject list: $list"
