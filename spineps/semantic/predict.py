@@ -1,0 +1,255 @@
+"""The semantic phase with an nnU-Net v2 model folder.
+
+``NnUNetSemanticSegmenter.segment(image)``:
+
+1. pre-processing (``preprocess.preprocess_image``): intensity shift/cap, N4 in the non-zero
+   bounding box (optional, on by default);
+2. reorientation to the model's ``model_expected_orientation`` and resampling to
+   ``ModelConfig.target_spacing`` (cubic for the image);
+3. nnU-Net sliding-window inference through ``nnUNetPredictor`` (initialised manually from
+   the folder, see ``spineps.models.nnunet_folder``). nnU-Net expects SimpleITK axis order,
+   so the model-orientation array (e.g. P, I, R) is handed over with its axes (and spacing)
+   reversed (R, I, P), the way the reference implementation does it;
+4. output indices mapped through the config's ``labels`` to community values;
+5. clean-up on the model grid (``cleanup.clean_semantic``);
+6. back onto the exact input grid (nearest neighbour through world coordinates).
+
+Devices: ``device="auto"`` uses CUDA when present, else CPU. ``nprocs`` sets torch's
+threads. Half precision (autocast) is used by nnU-Net on CUDA only. Test-time mirroring
+follows ``inference_augmentation`` on GPU but is off on CPU unless ``mirroring=True`` is
+asked for (it costs 8x on CPU). On CPU the network's weights are kept in
+``torch.channels_last_3d`` memory format (``channels_last``; measured ~25 % faster forward
+passes with identical labels, ``benchmarks/inference_options.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from spineps.errors import InputError, ModelError
+from spineps.geometry.volume import Volume
+from spineps.models.folder import ModelConfig, folder_checksum
+from spineps.semantic.cleanup import CleanupSettings, clean_semantic
+from spineps.semantic.preprocess import N4Settings, preprocess_image
+
+__all__ = ["NnUNetSemanticSegmenter", "resolve_device"]
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str = "auto") -> Any:
+    """'auto' -> cuda if available else cpu; otherwise torch.device(device)."""
+    import torch
+
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ModelError(f"unknown device {device!r} ({exc})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+class NnUNetSemanticSegmenter:
+    """Semantic segmenter over an nnU-Net v2 model folder (follows ``pipeline.SemanticSegmenter``)."""
+
+    def __init__(self, loaded: Any, *, device: str = "auto", nprocs: Optional[int] = None, n4: bool = True,
+                 mirroring: Optional[bool] = None, step_size: Optional[float] = None,
+                 cleanup: CleanupSettings = CleanupSettings(), n4_settings: N4Settings = N4Settings(),
+                 channels_last: Optional[bool] = None, cpu_bf16: bool = False):
+        import torch
+
+        with _quiet():
+            from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+        self.loaded = loaded
+        self.config: ModelConfig = loaded.folder.config
+        self.name: str = self.config.log_name
+        self.folder: Path = loaded.folder.path
+        self.device = resolve_device(device)
+        self.nprocs = nprocs
+        if nprocs is not None:
+            if nprocs < 1:
+                raise ModelError(f"nprocs must be >= 1, got {nprocs}")
+            torch.set_num_threads(int(nprocs))
+        self.n4 = bool(n4)
+        self.n4_settings = n4_settings
+        self.cleanup = cleanup
+        on_gpu = self.device.type == "cuda"
+        self.mirroring = bool(self.config.inference_augmentation and on_gpu) if mirroring is None else bool(mirroring)
+        self.step_size = float(self.config.default_step_size if step_size is None else step_size)
+        mirror_axes = getattr(loaded, "mirror_axes", None)
+        if self.mirroring and mirror_axes is None:
+            mirror_axes = (0, 1, 2)
+        with _quiet():
+            self.predictor = nnUNetPredictor(tile_step_size=self.step_size, use_gaussian=True,
+                                             use_mirroring=self.mirroring, perform_everything_on_device=on_gpu,
+                                             device=self.device, verbose=False, verbose_preprocessing=False,
+                                             allow_tqdm=False)
+            self.predictor.manual_initialization(loaded.network.to(self.device), loaded.plans_manager,
+                                                 loaded.configuration_manager, loaded.parameters,
+                                                 loaded.folder.dataset_json, loaded.trainer_name, mirror_axes)
+        # channels_last_3d weights: the same results, faster 3D convolutions on CPU. nnU-Net copies
+        # each fold's parameters into the network before predicting (copy_ keeps this layout).
+        self.channels_last = (self.device.type == "cpu") if channels_last is None else bool(channels_last)
+        if self.channels_last and isinstance(self.predictor.network, torch.nn.Module):
+            self.predictor.network.to(memory_format=torch.channels_last_3d)
+        self.cpu_bf16 = False
+        if cpu_bf16:
+            self.set_cpu_bf16(True)
+        n = loaded.num_outputs
+        lut = np.zeros(max(n, 1), np.uint8)
+        for idx, value in self.config.labels.items():
+            if not 0 <= value <= 255:
+                raise ModelError(f"label value {value} does not fit the uint8 semantic mask",
+                                 self.folder / "inference_config.json")
+            lut[idx] = value
+        self._lut = lut
+        self._checksum: Optional[str] = None
+        self.timings: dict[str, float] = {}
+
+    def set_cpu_bf16(self, enabled: bool = True) -> None:
+        """Opt-in: run the network's forward passes on CPU under bfloat16 autocast (float32
+        logits out). Much faster on CPUs with native bf16 (AVX512-BF16 / AMX), but the labels
+        differ from float32 in a few boundary voxels (``benchmarks/inference_options.py``);
+        off by default. No effect on CUDA (nnU-Net uses its own autocast there)."""
+        import torch
+
+        net = self.predictor.network
+        if self.device.type != "cpu" or not isinstance(net, torch.nn.Module) or bool(enabled) == self.cpu_bf16:
+            return
+        if enabled:
+            plain = net.forward
+
+            def forward_bf16(x: Any) -> Any:
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    return plain(x).float()
+
+            net.forward = forward_bf16  # the module keeps its state dict keys (nnU-Net reloads weights)
+        else:
+            del net.forward  # back to the class's forward
+        self.cpu_bf16 = bool(enabled)
+
+    # ------------------------------------------------------------------------------------------
+    @classmethod
+    def from_folder(cls, folder: Path, *, device: str = "auto", nprocs: Optional[int] = None, n4: bool = True,
+                    folds: Optional[tuple[int, ...]] = None, mirroring: Optional[bool] = None,
+                    step_size: Optional[float] = None) -> "NnUNetSemanticSegmenter":
+        """Validate and load a model folder (``ModelError`` on any problem, before any scan)."""
+        from spineps.models.nnunet_folder import load_nnunet_folder
+
+        loaded = load_nnunet_folder(Path(folder), folds)
+        return cls(loaded, device=device, nprocs=nprocs, n4=n4, mirroring=mirroring, step_size=step_size)
+
+    # ------------------------------------------------------------------------------------------
+    def predict_indices(self, model_image: Volume) -> np.ndarray:
+        """Network output indices for an image already in model orientation and spacing
+        (after pre-processing). Same shape as ``model_image``."""
+        import torch
+
+        arr = np.asarray(model_image.data, dtype=np.float32)
+        if not np.isfinite(arr).all():
+            raise InputError("image holds non-finite values after pre-processing")
+        if float(arr.max()) <= float(arr.min()):
+            return np.zeros(arr.shape, np.uint8)
+        sp = model_image.spacing
+        data = np.ascontiguousarray(arr.transpose(2, 1, 0))[None]  # SimpleITK axis order
+        props = {"spacing": [float(sp[2]), float(sp[1]), float(sp[0])]}
+        with torch.inference_mode(), _quiet():
+            seg = self.predictor.predict_single_npy_array(data, props, None, None, False)
+        seg = np.asarray(seg)
+        if seg.shape != data.shape[1:]:
+            raise ModelError(f"nnU-Net returned shape {seg.shape} for input {data.shape[1:]}", self.folder)
+        return np.ascontiguousarray(seg.transpose(2, 1, 0)).astype(np.uint8, copy=False)
+
+    def to_model_grid(self, image: Volume) -> Volume:
+        """Pre-processed image reoriented and resampled onto the model grid."""
+        from spineps.geometry.orientation import to_orientation
+        from spineps.geometry.resampling import to_spacing
+
+        oriented, _ = to_orientation(image, self.config.orientation)
+        target = self.config.target_spacing(oriented.spacing)
+        return to_spacing(oriented, target, order=3)
+
+    def segment_model_grid(self, model_image: Volume) -> Volume:
+        """Semantic mask (community values, cleaned) on the model grid of ``model_image``."""
+        t0 = time.perf_counter()
+        idx = self.predict_indices(model_image)
+        self.timings["inference"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        values = self._lut[np.clip(idx, 0, self._lut.size - 1)]
+        cleaned = clean_semantic(values, model_image.spacing, self.cleanup)
+        self.timings["cleanup"] = time.perf_counter() - t0
+        return model_image.with_data(cleaned.astype(np.uint8))
+
+    def segment(self, image: Volume) -> Volume:
+        """Semantic mask (uint8, community values) on exactly ``image``'s grid."""
+        from spineps.geometry.resampling import back_to_grid
+
+        self.timings = {}
+        t_all = time.perf_counter()
+        if image.data.ndim != 3 or min(image.shape) < 1:
+            raise InputError(f"need a non-empty 3D image, got shape {image.shape}")
+        t0 = time.perf_counter()
+        pre = preprocess_image(image, n4=self.n4, settings=self.n4_settings, timings=self.timings)
+        self.timings["preprocess"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        model_img = self.to_model_grid(pre)
+        self.timings["resample"] = time.perf_counter() - t0
+        log.info("semantic model %s: input %s -> model grid %s", self.name, image.shape, model_img.shape)
+        mask_m = self.segment_model_grid(model_img)
+        t0 = time.perf_counter()
+        back = back_to_grid(mask_m, image, order=0)
+        self.timings["back_to_grid"] = time.perf_counter() - t0
+        self.timings["total"] = time.perf_counter() - t_all
+        return Volume(np.ascontiguousarray(back.data, dtype=np.uint8), image.affine.copy())
+
+    def provenance(self) -> dict[str, Any]:
+        if self._checksum is None:
+            self._checksum = folder_checksum(self.folder)
+        return {
+            "name": self.name,
+            "folder": str(self.folder),
+            "checksum_sha256": self._checksum,
+            "modeltype": "nnunet",
+            "configuration": self.loaded.configuration,
+            "trainer_name": self.loaded.trainer_name,
+            "folds": list(self.loaded.folder.folds),
+            "checkpoints": list(self.loaded.checkpoint_names),
+            "step_size": self.step_size,
+            "mirroring": self.mirroring,
+            "orientation": list(self.config.orientation),
+            "spacing": [list(self.config.spacing_min), list(self.config.spacing_max)]
+            if not self.config.fixed_spacing else list(self.config.spacing_min),
+            "device": str(self.device),
+            "threads": self.nprocs,
+            "cpu_bf16": self.cpu_bf16,
+            "n4": self.n4,
+        }
+
+
+class _quiet:
+    """Keep nnU-Net's prints off stdout (they go to the debug log)."""
+
+    def __enter__(self):
+        import contextlib
+        import io
+
+        self._buf = io.StringIO()
+        self._cm = contextlib.redirect_stdout(self._buf)
+        self._cm.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._cm.__exit__(*exc)
+        text = self._buf.getvalue().strip()
+        if text:
+            log.debug("nnU-Net said: %s", text[:2000])
+        return False
