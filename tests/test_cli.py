@@ -288,3 +288,17 @@ def test_demo_subcommand(tmp_path: Path) -> None:
     assert main(["demo", str(tmp_path / "demo"), "--subjects", "1", "--seed", "3"]) == 0
     assert (tmp_path / "demo" / "dataset_description.json").is_file()
     assert list((tmp_path / "demo").glob("sub-*"))
+
+
+def test_shared_argument_types_reject_out_of_range_values():
+    import argparse
+
+    from spineps.cli.argtypes import nonneg_float, nonneg_int, number, positive_float, positive_int
+
+    assert positive_int("3") == 3 and nonneg_int("0") == 0 and positive_float("0.5") == 0.5 and nonneg_float("0") == 0
+    unit_open = number(float, "a number in (0, 1)", low=0, high=1, low_open=True, high_open=True)
+    assert unit_open("0.25") == 0.25
+    for convert, text in [(positive_int, "0"), (positive_int, "1.5"), (nonneg_int, "-1"), (positive_float, "0"),
+                          (nonneg_float, "nan?"), (unit_open, "1"), (unit_open, "0")]:
+        with pytest.raises(argparse.ArgumentTypeError, match="expected"):
+            convert(text)

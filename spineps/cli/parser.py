@@ -17,6 +17,8 @@ import argparse
 from pathlib import Path
 from typing import NoReturn, Optional, Sequence
 
+from spineps.cli.argtypes import nonneg_int as _nonneg_int
+from spineps.cli.argtypes import positive_int as _positive_int
 from spineps.errors import UsageError
 from spineps.settings import ANALYSIS_LEVELS, INSTANCE_MODEL_ENV, SEMANTIC_MODEL_ENV
 
@@ -95,24 +97,6 @@ class _VersionAction(argparse.Action):
         parser.exit(0)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _nonneg_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
 
 
 def _label(prefix: str):  # type: ignore[no-untyped-def]

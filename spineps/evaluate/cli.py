@@ -15,7 +15,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from spineps.cli.argtypes import number
+
 __all__ = ["add_arguments", "run", "DESCRIPTION"]
+
+_probability = number(float, "a number in (0, 1)", low=0, high=1, low_open=True, high_open=True)
+_threshold = number(float, "a number in (0, 1]", low=0, high=1, low_open=True)
 
 DESCRIPTION = (
     "Evaluate predicted spine masks against reference masks (SPINEPS paper section 2.6): global Dice "
@@ -24,24 +29,6 @@ DESCRIPTION = (
     "their entity stem (..._desc-spine_dseg.nii.gz, ..._desc-vertebrae_dseg.nii.gz).")
 
 
-def _probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}")
-    return value
-
-
-def _threshold(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

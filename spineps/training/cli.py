@@ -19,6 +19,9 @@ import argparse
 import logging
 from pathlib import Path
 
+from spineps.cli.argtypes import nonneg_float as _nonneg_float
+from spineps.cli.argtypes import positive_float as _positive_float
+
 __all__ = ["add_fuse_arguments", "run_fuse", "add_export_arguments", "add_export_nnunet_arguments",
            "add_export_cutouts_arguments", "run_export", "FUSE_DESCRIPTION", "EXPORT_NNUNET_DESCRIPTION",
            "EXPORT_CUTOUTS_DESCRIPTION"]
@@ -41,24 +44,6 @@ EXPORT_CUTOUTS_DESCRIPTION = (
 _PRESET_HELP = "body-disc-canal, body, canal, cord, disc, sacrum, spine, subregions"
 
 
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return v
-
-
-def _nonneg_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return v
 
 
 def _axis_code(text: str) -> str:
