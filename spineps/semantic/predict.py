@@ -17,9 +17,10 @@
 Devices: ``device="auto"`` uses CUDA when present, else CPU. ``nprocs`` sets torch's
 threads. Half precision (autocast) is used by nnU-Net on CUDA only. Test-time mirroring
 follows ``inference_augmentation`` on GPU but is off on CPU unless ``mirroring=True`` is
-asked for (it costs 8x on CPU). On CPU the network's weights are kept in
-``torch.channels_last_3d`` memory format (``channels_last``; measured ~25 % faster forward
-passes with identical labels, ``benchmarks/inference_options.py``).
+asked for (it costs 8x on CPU). Opt-in CPU speed options (``benchmarks/inference_options.py``
+measures them): ``channels_last`` (weights in ``torch.channels_last_3d``: identical labels, within
+noise of the default speed on 2 cores) and ``cpu_bf16`` (bfloat16 autocast: several times faster
+on CPUs with native bf16, labels differ in a few boundary voxels).
 """
 
 from __future__ import annotations
@@ -96,9 +97,9 @@ class NnUNetSemanticSegmenter:
             self.predictor.manual_initialization(loaded.network.to(self.device), loaded.plans_manager,
                                                  loaded.configuration_manager, loaded.parameters,
                                                  loaded.folder.dataset_json, loaded.trainer_name, mirror_axes)
-        # channels_last_3d weights: the same results, faster 3D convolutions on CPU. nnU-Net copies
-        # each fold's parameters into the network before predicting (copy_ keeps this layout).
-        self.channels_last = (self.device.type == "cpu") if channels_last is None else bool(channels_last)
+        # channels_last_3d weights (opt-in): the same results; nnU-Net copies each fold's parameters
+        # into the network before predicting (copy_ keeps this layout)
+        self.channels_last = False if channels_last is None else bool(channels_last)
         if self.channels_last and isinstance(self.predictor.network, torch.nn.Module):
             self.predictor.network.to(memory_format=torch.channels_last_3d)
         self.cpu_bf16 = False
