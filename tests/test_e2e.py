@@ -166,22 +166,11 @@ def test_real_model_folders_through_the_cli(tmp_path: Path, monkeypatch: pytest.
     """The real registry and segmenters (nnU-Net semantic + cutout U-Net instance), with
     tiny random-weight model folders in the released layouts: checks the chain, not accuracy."""
     torch = pytest.importorskip("torch")
-    from spineps.instance.checkpoint import save_instance_checkpoint
-    from spineps.instance.network import InstanceUNet3D
-    from spineps.training.instance import TrainConfig, model_config_dict
-    from spineps.training.semantic import build_random_model_folder
+    from tests.tiny_models import build_tiny_model_folders
 
     threads = torch.get_num_threads()
     monkeypatch.setattr(registry, "bundled_model_dir", lambda name: None)
-    sem = build_random_model_folder(tmp_path / "sem", folds=1, spacing_pir=(2.0, 2.0, 3.0), patch_rip=(8, 16, 16),
-                                    features=(2, 4, 4))
-    inst = tmp_path / "inst"
-    inst.mkdir()
-    cfg = TrainConfig(out=inst, spacing=(2.0, 2.0, 4.0), cutout_size=(24, 40, 16), corpus_size_cleaning=10,
-                      vert_size_threshold=4)
-    (inst / "inference_config.json").write_text(json.dumps(model_config_dict(cfg)))
-    torch.manual_seed(0)
-    save_instance_checkpoint(inst / "model_weights.ckpt", InstanceUNet3D(10, 8))
+    sem, inst = build_tiny_model_folders(tmp_path)
     ds = BidsFactory(tmp_path / "bids")
     ds.add("01", acq="sag")
     out = tmp_path / "out"

@@ -23,27 +23,9 @@ from tests.bids_factory import BidsFactory  # noqa: E402
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A tiny random-weight semantic (nnU-Net) and instance (U-Net) folder in the released layouts."""
-    from spineps.instance.checkpoint import save_instance_checkpoint
-    from spineps.instance.network import InstanceUNet3D
-    from spineps.training.instance import TrainConfig, model_config_dict
-    from spineps.training.semantic import build_random_model_folder
+    from tests.tiny_models import build_tiny_model_folders
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        root = tmp_path_factory.mktemp("models")
-        sem = build_random_model_folder(root / "sem", folds=1, spacing_pir=(2.0, 2.0, 3.0), patch_rip=(8, 16, 16),
-                                        features=(2, 4, 4))
-        inst = root / "inst"
-        inst.mkdir()
-        cfg = TrainConfig(out=inst, spacing=(2.0, 2.0, 4.0), cutout_size=(24, 40, 16), corpus_size_cleaning=10,
-                          vert_size_threshold=4)
-        (inst / "inference_config.json").write_text(json.dumps(model_config_dict(cfg)))
-        torch.manual_seed(0)
-        save_instance_checkpoint(inst / "model_weights.ckpt", InstanceUNet3D(10, 8))
-    finally:
-        torch.set_num_threads(threads)
-    return sem, inst
+    return build_tiny_model_folders(tmp_path_factory.mktemp("models"))
 
 
 def _edit_json(path: Path, change: Callable[[dict], None]) -> None:
