@@ -109,17 +109,19 @@ def test_sacrum_and_fragments_touching_only_the_sacrum():
     assert consistency_problems(s2, v2) == []
 
 
-def test_grid_mismatch_and_too_many_vertebrae_raise():
+def test_grid_mismatch_raises_and_too_many_vertebrae_end_in_the_sacrum():
     sem, inst = _two_vertebrae()
     with pytest.raises(InputError):
         make_consistent(_vol(sem), Volume(inst, np.eye(4)))
     sem = np.zeros((4, 4, 60), np.uint8)
     inst = np.zeros(sem.shape, np.int16)
-    for k in range(27):  # 27 separate one-voxel-gap vertebrae
+    for k in range(27):  # 27 separate one-voxel-gap vertebrae, 26 distinct ids
         sem[:, :, 59 - 2 * k] = 49
         inst[:, :, 59 - 2 * k] = k + 1 if k + 1 != 26 else 27
-    with pytest.raises(InputError):
-        make_consistent(_vol(sem), _vol(inst))
+    s2, v2 = make_consistent(_vol(sem), _vol(inst))  # no longer an error: the lowest become sacrum
+    out = np.asarray(v2.data)
+    assert sorted(int(v) for v in np.unique(out) if v) == list(range(1, 27))
+    assert (np.asarray(s2.data)[out == 26] == 26).all()
 
 
 def test_dropped_instance_renumbers_consecutively():
@@ -198,3 +200,29 @@ def test_consistency_checker_finds_problems():
     inst[9, 9, 19] = 3  # an instance on background
     probs = consistency_problems(_vol(sem), _vol(inst))
     assert any("without instance" in p for p in probs) and any("background" in p for p in probs)
+
+
+def test_surplus_instances_below_the_25th_become_sacrum():
+    """27 stacked 'vertebrae' (a semantic model that took sacral segments for bodies): the
+    lowest two become sacrum in both masks; the 25 above keep ids 1..25 top to bottom."""
+    from spineps.geometry.volume import Volume
+    from spineps.postprocess.consistency import ConsistencyStats, consistency_problems, make_consistent
+
+    n = 27
+    sem = np.zeros((6, n * 4, 6), np.uint8)
+    inst = np.zeros(sem.shape, np.uint16)
+    for k in range(n):  # array axis 1 runs superior -> inferior (affine below), 3 voxels body + 1 gap
+        sem[1:5, 4 * k:4 * k + 3, 1:5] = 49
+        inst[1:5, 4 * k:4 * k + 3, 1:5] = k + 1 if k + 1 < 26 else k + 2  # anonymous ids skip 26
+    affine = np.array([[1.0, 0, 0, 0], [0, 0, 0, 0], [0, -2.0, 0, 0], [0, 0, 0, 1]])
+    affine[1, 2] = 1.0  # axis 2 -> A, axis 1 -> I (2 mm), axis 0 -> R
+    st = ConsistencyStats()
+    s2, v2 = make_consistent(Volume(sem, affine), Volume(inst, affine), stats=st)
+    out, sout = np.asarray(v2.data), np.asarray(s2.data)
+    assert st.surplus_to_sacrum == 2
+    assert sorted(int(v) for v in np.unique(out) if v) == list(range(1, 27))
+    for k in range(25):
+        assert set(np.unique(out[1:5, 4 * k:4 * k + 3, 1:5])) == {k + 1}
+    assert set(np.unique(out[1:5, 4 * 25:, 1:5])) <= {0, 26} and (out[1:5, 4 * 25:, 1:5] == 26).any()
+    assert set(np.unique(sout[out == 26])) == {26}
+    assert consistency_problems(s2, v2) == []

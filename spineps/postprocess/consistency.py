@@ -25,8 +25,10 @@ the same grid, vertebrae numbered 1..N top to bottom (world superior first).
 
 Input value 26 is read as sacrum, values >= 100 are ignored (discs and endplates are
 re-derived). Output ids are consecutive 1..M in the input order (an instance that lost all its voxels
-is dropped and the ids below it move up); sacrum = 26. More than 25 vertebrae cannot be
-told apart from the sacrum value and raise :class:`spineps.errors.InputError`.
+is dropped and the ids below it move up); sacrum = 26. No spine holds more than 25 vertebrae
+above the sacrum (C2..L5 with T13 and L6): instances beyond the 25th from the top are sacral
+segments taken for bodies by the semantic phase and become sacrum (26) in both masks, with a
+warning (``ConsistencyStats.surplus_to_sacrum``).
 
 ``consistency_problems`` checks the final agreement of a semantic and a (named or
 anonymous) instance mask and is used by the tests and as a pipeline self-check.
@@ -84,6 +86,7 @@ class ConsistencyStats:
     orphans_to_sacrum: int = 0
     orphans_removed: int = 0
     new_instances: int = 0
+    surplus_to_sacrum: int = 0
     dropped_instances: list[int] = field(default_factory=list)
 
 
@@ -232,8 +235,19 @@ def make_consistent(semantic: Volume, vertebrae: Volume, *, min_new_instance_mm3
     else:
         order = present
     if len(order) > MAX_VERTEBRAE:
-        raise InputError(f"{len(order)} vertebra instances: more than {MAX_VERTEBRAE} cannot be numbered "
-                         f"without colliding with the sacrum value {SACRUM}")
+        # No spine holds more than 25 vertebrae above the sacrum (C2..L5 with T13 and L6). The
+        # surplus lowest instances are sacral segments that the semantic phase took for vertebral
+        # bodies (a semantic model that misses the sacrum does this): they become sacrum, in both masks.
+        if not st.new_instances:
+            order = world_superior_order(vertebrae.with_data(inst), order, sem)
+        surplus = order[MAX_VERTEBRAE:]
+        order = order[:MAX_VERTEBRAE]
+        moved = np.isin(inst, surplus)
+        inst[moved] = SACRUM
+        sem[moved] = SACRUM
+        st.surplus_to_sacrum = len(surplus)
+        log.warning("%d vertebra instance(s) below the %dth from the top (more than a spine holds above the "
+                    "sacrum) were taken as sacral segments", len(surplus), MAX_VERTEBRAE)
     lut_size = int(inst.max()) + 1
     lut = np.zeros(max(lut_size, SACRUM + 1), dtype=np.int32)
     for new, old in enumerate(order, start=1):
