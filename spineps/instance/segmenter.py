@@ -227,7 +227,7 @@ class UNetInstanceSegmenter:
     def segment(self, semantic: Volume) -> "InstanceOutput":  # noqa: F821
         from spineps.labeling.levels import apply_naming, name_levels
         from spineps.pipeline import InstanceOutput
-        from spineps.postprocess.consistency import make_consistent
+        from spineps.postprocess.consistency import ConsistencyStats, make_consistent
         from spineps.postprocess.discs import assign_discs_and_endplates
 
         t0 = time.perf_counter()
@@ -235,7 +235,11 @@ class UNetInstanceSegmenter:
         timings = dict(res.timings)
         timings["instance_network_total"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        sem2, vert2 = make_consistent(semantic, vert)
+        stats = ConsistencyStats()
+        sem2, vert2 = make_consistent(semantic, vert, stats=stats)
+        consistency_warnings = [] if not stats.surplus_to_sacrum else [
+            f"{stats.surplus_to_sacrum} vertebra-like instance(s) below the 25th from the top were taken as sacral "
+            "segments; check the level names of the lower spine"]
         sem3, inst = assign_discs_and_endplates(sem2, vert2)
         timings["instance_postprocess"] = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -244,7 +248,8 @@ class UNetInstanceSegmenter:
         timings["instance_naming"] = time.perf_counter() - t0
         naming_dict = naming.as_dict()
         return InstanceOutput(semantic=sem3, instance=named, naming=naming_dict, timings=timings,
-                              warnings=list(res.warnings) + list(getattr(naming, "warnings", []) or []))
+                              warnings=list(res.warnings) + consistency_warnings
+                              + list(getattr(naming, "warnings", []) or []))
 
 
 def _vertical_axis(codes: Sequence[str]) -> int:
