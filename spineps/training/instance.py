@@ -34,7 +34,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 __all__ = ["TrainConfig", "Case", "make_case", "sample_cutout", "augment", "train", "main", "FLIP_PAIRS",
-           "flip_lr", "evaluate_instances", "model_config_dict"]
+           "flip_lr", "evaluate_instances", "model_config_dict", "build_random_instance_folder"]
 
 log = logging.getLogger("spineps.training.instance")
 
@@ -375,6 +375,26 @@ def write_model_folder(out: Path, network, cfg: TrainConfig, *, step: int, epoch
     save_instance_checkpoint(out / "instance_weights.ckpt", network, epoch=epoch, global_step=step,
                              hyper_parameters=hp)
     write_json_atomic(out / "training_log.json", log_obj)
+
+
+def build_random_instance_folder(out: Path, *, spacing: tuple[float, float, float] = (2.0, 2.0, 4.0),
+                                 cutout_size: tuple[int, int, int] = (24, 40, 16), dim: int = 8, in_channels: int = 10,
+                                 corpus_size_cleaning: int = 10, vert_size_threshold: int = 4, seed: int = 0) -> Path:
+    """An instance model folder in the released layout with random weights (for tests and
+    container smoke runs; the twin of ``spineps.training.semantic.build_random_model_folder``)."""
+    import torch
+
+    from spineps.fsutil import write_json_atomic
+    from spineps.instance.checkpoint import save_instance_checkpoint
+    from spineps.instance.network import InstanceUNet3D
+
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = TrainConfig(out=out, spacing=spacing, cutout_size=cutout_size, dim=dim, in_channels=in_channels,
+                      corpus_size_cleaning=corpus_size_cleaning, vert_size_threshold=vert_size_threshold)
+    write_json_atomic(out / "inference_config.json", model_config_dict(cfg))
+    torch.manual_seed(seed)
+    save_instance_checkpoint(out / "model_weights.ckpt", InstanceUNet3D(in_channels, dim))
+    return out
 
 
 # -- the loop ------------------------------------------------------------------------
