@@ -478,8 +478,6 @@ def run_reference(case: PreparedCase, repeat: int, args: argparse.Namespace, run
 
 #: hyper-parameters the reference's ``PLNet_new`` (SPINEPS 2.1.3) reads when it rebuilds the
 #: instance network from a checkpoint (``load_from_checkpoint`` passes them to ``__init__``)
-REFERENCE_OPT_DEFAULTS = {"channelwise": True, "n_epoch": 0, "lr": 1e-4, "lr_end_factor": 0.01, "l2_reg_w": 0.0,
-                          "dsc_loss_w": 1.0}
 
 
 def reference_instance_folder(folder: Path, work: Path) -> Path:
@@ -488,10 +486,13 @@ def reference_instance_folder(folder: Path, work: Path) -> Path:
     channel count (``dim``, ``num_channels``, ``opt.channelwise`` ...). The reference's
     legacy ``PLNet`` is fixed to width 16 with 10 channels and its ``PLNet_new`` defaults to
     width 8 with 11 channels; a width-8, 10-channel checkpoint loads only with these keys.
-    Returns ``folder`` itself when its checkpoint already carries them."""
+    Returns ``folder`` itself when its checkpoint already carries them (every checkpoint
+    ``spineps.instance.checkpoint.save_instance_checkpoint`` writes, the bundled one included)."""
     import argparse as _argparse
 
     import torch
+
+    from spineps.instance.checkpoint import REFERENCE_OPT_DEFAULTS
 
     from spineps.instance.checkpoint import detect_variant, network_state_dict, read_checkpoint_dict
     from spineps.instance.segmenter import find_weights

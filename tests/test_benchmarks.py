@@ -4,6 +4,7 @@ folders (checks that it runs and reports every phase, not how fast anything is).
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import sys
@@ -108,6 +109,11 @@ def test_reference_instance_folder_keeps_weights_and_adds_hyper_parameters(tmp_p
     (src / "inference_config.json").write_text(json.dumps({"modeltype": "unet", "modality": "SEG"}))
     torch.manual_seed(0)
     save_instance_checkpoint(src / "instance_weights.ckpt", InstanceUNet3D(10, 8), hyper_parameters={"dim": 8})
+    assert rb.reference_instance_folder(src, tmp_path / "work0") == src  # our checkpoints load as they are
+    # a checkpoint written without the reference's keys (as ours were before 2026-11-27)
+    ck = read_checkpoint_dict(src / "instance_weights.ckpt")
+    ck["hyper_parameters"] = {"opt": argparse.Namespace(dim=8), "do2D": False}
+    torch.save(ck, str(src / "instance_weights.ckpt"))
     out = rb.reference_instance_folder(src, tmp_path / "work")
     assert out != src and (out / "inference_config.json").is_file()
     ck = read_checkpoint_dict(out / "instance_weights.ckpt")  # still loads with weights_only

@@ -157,11 +157,31 @@ def test_checkpoint_round_trip_and_lightning_keys(tmp_path):
     loaded = load_instance_checkpoint(path)
     assert (loaded.in_channels, loaded.dim) == (10, 8)
     assert loaded.meta["epoch"] == 3 and loaded.meta["hyper_parameters"]["opt"]["n_epoch"] == 3
+    # what the reference's Lightning module rebuilds the network from (PLNet.load_from_checkpoint)
+    hp = raw["hyper_parameters"]
+    assert (hp["num_channels"], hp["dim"], hp["do2D"]) == (10, 8, False)
+    assert hp["opt"].channelwise is True
+    assert all(hasattr(hp["opt"], k) for k in ("lr", "lr_end_factor", "l2_reg_w", "dsc_loss_w", "n_epoch"))
     x = torch.rand(1, 10, 8, 8, 8)
     with torch.no_grad():
         assert torch.equal(net(x), loaded.network(x))
     # no stray temporary files
     assert sorted(p.name for p in tmp_path.iterdir()) == ["instance_weights.ckpt"]
+
+
+def test_bundled_checkpoint_carries_the_reference_hyper_parameters():
+    """The bundled folder loads in SPINEPS 2.1.3 as it is (checked by hand, see its model
+    card): the hyper-parameters agree with the weights' shapes."""
+    from spineps.models.registry import BUNDLED_INSTANCE, bundled_model_dir
+
+    folder = bundled_model_dir(BUNDLED_INSTANCE)
+    if folder is None:
+        pytest.skip("no bundled instance model in this installation")
+    raw = read_checkpoint_dict(folder / "instance_weights.ckpt")
+    hp = raw["hyper_parameters"]
+    w = raw["state_dict"]["network.init_conv.weight"]
+    assert (hp["dim"], hp["num_channels"]) == (w.shape[0], w.shape[1]) == (8, 10)
+    assert hp["opt"].channelwise is True and hp["do2D"] is False
 
 
 def test_variant_detected_from_shapes(tmp_path):

@@ -36,6 +36,7 @@ __all__ = [
     "detect_variant",
     "STATE_PREFIX",
     "LIGHTNING_VERSION",
+    "REFERENCE_OPT_DEFAULTS",
 ]
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,10 @@ STATE_PREFIX = "network."
 #: written into checkpoints we save; the reference reads only ``state_dict``
 LIGHTNING_VERSION = "2.1.0"
 _SAFE_GLOBALS = [argparse.Namespace]
+#: training hyper-parameters the reference's Lightning module reads when it restores a
+#: checkpoint (values are only used for training; the paper's recipe where we have none)
+REFERENCE_OPT_DEFAULTS: dict[str, Any] = {"channelwise": True, "n_epoch": 0, "lr": 1e-4, "lr_end_factor": 0.01,
+                                          "l2_reg_w": 0.0, "dsc_loss_w": 1.0}
 
 
 @dataclass
@@ -137,12 +142,19 @@ def load_instance_checkpoint(path: Path, device: str | torch.device = "cpu") -> 
 
 def save_instance_checkpoint(path: Path, network: InstanceUNet3D, *, epoch: int = 0, global_step: int = 0,
                              hyper_parameters: Optional[Mapping[str, Any]] = None) -> Path:
-    """Write ``network`` as a Lightning-style checkpoint (atomically). Hyper-parameters are
-    stored as an ``argparse.Namespace`` under ``opt`` like the released files."""
+    """Write ``network`` as a Lightning-style checkpoint (atomically).
+
+    ``hyper_parameters`` are stored as an ``argparse.Namespace`` under ``opt`` like the
+    released files, completed with what the reference implementation's Lightning module
+    (``PLNet.load_from_checkpoint``) rebuilds the network from: ``num_channels`` and ``dim``
+    beside ``opt``, and ``opt.channelwise`` (one-hot input), ``n_epoch``, ``lr``,
+    ``lr_end_factor``, ``l2_reg_w``, ``dsc_loss_w``. So a folder we write loads in SPINEPS
+    itself too, whatever its width."""
     path = Path(path)
     sd = {STATE_PREFIX + k: v.detach().to("cpu", torch.float32).contiguous().clone()
           for k, v in network.state_dict().items()}
-    opt = argparse.Namespace(**dict(hyper_parameters or {}))
+    in_ch, dim = int(network.init_conv.weight.shape[1]), int(network.init_conv.weight.shape[0])
+    opt = argparse.Namespace(**{**REFERENCE_OPT_DEFAULTS, **dict(hyper_parameters or {}), "channelwise": True})
     ckpt = {
         "epoch": int(epoch),
         "global_step": int(global_step),
@@ -150,7 +162,7 @@ def save_instance_checkpoint(path: Path, network: InstanceUNet3D, *, epoch: int 
         "state_dict": sd,
         "loops": {},
         "hparams_name": "kwargs",
-        "hyper_parameters": {"opt": opt, "do2D": False},
+        "hyper_parameters": {"opt": opt, "do2D": False, "num_channels": in_ch, "dim": dim},
     }
     with atomic_path(path) as tmp:
         torch.save(ckpt, tmp)

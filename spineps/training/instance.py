@@ -371,7 +371,9 @@ def write_model_folder(out: Path, network, cfg: TrainConfig, *, step: int, epoch
     write_json_atomic(out / "inference_config.json", model_config_dict(cfg))
     hp = {"n_epoch": epoch, "seed": cfg.seed, "dim": cfg.dim, "in_channels": cfg.in_channels,
           "batch_size": cfg.batch_size, "lr_start": cfg.lr_start, "lr_end": cfg.lr_end,
-          "spacing": list(cfg.spacing), "cutout_size": list(cfg.cutout_size)}
+          "spacing": list(cfg.spacing), "cutout_size": list(cfg.cutout_size),
+          # the names the reference's Lightning module reads (see save_instance_checkpoint)
+          "lr": cfg.lr_start, "lr_end_factor": cfg.lr_end / cfg.lr_start, "l2_reg_w": 0.0, "dsc_loss_w": 1.0}
     save_instance_checkpoint(out / "instance_weights.ckpt", network, epoch=epoch, global_step=step,
                              hyper_parameters=hp)
     write_json_atomic(out / "training_log.json", log_obj)
