@@ -20,6 +20,7 @@ from typing import Optional
 
 __all__ = [
     "Label",
+    "LEVEL_RULES",
     "SEMANTIC",
     "SEMANTIC_BY_VALUE",
     "VERTEBRA_PARTS",
@@ -127,6 +128,10 @@ VERTEBRA_VALUES: frozenset[int] = frozenset(_VERTEBRA_NAMES)
 #: vertebra values in anatomical order, top to bottom (T13 after T12, L6 after L5)
 VERTEBRA_ORDER: tuple[int, ...] = (*range(1, 20), 28, *range(20, 25), 25, 26)
 _STANDARD_NEXT = {7: 8, 19: 20, 24: 26, 25: 26, 28: 20}
+
+
+#: level-naming rules (``spineps.labeling.levels``); "auto" combines the cues
+LEVEL_RULES: tuple[str, ...] = ("auto", "sacrum", "c2", "ribs", "size", "count-from-top", "count-from-bottom")
 
 
 def vertebra_name(value: int) -> str:

@@ -23,7 +23,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from spineps.pipeline import InstanceSegmenter, ScanResult, SemanticSegmenter
     from spineps.settings import Settings
 
-__all__ = ["ParticipantSummary", "check_inputs", "run_participant", "process_scan", "model_provenance"]
+__all__ = ["ParticipantSummary", "check_inputs", "run_participant", "process_scan", "process_mask",
+           "load_semantic_mask", "model_provenance"]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,12 @@ def check_inputs(settings: "Settings"):  # -> Discovery
     ``NoMatchError`` (18)."""
     from spineps.bids.discovery import discover_scans, load_bids_filters
 
+    if settings.input_kind == "semantic-mask":
+        from spineps.bids.masks import DEFAULT_MASK_PATTERN, discover_semantic_masks
+
+        return discover_semantic_masks(settings.bids_dir, settings.mask_pattern or DEFAULT_MASK_PATTERN,
+                                       participant_labels=list(settings.participant_labels) or None,
+                                       session_labels=list(settings.session_labels) or None)
     if settings.skip_bids_validation:
         log.info("BIDS validation skipped (--skip-bids-validation)")
     else:
@@ -105,16 +112,29 @@ def _prepare_output_dir(settings: "Settings") -> None:
     from spineps.measure.scan import BIDSIGNORE_EXTRA as MEASURE_BIDSIGNORE
 
     write_dataset_description(settings.output_dir, bids_dir=settings.bids_dir, version=settings.version,
-                              container=settings.container_info())
+                              container=settings.container_info(), source_name=_source_name(settings))
     write_lookup_tables(settings.output_dir)
     write_bidsignore(settings.output_dir, extra=(*BIDSIGNORE_EXTRA, *MEASURE_BIDSIGNORE))
 
 
-def run_participant(settings: "Settings", semantic: "SemanticSegmenter", instance: Optional["InstanceSegmenter"],
-                    discovery: Any = None) -> ParticipantSummary:
+def _source_name(settings: "Settings") -> str:
+    """The input dataset's key in ``DatasetLinks`` and the sidecars' BIDS URIs."""
+    return "semantic" if settings.input_kind == "semantic-mask" else "raw"
+
+
+def run_participant(settings: "Settings", semantic: Optional["SemanticSegmenter"],
+                    instance: Optional["InstanceSegmenter"], discovery: Any = None) -> ParticipantSummary:
     """Process every selected scan. Raises ``ScanFailuresError`` at the end when any scan
     failed (the others are finished first); ``KeyboardInterrupt`` (also SIGTERM, see
-    ``spineps.cli.main``) abandons the current scan after logging what finished."""
+    ``spineps.cli.main``) abandons the current scan after logging what finished.
+
+    With ``settings.input_kind == "semantic-mask"`` (``spineps instance``) the "scans" are
+    semantic masks, ``semantic`` is None and each mask goes through :func:`process_mask`."""
+    from_masks = settings.input_kind == "semantic-mask"
+    if from_masks and instance is None:
+        raise ValueError("the instance phase on semantic masks needs an instance model")
+    if not from_masks and semantic is None:
+        raise ValueError("a participant run on images needs a semantic model")
     from spineps.bids.derivatives import expected_outputs
 
     t_start = time.perf_counter()
@@ -150,7 +170,10 @@ def run_participant(settings: "Settings", semantic: "SemanticSegmenter", instanc
                         summary.skipped_complete.append(name)
                         continue
                     _revoke_complete(settings, scan)
-                    process_scan(settings, scan, semantic, instance)
+                    if from_masks:
+                        process_mask(settings, scan, instance)
+                    else:
+                        process_scan(settings, scan, semantic, instance)
             except SpinepsError as exc:
                 why = exc.reason if exc.path is not None and Path(exc.path) == Path(scan.path) else str(exc)
                 why = f"{type(exc).__name__}: {why}"
@@ -217,32 +240,94 @@ def _one_line(text: str) -> str:
 def process_scan(settings: "Settings", scan: Any, semantic: "SemanticSegmenter",
                  instance: Optional["InstanceSegmenter"]) -> "ScanResult":
     """Load, segment and write the outputs of one scan (sidecars last)."""
-    import numpy as np
-
-    from spineps.bids.derivatives import CENTROIDS, INSTANCE_MASK, INSTANCE_SIDECAR, SEMANTIC_MASK, SEMANTIC_SIDECAR, \
-        make_sidecar, write_sidecar
-    from spineps.fsutil import write_json_atomic
-    from spineps.geometry.io import load_volume, read_header, save_volume
+    from spineps.geometry.io import load_volume, read_header
     from spineps.pipeline import segment_scan
-
-    t0 = time.perf_counter()
-    name = scan.relpath
-    header = read_header(scan.path)
     from spineps.resources import check_scan_resources
 
+    t0 = time.perf_counter()
+    header = read_header(scan.path)
     check_scan_resources(header, settings.output_dir)  # InputError / ResourceError before any voxel is read
     image = load_volume(scan.path, kind="image")
     _check_not_constant(image, scan.path)
     t_load = time.perf_counter() - t0
     log.debug("loaded %s", image)
     result = segment_scan(image, semantic, instance)
-    out = settings.output_dir
+    models = {"semantic": model_provenance(semantic)}
+    if instance is not None:
+        models["instance"] = model_provenance(instance)
+    _write_outputs(settings, scan, result, header=header, image=image, t_load=t_load, models=models,
+                   semantic_description="Semantic segmentation of the spine (vertebra substructures, discs, spinal "
+                                        "canal and cord); values as in desc-spine_dseg.tsv")
+    log.info("%s: done in %.1f s", scan.relpath, time.perf_counter() - t0)
+    return result
 
+
+def process_mask(settings: "Settings", scan: Any, instance: "InstanceSegmenter") -> "ScanResult":
+    """``spineps instance``: the instance phase, post-processing and level naming on one
+    existing semantic mask (``scan`` is the mask), then the same outputs as
+    :func:`process_scan` (no image: the figure shows the masks alone)."""
+    from spineps.geometry.io import read_header
+    from spineps.pipeline import segment_from_semantic
+    from spineps.resources import check_scan_resources
+
+    t0 = time.perf_counter()
+    header = read_header(scan.path)
+    check_scan_resources(header, settings.output_dir)
+    semantic = load_semantic_mask(scan.path)
+    t_load = time.perf_counter() - t0
+    result = segment_from_semantic(semantic, instance)
+    _write_outputs(settings, scan, result, header=header, image=None, t_load=t_load,
+                   models={"instance": model_provenance(instance)},
+                   semantic_description="Semantic segmentation of the spine, post-processed by the instance phase "
+                                        "(endplates split, voxels consistent with the instances) from the input "
+                                        "mask in Sources; values as in desc-spine_dseg.tsv")
+    log.info("%s: done in %.1f s", scan.relpath, time.perf_counter() - t0)
+    return result
+
+
+def load_semantic_mask(path: Path) -> Any:  # -> Volume
+    """Load a semantic mask and check its values: integers, only the community label values
+    of ``desc-spine_dseg.tsv``, and at least one vertebral-body voxel. ``InputError``
+    (naming the file and the values) otherwise; an instance mask given by mistake (values
+    1-28) is recognised as such."""
+    import numpy as np
+
+    from spineps.errors import InputError
+    from spineps.geometry.io import load_volume
+    from spineps.labels import BODY, SEMANTIC
+
+    mask = load_volume(path, kind="label")  # InputError for non-integral values
+    values = np.unique(np.asarray(mask.data))
+    known = {lab.value for lab in SEMANTIC} | {0}
+    unknown = [int(v) for v in values if int(v) not in known]
+    if unknown:
+        shown = ", ".join(str(v) for v in unknown[:12]) + (f", ... ({len(unknown)} in all)" if len(unknown) > 12 else "")
+        hint = ""
+        if all(1 <= v <= 28 or 100 <= v <= 299 for v in unknown):
+            hint = " -- this looks like an instance (vertebra) mask; give the semantic mask"
+        raise InputError(f"values that are no semantic label: {shown}{hint} (expected "
+                         f"{', '.join(str(v) for v in sorted(known - {0}))}, as in desc-spine_dseg.tsv)", path)
+    if not np.any(values == BODY):
+        raise InputError(f"no vertebral-body voxels (value {BODY}): the instance phase starts from the vertebral "
+                         "bodies and has nothing to separate", path)
+    return mask
+
+
+def _write_outputs(settings: "Settings", scan: Any, result: "ScanResult", *, header: Any, image: Any,
+                   t_load: float, models: dict[str, Any], semantic_description: str) -> None:
+    """Masks, centroids, morphometry and figure, then the sidecars (which mark the scan complete)."""
+    import numpy as np
+
+    from spineps.bids.derivatives import CENTROIDS, INSTANCE_MASK, INSTANCE_SIDECAR, SEMANTIC_MASK, SEMANTIC_SIDECAR, \
+        make_sidecar, write_sidecar
+    from spineps.fsutil import write_json_atomic
+    from spineps.geometry.io import save_volume
+
+    out = settings.output_dir
     t1 = time.perf_counter()
     sem_path = SEMANTIC_MASK.path(out, scan)
     save_volume(result.semantic.with_data(np.asarray(result.semantic.data).astype(np.uint8)), sem_path,
                 dtype=np.uint8, like=header)
-    written: list[tuple[Path, str]] = [(sem_path, "semantic")]
     inst_path = cent_path = None
     if result.instance is not None:
         inst_path = INSTANCE_MASK.path(out, scan)
@@ -255,20 +340,14 @@ def process_scan(settings: "Settings", scan: Any, semantic: "SemanticSegmenter",
     timings = {"load": round(t_load, 3), **{k: round(float(v), 3) for k, v in result.timings.items()},
                "write": round(t_write, 3), **extra_timings}
     for w in result.warnings:
-        log.warning("%s: %s", name, w)
+        log.warning("%s: %s", scan.relpath, w)
 
-    source = f"bids:raw:{name}"
-    models = {"semantic": model_provenance(semantic)}
-    if instance is not None:
-        models["instance"] = model_provenance(instance)
+    source = f"bids:{_source_name(settings)}:{scan.relpath}"
     params = {**settings.parameters(), "SettingsFile": settings.settings_uri(), "RunId": settings.run_id}
-
     sem_extra: dict[str, Any] = {"Warnings": list(result.warnings)} if result.warnings else {}
     write_sidecar(SEMANTIC_SIDECAR.path(out, scan), make_sidecar(
-        description="Semantic segmentation of the spine (vertebra substructures, discs, spinal canal and cord); "
-                    "values as in desc-spine_dseg.tsv",
-        sources=[source], software_version=settings.version, models=models, parameters=params,
-        timings=timings, extra=sem_extra or None))
+        description=semantic_description, sources=[source], software_version=settings.version, models=models,
+        parameters=params, timings=timings, extra=sem_extra or None))
     if inst_path is not None and cent_path is not None:
         inst_source = f"bids::{sem_path.relative_to(out).as_posix()}"
         inst_extra = {"LevelNaming": _jsonable(result.naming)}
@@ -279,8 +358,6 @@ def process_scan(settings: "Settings", scan: Any, semantic: "SemanticSegmenter",
                         "endplates 200+X; values as in desc-vertebrae_dseg.tsv",
             sources=[source, inst_source], software_version=settings.version, models=models,
             parameters=params, timings=timings, extra=inst_extra))
-    log.info("%s: done in %.1f s", name, time.perf_counter() - t0)
-    return result
 
 
 def _check_not_constant(image: Any, path: Path) -> None:

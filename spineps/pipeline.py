@@ -89,8 +89,9 @@ def body_centroids(semantic: Volume, instance: Volume) -> dict[int, dict[str, li
         return {}
     body = np.asarray(semantic.data) == BODY
     on_body = np.where(body, inst, 0)
-    body_com = ndimage.center_of_mass(body, on_body, ids)
-    whole_com = ndimage.center_of_mass(np.ones(inst.shape, bool), inst, ids)
+    with np.errstate(invalid="ignore", divide="ignore"):  # a vertebra without body voxels: NaN, handled below
+        body_com = ndimage.center_of_mass(body, on_body, ids)
+        whole_com = ndimage.center_of_mass(np.ones(inst.shape, bool), inst, ids)
     out: dict[int, dict[str, list[float]]] = {}
     for v, c_body, c_whole in zip(ids, body_com, whole_com):
         c = c_body if not np.any(np.isnan(c_body)) else c_whole

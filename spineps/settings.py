@@ -9,9 +9,10 @@ outputs (``logs/<run id>_settings.json``) and referenced from the sidecars.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -57,7 +58,7 @@ def _resolve(path: Path) -> Path:
 class Settings:
     """One run's options. Paths are absolute; label tuples hold bare labels (no prefix)."""
 
-    bids_dir: Path
+    bids_dir: Path  # the input dataset: raw BIDS, or the semantic masks' folder (input_kind "semantic-mask")
     output_dir: Path
     analysis_level: str
     participant_labels: tuple[str, ...] = ()
@@ -74,11 +75,17 @@ class Settings:
     instance_model_source: str = "bundled"
     overwrite: bool = False
     n4: bool = True
+    level_rule: str = "auto"  # one of spineps.labels.LEVEL_RULES
+    top_vertebra: Optional[str] = None  # user anchor: the top-most vertebra in view (e.g. "T12")
     verbosity: int = 0
     run_id: str = field(default_factory=lambda: make_run_id("run"))
     version: str = ""
     container_type: Optional[str] = None  # from SPINEPS_CONTAINER_TYPE (set in the images)
     container_tag: Optional[str] = None  # from SPINEPS_CONTAINER_TAG
+    #: "image": the BIDS-App (both phases on T2w scans); "semantic-mask": ``spineps instance``
+    #: (the instance phase on existing semantic masks, no image needed)
+    input_kind: str = "image"
+    mask_pattern: Optional[str] = None  # glob of the semantic masks under bids_dir (input_kind "semantic-mask")
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -153,12 +160,41 @@ class Settings:
             instance_model_source=ins_src,
             overwrite=bool(getattr(ns, "overwrite", False)),
             n4=not bool(getattr(ns, "no_n4", False)),
+            level_rule=str(getattr(ns, "level_rule", None) or "auto"),
+            top_vertebra=getattr(ns, "top_vertebra", None) or None,
             verbosity=int(getattr(ns, "verbose", 0) or 0),
             run_id=make_run_id(level),
             version=__version__,
             container_type=environ.get(CONTAINER_TYPE_ENV) or None,
             container_tag=environ.get(CONTAINER_TAG_ENV) or None,
         )
+
+    @classmethod
+    def from_instance_args(cls, ns: Any, environ: Optional[Mapping[str, str]] = None) -> "Settings":
+        """Settings of ``spineps instance MASKS_DIR OUTPUT_DIR``: the participant level on
+        semantic masks. Raises ``NoInputError`` (66) for a missing ``MASKS_DIR`` and
+        ``UsageError`` (64) when ``OUTPUT_DIR`` is that folder or lies inside it (the outputs
+        would overwrite or be taken for input masks)."""
+        from spineps.bids.masks import DEFAULT_MASK_PATTERN
+
+        environ = os.environ if environ is None else environ
+        masks_dir = _resolve(ns.masks_dir)
+        output_dir = _resolve(ns.output_dir)
+        if not masks_dir.is_dir():
+            raise NoInputError("the folder of semantic masks does not exist", masks_dir)
+        if _is_within(output_dir, masks_dir):
+            raise UsageError(f"output_dir {output_dir} is {'the same as' if output_dir == masks_dir else 'inside'} "
+                             f"the masks folder {masks_dir}: its outputs would replace or be read as input masks; "
+                             "choose a folder outside it")
+        ns = argparse.Namespace(**{**vars(ns), "bids_dir": masks_dir, "output_dir": output_dir,
+                                   "analysis_level": "participant", "skip_bids_validation": True,
+                                   "bids_filter_file": None, "semantic_model": None, "no_n4": True})
+        base = cls.from_args(ns, environ={k: v for k, v in environ.items() if k != SEMANTIC_MODEL_ENV})
+        pattern = str(getattr(ns, "pattern", None) or DEFAULT_MASK_PATTERN)
+        if Path(pattern).is_absolute() or ".." in Path(pattern).parts:
+            raise UsageError(f"--pattern {pattern!r} must be relative to the masks folder, without '..'")
+        return replace(base, input_kind="semantic-mask", mask_pattern=pattern, semantic_model_source="none",
+                       n4=False)
 
     # ---------------------------------------------------------------- derived paths
     @property
@@ -203,4 +239,9 @@ class Settings:
 
     def parameters(self) -> dict[str, Any]:
         """The options that change what is computed (for the sidecars' ``Parameters``)."""
-        return {"device": self.device, "n4": self.n4}
+        out: dict[str, Any] = {"device": self.device, "n4": self.n4, "level_rule": self.level_rule}
+        if self.input_kind != "image":
+            out["input"] = self.input_kind
+        if self.top_vertebra:
+            out["top_vertebra"] = self.top_vertebra
+        return out

@@ -163,8 +163,11 @@ def _uri(path_or_uri: Union[str, Path]) -> str:
 
 def dataset_description(*, bids_dir: Union[str, Path], version: str,
                         container: Optional[Mapping[str, str]] = None,
-                        code_url: Optional[str] = CODE_URL) -> dict[str, Any]:
-    """The content of the derivative ``dataset_description.json`` (deterministic)."""
+                        code_url: Optional[str] = CODE_URL, source_name: str = "raw") -> dict[str, Any]:
+    """The content of the derivative ``dataset_description.json`` (deterministic).
+    ``source_name``: the key of the input dataset in ``DatasetLinks`` (``raw`` for the
+    BIDS-App; ``semantic`` for ``spineps instance``, whose input is a folder of masks), as
+    used in the sidecars' ``bids:<source_name>:...`` URIs."""
     gen: dict[str, Any] = {"Name": "spineps", "Version": str(version)}
     if code_url:
         gen["CodeURL"] = code_url
@@ -177,19 +180,20 @@ def dataset_description(*, bids_dir: Union[str, Path], version: str,
         "DatasetType": "derivative",
         "GeneratedBy": [gen],
         "SourceDatasets": [{"URL": raw}],
-        "DatasetLinks": {"raw": raw},
+        "DatasetLinks": {source_name: raw},
     }
 
 
 def write_dataset_description(output_dir: Union[str, Path], *, bids_dir: Union[str, Path], version: str,
                               container: Optional[Mapping[str, str]] = None,
-                              code_url: Optional[str] = CODE_URL) -> Path:
+                              code_url: Optional[str] = CODE_URL, source_name: str = "raw") -> Path:
     """Write ``output_dir/dataset_description.json`` atomically. Many participant processes
     may call this at once: each writes the same content under its own temporary name and
     renames it into place, so readers see one whole file. An existing file with other
     content (e.g. another version or another raw dataset) is logged and replaced."""
     path = Path(output_dir) / "dataset_description.json"
-    desc = dataset_description(bids_dir=bids_dir, version=version, container=container, code_url=code_url)
+    desc = dataset_description(bids_dir=bids_dir, version=version, container=container, code_url=code_url,
+                               source_name=source_name)
     try:
         old = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
     except (OSError, ValueError):

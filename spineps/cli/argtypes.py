@@ -6,7 +6,7 @@ import argparse
 import operator
 from typing import Callable, Optional, TypeVar
 
-__all__ = ["number", "positive_int", "nonneg_int", "positive_float", "nonneg_float"]
+__all__ = ["number", "positive_int", "nonneg_int", "positive_float", "nonneg_float", "vertebra_level"]
 
 N = TypeVar("N", int, float)
 
@@ -35,3 +35,17 @@ positive_int = number(int, "a positive integer", low=1)
 nonneg_int = number(int, "an integer >= 0", low=0)
 positive_float = number(float, "a positive number", low=0, low_open=True)
 nonneg_float = number(float, "a number >= 0", low=0)
+
+
+def vertebra_level(text: str) -> str:
+    """A vertebra name (``C1``..``C7``, ``T1``..``T13``, ``L1``..``L6``; any case), returned
+    upper case; the sacrum is refused (it is never the top vertebra of a view)."""
+    from spineps.labels import vertebra_value  # data-only module
+
+    try:
+        value = vertebra_value(text)
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"expected a vertebra name such as C2, T12 or L1, got {text!r}") from None
+    if value == 26:
+        raise argparse.ArgumentTypeError("the sacrum cannot be the top vertebra in view")
+    return text.strip().upper()

@@ -94,13 +94,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     verbosity = _verbosity_guess(argv)
     try:
-        if is_subcommand(argv):
-            return _run_subcommand(argv)
-        ns = build_parser().parse_args(argv)
-        verbosity = int(ns.verbose or 0)
         from spineps.settings import Settings
 
-        settings = Settings.from_args(ns)
+        if argv and argv[0] == "instance":  # a participant run on semantic masks: same logging, logs, exit codes
+            ns = build_subcommand_parser().parse_args(argv)
+            verbosity = int(ns.verbose or 0)
+            settings = Settings.from_instance_args(ns)
+        elif is_subcommand(argv):
+            return _run_subcommand(argv)
+        else:
+            ns = build_parser().parse_args(argv)
+            verbosity = int(ns.verbose or 0)
+            settings = Settings.from_args(ns)
     except SystemExit as exc:  # --help / --version
         return int(exc.code or 0) if not isinstance(exc.code, str) else 1
     except SpinepsError as exc:
@@ -132,8 +137,14 @@ def _run(settings) -> int:  # type: ignore[no-untyped-def]
     try:
         with _sigterm_as_interrupt():
             try:
-                log.info("spineps %s, %s level, run %s", settings.version, settings.analysis_level, settings.run_id)
-                log.info("bids_dir=%s output_dir=%s", settings.bids_dir, settings.output_dir)
+                if settings.input_kind == "semantic-mask":
+                    log.info("spineps %s, instance phase on semantic masks, run %s", settings.version, settings.run_id)
+                    log.info("masks_dir=%s (%s) output_dir=%s", settings.bids_dir, settings.mask_pattern,
+                             settings.output_dir)
+                else:
+                    log.info("spineps %s, %s level, run %s", settings.version, settings.analysis_level,
+                             settings.run_id)
+                    log.info("bids_dir=%s output_dir=%s", settings.bids_dir, settings.output_dir)
                 log.info("log file: %s", settings.log_file)
                 write_text_atomic(settings.settings_file, settings.to_json())
                 if settings.analysis_level == "participant":
@@ -165,6 +176,9 @@ def _participant(settings) -> None:  # type: ignore[no-untyped-def]
     from spineps.models import registry
 
     discovery = participant.check_inputs(settings)
+    if settings.input_kind == "semantic-mask":
+        participant.run_participant(settings, None, registry.load_instance_segmenter(settings), discovery=discovery)
+        return
     semantic, instance = registry.load_segmenters(settings)
     participant.run_participant(settings, semantic, instance, discovery=discovery)
 

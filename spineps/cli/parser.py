@@ -19,7 +19,9 @@ from typing import NoReturn, Optional, Sequence
 
 from spineps.cli.argtypes import nonneg_int as _nonneg_int
 from spineps.cli.argtypes import positive_int as _positive_int
+from spineps.cli.argtypes import vertebra_level as _vertebra_level
 from spineps.errors import UsageError
+from spineps.labels import LEVEL_RULES
 from spineps.settings import ANALYSIS_LEVELS, INSTANCE_MODEL_ENV, SEMANTIC_MODEL_ENV
 
 __all__ = [
@@ -31,11 +33,12 @@ __all__ = [
     "SEMANTIC_MODEL_ENV",
     "INSTANCE_MODEL_ENV",
     "is_subcommand",
+    "add_level_naming_arguments",
 ]
 
 DEVICES = ("auto", "cpu", "cuda")
 #: tool subcommands (not BIDS-App runs), chosen when they are the first argument
-SUBCOMMANDS = ("demo", "evaluate", "fuse", "export-nnunet", "export-cutouts")
+SUBCOMMANDS = ("demo", "instance", "evaluate", "fuse", "export-nnunet", "export-cutouts")
 #: subcommands whose arguments and runner live in their own (light) module:
 #: name -> (module, add-arguments function, run function, extra keyword arguments, help)
 TOOL_MODULES: dict[str, tuple[str, str, str, dict, str]] = {
@@ -56,6 +59,7 @@ usages:
   spineps bids_dir output_dir participant [options]   segment every sagittal T2w scan
   spineps bids_dir output_dir group [options]         tables from the participant outputs
   spineps demo OUT_DIR [--subjects N] [--seed S]      write a small phantom BIDS dataset
+  spineps instance MASKS_DIR OUTPUT_DIR [options]     instance phase on existing semantic masks
   spineps evaluate REF_DIR PRED_DIR -o OUT [options]  metrics against reference masks
   spineps fuse --source FILE:MAPPING ... -o OUT        fuse label sources (training data)
   spineps export-nnunet / export-cutouts ...          training-data export for both phases
@@ -160,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"instance (cutout U-Net) model folder (default: ${INSTANCE_MODEL_ENV}, "
                         "else the bundled model; without one only the semantic mask is written)")
 
+    add_level_naming_arguments(p)
+
     o = p.add_argument_group("run behaviour")
     o.add_argument("--overwrite", action="store_true",
                    help="recompute scans whose outputs are complete (default: skip them)")
@@ -168,6 +174,20 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("-v", "--verbose", dest="verbose", action="count", default=0,
                    help="more log output (-v debug messages; -vv also tracebacks)")
     return p
+
+
+def add_level_naming_arguments(p: argparse.ArgumentParser) -> None:
+    """``--level-rule`` and ``--top-vertebra`` (shared by the BIDS-App and ``spineps instance``)."""
+    n = p.add_argument_group("level naming")
+    n.add_argument("--level-rule", "--level_rule", dest="level_rule", choices=LEVEL_RULES, default="auto",
+                   help="how vertebrae get their names: auto combines every cue (sacrum in view -> the vertebra "
+                        "above is L5 or L6; C2 shape at the top; costal-process cues; body sizes); the others "
+                        "force one cue (count-from-top: top vertebra = C2, the reference behaviour; "
+                        "count-from-bottom: bottom vertebra = L5). The rule used is recorded in the sidecar "
+                        "(default: auto)")
+    n.add_argument("--top-vertebra", "--top_vertebra", dest="top_vertebra", type=_vertebra_level, metavar="LEVEL",
+                   help="the top-most vertebra in view is LEVEL (e.g. T12): overrides every rule, for cohorts "
+                        "with a known field of view")
 
 
 def build_subcommand_parser() -> argparse.ArgumentParser:
@@ -183,12 +203,57 @@ def build_subcommand_parser() -> argparse.ArgumentParser:
     demo.add_argument("--subjects", type=_positive_int, default=3, metavar="N", help="number of subjects (default 3)")
     demo.add_argument("--seed", type=_nonneg_int, default=0, metavar="S", help="random seed (default 0)")
     demo.add_argument("-v", "--verbose", dest="verbose", action="count", default=0, help="more log output")
+    add_instance_arguments(sub.add_parser(
+        "instance", help="the instance phase on existing semantic masks (no image needed)",
+        description=_INSTANCE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter))
     import importlib
 
     for name, (module, adder, _runner, kwargs, help_text) in TOOL_MODULES.items():
         tool = sub.add_parser(name, help=help_text, description=help_text)
         getattr(importlib.import_module(module), adder)(tool, **kwargs)
     return p
+
+
+_INSTANCE_DESCRIPTION = """\
+The instance phase on its own: vertebra instances, disc and endplate assignment, level names,
+centroids, morphometry and the QC figure from existing semantic masks -- the outputs of a
+participant run (same names, same derivatives), without an image.
+
+The masks hold the community label values (41-48 vertebra processes, 49 vertebral body,
+52/53/62 endplates, 60 cord, 61 canal, 100 discs, 26 sacrum; see desc-spine_dseg.tsv) and
+BIDS-like names that start with sub-<label>. Entities that describe the mask (desc, seg,
+label, mod) are left out of the output names. Masks from our semantic phase match the
+default --pattern; for others, e.g. manual ones named sub-01_T2w_dseg.nii.gz:
+  spineps instance manual/ out/ --pattern 'sub-*/**/*_dseg.nii.gz'
+Then `spineps MASKS_DIR OUTPUT_DIR group` summarises them like any participant run.
+"""
+
+
+def add_instance_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``spineps instance MASKS_DIR OUTPUT_DIR``."""
+    p.add_argument("masks_dir", type=Path, metavar="MASKS_DIR",
+                   help="folder of semantic masks, e.g. the derivatives of an earlier run (read only)")
+    p.add_argument("output_dir", type=Path, metavar="OUTPUT_DIR",
+                   help="where the derivatives go (not MASKS_DIR itself, nor inside it)")
+    p.add_argument("--pattern", default=None, metavar="GLOB",
+                   help="which files under MASKS_DIR are the semantic masks ('**' spans folders; "
+                        "default: 'sub-*/**/*_desc-spine_dseg.nii*')")
+    p.add_argument("--participant-label", "--participant_label", dest="participant_label", nargs="+",
+                   type=_label("sub-"), metavar="LABEL", help="subjects to process (default: all)")
+    p.add_argument("--session-label", "--session_label", dest="session_label", nargs="+",
+                   type=_label("ses-"), metavar="LABEL", help="sessions to process (default: all)")
+    p.add_argument("--instance-model", "--instance_model", dest="instance_model", type=Path, metavar="DIR",
+                   help=f"instance (cutout U-Net) model folder (default: ${INSTANCE_MODEL_ENV}, else the bundled "
+                        "model)")
+    p.add_argument("--device", choices=DEVICES, default="auto", help="where the network runs (default: auto)")
+    p.add_argument("--nprocs", "--n-cpus", "--n_cpus", dest="nprocs", type=_positive_int, metavar="N",
+                   help="processes (default: the CPUs available)")
+    p.add_argument("--omp-nthreads", "--omp_nthreads", dest="omp_nthreads", type=_positive_int, metavar="N",
+                   help="threads per process for torch/OpenMP (default: --nprocs)")
+    add_level_naming_arguments(p)
+    p.add_argument("--overwrite", action="store_true", help="recompute masks whose outputs are complete")
+    p.add_argument("-v", "--verbose", dest="verbose", action="count", default=0,
+                   help="more log output (-v debug messages; -vv also tracebacks)")
 
 
 def is_subcommand(argv: Sequence[str]) -> bool:

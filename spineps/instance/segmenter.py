@@ -72,7 +72,8 @@ class UNetInstanceSegmenter:
     name = "spineps-instance-unet"
 
     def __init__(self, config: ModelConfig, weights: Path, *, device: str = "auto", nprocs: Optional[int] = None,
-                 level_rule: str = "auto", batch_size: Optional[int] = None, channels_last: Optional[bool] = None):
+                 level_rule: str = "auto", top_vertebra: Optional[str] = None, batch_size: Optional[int] = None,
+                 channels_last: Optional[bool] = None):
         import torch
 
         from spineps.instance.checkpoint import load_instance_checkpoint
@@ -84,6 +85,7 @@ class UNetInstanceSegmenter:
         if nprocs is not None and self.device == "cpu":
             torch.set_num_threads(max(1, int(nprocs)))
         self.level_rule = level_rule
+        self.top_vertebra = top_vertebra  # "the top-most vertebra in view is ..." (overrides level_rule)
         loaded = load_instance_checkpoint(self.weights, device=self.device)
         self.network = loaded.network
         self.in_channels = loaded.in_channels
@@ -107,7 +109,8 @@ class UNetInstanceSegmenter:
     # -- construction ---------------------------------------------------------------
     @classmethod
     def from_folder(cls, folder: Path, *, device: str = "auto", nprocs: Optional[int] = None,
-                    level_rule: str = "auto", batch_size: Optional[int] = None) -> "UNetInstanceSegmenter":
+                    level_rule: str = "auto", top_vertebra: Optional[str] = None,
+                    batch_size: Optional[int] = None) -> "UNetInstanceSegmenter":
         folder = Path(folder)
         config = read_model_config(folder)
         if "SEG" not in config.modality:
@@ -117,7 +120,7 @@ class UNetInstanceSegmenter:
         if not config.fixed_spacing:
             log.info("instance model %s has a spacing range; inputs are clamped into it", folder)
         return cls(config, find_weights(folder), device=device, nprocs=nprocs, level_rule=level_rule,
-                   batch_size=batch_size)
+                   top_vertebra=top_vertebra, batch_size=batch_size)
 
     def provenance(self) -> dict[str, Any]:
         if self._checksum is None:
@@ -243,7 +246,7 @@ class UNetInstanceSegmenter:
         sem3, inst = assign_discs_and_endplates(sem2, vert2)
         timings["instance_postprocess"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        naming = name_levels(sem3, inst, rule=self.level_rule)
+        naming = name_levels(sem3, inst, rule=self.level_rule, anchor=self.top_vertebra)
         named = apply_naming(inst, naming)
         timings["instance_naming"] = time.perf_counter() - t0
         naming_dict = naming.as_dict()

@@ -81,7 +81,7 @@ import numpy as np
 
 from spineps.errors import InputError, UsageError
 from spineps.geometry.volume import Volume
-from spineps.labels import COSTAL_L, COSTAL_R, SACRUM, vertebra_name, vertebra_value
+from spineps.labels import COSTAL_L, COSTAL_R, LEVEL_RULES, SACRUM, vertebra_name, vertebra_value
 
 __all__ = [
     "RULES",
@@ -96,7 +96,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-RULES = ("auto", "sacrum", "c2", "ribs", "size", "count-from-top", "count-from-bottom")
+RULES = LEVEL_RULES  # defined in the data-only label registry (the CLI imports it without numpy)
 
 _C = list(range(1, 8))
 _T = list(range(8, 20))

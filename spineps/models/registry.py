@@ -31,6 +31,7 @@ __all__ = [
     "resolve_models",
     "resolve_device",
     "load_segmenters",
+    "load_instance_segmenter",
 ]
 
 log = logging.getLogger(__name__)
@@ -121,12 +122,7 @@ def load_segmenters(settings: "Settings") -> tuple["SemanticSegmenter", Optional
     if sem_cfg.modeltype != "nnunet":
         raise ModelError(f"this folder holds a {sem_cfg.modeltype!r} model, but the semantic phase needs an "
                          f"'nnunet' model; {_HOW_TO}", sem_choice.folder)
-    ins_cfg = None
-    if ins_choice.folder is not None:
-        ins_cfg = _config(ins_choice)
-        if ins_cfg.modeltype != "unet":
-            raise ModelError(f"this folder holds a {ins_cfg.modeltype!r} model, but the instance phase needs a "
-                             "'unet' model (give it with --instance-model DIR)", ins_choice.folder)
+    ins_cfg = _instance_config(ins_choice) if ins_choice.folder is not None else None
 
     device = resolve_device(settings.device)
     _set_threads(settings.omp_nthreads)
@@ -141,17 +137,43 @@ def load_segmenters(settings: "Settings") -> tuple["SemanticSegmenter", Optional
 
     instance = None
     if ins_cfg is not None:
-        log.info("instance model: %s (%s, from %s)", ins_cfg.log_name, ins_choice.folder, ins_choice.source)
-        try:
-            from spineps.instance.segmenter import UNetInstanceSegmenter
-        except ImportError as exc:
-            raise ModelError(f"the instance segmenter cannot be imported ({exc})", ins_choice.folder) from exc
-        instance = _build(lambda: UNetInstanceSegmenter.from_folder(
-            ins_choice.folder, device=device, nprocs=settings.nprocs), ins_choice)
+        instance = _load_instance(settings, ins_choice, ins_cfg, device)
     else:
         log.warning("no instance model available (none bundled, none given with --instance-model or "
                     "SPINEPS_INSTANCE_MODEL): only the semantic masks are written")
     return semantic, instance
+
+
+def load_instance_segmenter(settings: "Settings") -> "InstanceSegmenter":
+    """The instance model alone (``spineps instance``): flag > environment > bundled;
+    ``ModelError`` (78) when there is none or it is broken."""
+    _sem_choice, ins_choice = resolve_models(settings)
+    if ins_choice.folder is None:
+        raise ModelError("no instance model available (none bundled with this installation); give a model folder "
+                         "with --instance-model DIR or the SPINEPS_INSTANCE_MODEL environment variable")
+    cfg = _instance_config(ins_choice)
+    device = resolve_device(settings.device)
+    _set_threads(settings.omp_nthreads)
+    return _load_instance(settings, ins_choice, cfg, device)
+
+
+def _instance_config(choice: ModelChoice) -> "ModelConfig":
+    cfg = _config(choice)
+    if cfg.modeltype != "unet":
+        raise ModelError(f"this folder holds a {cfg.modeltype!r} model, but the instance phase needs a "
+                         "'unet' model (give it with --instance-model DIR)", choice.folder)
+    return cfg
+
+
+def _load_instance(settings: "Settings", choice: ModelChoice, cfg: "ModelConfig", device: str) -> "InstanceSegmenter":
+    log.info("instance model: %s (%s, from %s)", cfg.log_name, choice.folder, choice.source)
+    try:
+        from spineps.instance.segmenter import UNetInstanceSegmenter
+    except ImportError as exc:
+        raise ModelError(f"the instance segmenter cannot be imported ({exc})", choice.folder) from exc
+    return _build(lambda: UNetInstanceSegmenter.from_folder(
+        choice.folder, device=device, nprocs=settings.nprocs, level_rule=settings.level_rule,
+        top_vertebra=settings.top_vertebra), choice)
 
 
 def _build(factory, choice: ModelChoice):  # type: ignore[no-untyped-def]
