@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from spineps.errors import InputError, ResourceError
@@ -41,6 +41,7 @@ def _check(path: Path, kind: str = "image") -> None:
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(edits=st.lists(st.tuples(st.integers(0, HEADER_BYTES - 1), st.integers(0, 255)), min_size=1, max_size=12),
        kind=st.sampled_from(["image", "label"]))
+@example(edits=[(119, 96)], kind="label")  # scl_slope ~3.7e19: integral labels beyond uint64 (found by this test)
 def test_random_header_bytes_never_crash(valid_nii: bytes, tmp_path: Path, edits, kind) -> None:
     raw = bytearray(valid_nii)
     for pos, value in edits:

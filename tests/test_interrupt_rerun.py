@@ -155,7 +155,15 @@ def _fork(ds: BidsFactory, out: Path, *extra: str, **env: str) -> ForkedRun:
 def _spawn(ds: BidsFactory, out: Path, *extra: str, **env: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(RUNNER), str(ds.root), str(out), "participant",
                              "--skip-bids-validation", "--nprocs", "1", *extra],
-                            env=_env(**env), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            env=_env(**env), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            preexec_fn=_default_sigint)
+
+
+def _default_sigint() -> None:
+    """In the child: SIGINT back to its default, so Python installs its Ctrl-C handler even
+    when the test session itself was started in the background (``cmd &`` in a
+    non-interactive shell ignores SIGINT, and an ignored signal stays ignored across exec)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _log_text(out: Path) -> str:

@@ -297,7 +297,11 @@ def load_volume(path: PathLike, *, kind: Literal["image", "label"] = "image",
         elif data.dtype.kind == "f":
             if not np.array_equal(data, np.round(data)):
                 raise InputError("label image holds non-integral values", p)
-            data = data.astype(smallest_int_dtype(data))
+            try:
+                data = data.astype(smallest_int_dtype(data))
+            except ValueError:  # e.g. a scaling slope of 1e19: integral, but no label value
+                raise InputError(f"label values {float(data.min()):g}..{float(data.max()):g} fit no integer type "
+                                 "(check the header's scl_slope / scl_inter)", p) from None
         elif data.dtype.kind not in "iu":  # pragma: no cover - excluded by the header check
             raise InputError(f"unsupported label data type {data.dtype}", p)
     if not data.dtype.isnative:  # big-endian files: hand out native byte order (torch, cc3d need it)
