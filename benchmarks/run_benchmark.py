@@ -324,13 +324,12 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
                         skip_bids_validation=True, nprocs=threads, omp_nthreads=threads, device=cfg["device"],
                         semantic_model=Path(cfg["semantic_model"]), instance_model=Path(cfg["instance_model"]),
                         semantic_model_source="flag", instance_model_source="flag", overwrite=True,
-                        n4=bool(cfg.get("n4", True)), version="benchmark")
+                        n4=bool(cfg.get("n4", True)), precision=str(cfg.get("precision", "auto")),
+                        version="benchmark")
     t0 = time.perf_counter()
     semantic, instance = load_segmenters(settings)
     t_models = time.perf_counter() - t0
     cuda = str(getattr(semantic, "device", "cpu")).startswith("cuda")
-    if cfg.get("semantic_bf16"):
-        semantic.set_cpu_bf16(True)
     fwd_sem = ForwardTimer(semantic.predictor.network, cuda)
     fwd_ins = ForwardTimer(instance.network, cuda) if instance is not None else None
     t0 = time.perf_counter()
@@ -427,10 +426,20 @@ def _spawn(cmd: list[str], result_file: Path, env: Optional[dict[str, str]] = No
     return res
 
 
+def _resolved_precision(args: argparse.Namespace) -> str:
+    from spineps.models.precision import resolve_precision
+
+    return resolve_precision(args.precision, "cuda" if args.device == "cuda" else "cpu")
+
+
 def _worker_env(threads: int) -> dict[str, str]:
     env = dict(os.environ)
+    # no nnUNet_def_n_proc here: nnU-Net caps its inference threads at that value (a value of 1
+    # made our forward passes 1.5x slower in the 2026-11-26 runs; the reference ignores it)
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
-               nnUNet_def_n_proc="1", nnUNet_n_proc_DA="1", PYTHONHASHSEED="0")
+               PYTHONHASHSEED="0")
+    for k in ("nnUNet_def_n_proc", "nnUNet_n_proc_DA"):
+        env.pop(k, None)
     env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
 
@@ -441,7 +450,7 @@ def run_ours(case: PreparedCase, repeat: int, args: argparse.Namespace, run_dir:
     out.mkdir(parents=True)
     cfg = {"case": case.spec.name, "repeat": repeat, "bids_dir": str(case.bids_dir), "output_dir": str(out / "deriv"),
            "threads": args.threads, "device": args.device, "semantic_model": str(args.semantic_model),
-           "instance_model": str(args.instance_model), "n4": not args.no_n4, "semantic_bf16": args.semantic_bf16}
+           "instance_model": str(args.instance_model), "n4": not args.no_n4, "precision": args.precision}
     cfg_file = out / "worker.json"
     cfg_file.write_text(json.dumps(cfg))
     res = _spawn([sys.executable, str(Path(__file__).resolve()), "--worker", str(cfg_file), "--result",
@@ -798,8 +807,8 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                     help="virtual environment of the reference (benchmarks/reference_venv.sh); off when absent")
     ap.add_argument("--reference-repeats", type=int, default=None, help="default: --repeats")
     ap.add_argument("--no-n4", action="store_true", help="both tools without N4")
-    ap.add_argument("--semantic-bf16", action="store_true",
-                    help="our semantic network under CPU bfloat16 autocast (opt-in; see inference_options.py)")
+    ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                    help="our networks' precision on CPU (the app's --precision; default auto = the app's default)")
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK, help="inputs (cached) and outputs")
     ap.add_argument("--json", type=Path, default=None, help="default: benchmarks/results/<device>.json")
     ap.add_argument("--note", default="", help="free text stored in the JSON (e.g. what else ran)")
@@ -849,7 +858,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "machine": machine_info(args.threads),
         "loadavg_start": _loadavg(),
         "device": args.device,
-        "semantic_bf16": args.semantic_bf16,
+        "precision": args.precision,
+        "precision_resolved": _resolved_precision(args),
         "repeats": args.repeats,
         "note": args.note,
         "cases": {},

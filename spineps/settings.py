@@ -75,6 +75,7 @@ class Settings:
     instance_model_source: str = "bundled"
     overwrite: bool = False
     n4: bool = True
+    precision: str = "auto"  # network precision, one of spineps.models.precision.PRECISIONS
     level_rule: str = "auto"  # one of spineps.labels.LEVEL_RULES
     top_vertebra: Optional[str] = None  # user anchor: the top-most vertebra in view (e.g. "T12")
     verbosity: int = 0
@@ -160,6 +161,7 @@ class Settings:
             instance_model_source=ins_src,
             overwrite=bool(getattr(ns, "overwrite", False)),
             n4=not bool(getattr(ns, "no_n4", False)),
+            precision=str(getattr(ns, "precision", None) or "auto"),
             level_rule=str(getattr(ns, "level_rule", None) or "auto"),
             top_vertebra=getattr(ns, "top_vertebra", None) or None,
             verbosity=int(getattr(ns, "verbose", 0) or 0),
@@ -239,7 +241,8 @@ class Settings:
 
     def parameters(self) -> dict[str, Any]:
         """The options that change what is computed (for the sidecars' ``Parameters``)."""
-        out: dict[str, Any] = {"device": self.device, "n4": self.n4, "level_rule": self.level_rule}
+        out: dict[str, Any] = {"device": self.device, "precision": self.precision, "n4": self.n4,
+                               "level_rule": self.level_rule}
         if self.input_kind != "image":
             out["input"] = self.input_kind
         if self.top_vertebra:

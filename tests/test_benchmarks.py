@@ -196,7 +196,7 @@ def test_semantic_channels_last_gives_the_same_labels_and_bf16_is_opt_in(tmp_pat
         assert np.array_equal(a, b)
         assert conv.weight.is_contiguous(memory_format=torch.channels_last_3d)  # kept after nnU-Net reloads weights
         fast.set_cpu_bf16(True)
-        assert fast.cpu_bf16 and fast.provenance()["cpu_bf16"] is True
+        assert fast.cpu_bf16 and fast.provenance()["precision"] == "bf16"
         assert fast.predict_indices(img).shape == a.shape
         fast.set_cpu_bf16(False)
         assert "forward" not in vars(fast.predictor.network)

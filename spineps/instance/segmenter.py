@@ -73,7 +73,7 @@ class UNetInstanceSegmenter:
 
     def __init__(self, config: ModelConfig, weights: Path, *, device: str = "auto", nprocs: Optional[int] = None,
                  level_rule: str = "auto", top_vertebra: Optional[str] = None, batch_size: Optional[int] = None,
-                 channels_last: Optional[bool] = None):
+                 channels_last: Optional[bool] = None, precision: str = "fp32"):
         import torch
 
         from spineps.instance.checkpoint import load_instance_checkpoint
@@ -94,12 +94,16 @@ class UNetInstanceSegmenter:
         if max(config.mapping.values(), default=0) >= self.in_channels:
             raise ModelError(f"the config's mapping uses value {max(config.mapping.values())} but the network has "
                              f"{self.in_channels} input channels", config.path)
-        self.half = self.device.startswith("cuda")
+        from spineps.models.precision import resolve_precision
+
+        self.precision = resolve_precision(precision, self.device)  # "fp16" on CUDA, "fp32"/"bf16" on CPU
+        self.half = self.precision == "fp16"
         # channels_last_3d on CPU pays off for large cutouts (released 248x304x64: ~32 s instead of
         # ~50 s per forward) but not for small ones (bundled 64x80x16: 1.16 s vs 0.86 s, one
         # thread); see benchmarks/instance_speed.py
         if channels_last is None:
-            channels_last = self.device == "cpu" and int(np.prod(config.cutout_size)) >= CHANNELS_LAST_MIN_VOXELS
+            channels_last = self.device == "cpu" and (self.precision == "bf16" or int(np.prod(config.cutout_size))
+                                                      >= CHANNELS_LAST_MIN_VOXELS)
         self.channels_last = bool(channels_last)
         if self.channels_last:
             self.network = self.network.to(memory_format=torch.channels_last_3d)
@@ -110,7 +114,7 @@ class UNetInstanceSegmenter:
     @classmethod
     def from_folder(cls, folder: Path, *, device: str = "auto", nprocs: Optional[int] = None,
                     level_rule: str = "auto", top_vertebra: Optional[str] = None,
-                    batch_size: Optional[int] = None) -> "UNetInstanceSegmenter":
+                    batch_size: Optional[int] = None, precision: str = "fp32") -> "UNetInstanceSegmenter":
         folder = Path(folder)
         config = read_model_config(folder)
         if "SEG" not in config.modality:
@@ -120,7 +124,7 @@ class UNetInstanceSegmenter:
         if not config.fixed_spacing:
             log.info("instance model %s has a spacing range; inputs are clamped into it", folder)
         return cls(config, find_weights(folder), device=device, nprocs=nprocs, level_rule=level_rule,
-                   top_vertebra=top_vertebra, batch_size=batch_size)
+                   top_vertebra=top_vertebra, batch_size=batch_size, precision=precision)
 
     def provenance(self) -> dict[str, Any]:
         if self._checksum is None:
@@ -137,6 +141,8 @@ class UNetInstanceSegmenter:
             "cutout_size": list(self.config.cutout_size),
             "device": self.device,
             "half_precision": self.half,
+            "precision": self.precision,
+            "channels_last": self.channels_last,
             "epoch": self.meta.get("epoch"),
         }
 
@@ -162,6 +168,9 @@ class UNetInstanceSegmenter:
                 if self.half:
                     with torch.autocast(device_type="cuda", dtype=torch.float16):
                         logits = self.network(x)
+                elif self.precision == "bf16":
+                    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+                        logits = self.network(x).float()
                 else:
                     logits = self.network(x)
                 cls = logits.argmax(dim=1).to(torch.uint8).cpu().numpy()

@@ -101,6 +101,13 @@ def _config(choice: ModelChoice) -> "ModelConfig":
     return cfg
 
 
+def _log_precision(settings: "Settings", device: str) -> None:
+    from spineps.models.precision import describe, resolve_precision
+
+    log.info("network precision: %s (--precision %s; %s)", resolve_precision(settings.precision, device),
+             settings.precision, describe() if device == "cpu" else device)
+
+
 def _set_threads(n: int) -> None:
     import torch
 
@@ -126,6 +133,7 @@ def load_segmenters(settings: "Settings") -> tuple["SemanticSegmenter", Optional
 
     device = resolve_device(settings.device)
     _set_threads(settings.omp_nthreads)
+    _log_precision(settings, device)
     log.info("semantic model: %s (%s, from %s)", sem_cfg.log_name, sem_choice.folder, sem_choice.source)
 
     try:
@@ -133,7 +141,8 @@ def load_segmenters(settings: "Settings") -> tuple["SemanticSegmenter", Optional
     except ImportError as exc:
         raise ModelError(f"the nnU-Net semantic segmenter cannot be imported ({exc})", sem_choice.folder) from exc
     semantic = _build(lambda: NnUNetSemanticSegmenter.from_folder(
-        sem_choice.folder, device=device, nprocs=settings.nprocs, n4=settings.n4), sem_choice)
+        sem_choice.folder, device=device, nprocs=settings.nprocs, n4=settings.n4, precision=settings.precision),
+        sem_choice)
 
     instance = None
     if ins_cfg is not None:
@@ -154,6 +163,7 @@ def load_instance_segmenter(settings: "Settings") -> "InstanceSegmenter":
     cfg = _instance_config(ins_choice)
     device = resolve_device(settings.device)
     _set_threads(settings.omp_nthreads)
+    _log_precision(settings, device)
     return _load_instance(settings, ins_choice, cfg, device)
 
 
@@ -173,7 +183,7 @@ def _load_instance(settings: "Settings", choice: ModelChoice, cfg: "ModelConfig"
         raise ModelError(f"the instance segmenter cannot be imported ({exc})", choice.folder) from exc
     return _build(lambda: UNetInstanceSegmenter.from_folder(
         choice.folder, device=device, nprocs=settings.nprocs, level_rule=settings.level_rule,
-        top_vertebra=settings.top_vertebra), choice)
+        top_vertebra=settings.top_vertebra, precision=settings.precision), choice)
 
 
 def _build(factory, choice: ModelChoice):  # type: ignore[no-untyped-def]

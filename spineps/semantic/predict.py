@@ -43,6 +43,19 @@ __all__ = ["NnUNetSemanticSegmenter", "resolve_device"]
 log = logging.getLogger(__name__)
 
 
+def _warn_if_nnunet_caps_threads() -> None:
+    """nnU-Net's predictor runs its sliding window with at most ``nnUNet_def_n_proc`` torch
+    threads (``predict_logits_from_preprocessed_data``); a small value set for training or
+    pre-processing silently slows inference down (1 instead of 2 threads: 1.5x slower here)."""
+    import torch
+
+    with _quiet():
+        from nnunetv2.configuration import default_num_processes
+    if default_num_processes < torch.get_num_threads():
+        log.warning("nnUNet_def_n_proc=%d limits nnU-Net's inference to %d thread(s) (asked for %d); unset it "
+                    "for full speed", default_num_processes, default_num_processes, torch.get_num_threads())
+
+
 def resolve_device(device: str = "auto") -> Any:
     """'auto' -> cuda if available else cpu; otherwise torch.device(device)."""
     import torch
@@ -64,8 +77,10 @@ class NnUNetSemanticSegmenter:
     def __init__(self, loaded: Any, *, device: str = "auto", nprocs: Optional[int] = None, n4: bool = True,
                  mirroring: Optional[bool] = None, step_size: Optional[float] = None,
                  cleanup: CleanupSettings = CleanupSettings(), n4_settings: N4Settings = N4Settings(),
-                 channels_last: Optional[bool] = None, cpu_bf16: bool = False):
+                 channels_last: Optional[bool] = None, cpu_bf16: bool = False, precision: Optional[str] = None):
         import torch
+
+        from spineps.models.precision import resolve_precision
 
         with _quiet():
             from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
@@ -97,14 +112,20 @@ class NnUNetSemanticSegmenter:
             self.predictor.manual_initialization(loaded.network.to(self.device), loaded.plans_manager,
                                                  loaded.configuration_manager, loaded.parameters,
                                                  loaded.folder.dataset_json, loaded.trainer_name, mirror_axes)
-        # channels_last_3d weights (opt-in): the same results; nnU-Net copies each fold's parameters
+        # precision (spineps.models.precision): "bf16" on CPU = bfloat16 autocast + channels-last
+        # weights (the fastest combination in benchmarks/inference_options.py)
+        self.precision = resolve_precision(precision or ("bf16" if cpu_bf16 else "fp32"), self.device.type)
+        if self.precision == "bf16" and channels_last is None:
+            channels_last = True
+        # channels_last_3d weights: the same results; nnU-Net copies each fold's parameters
         # into the network before predicting (copy_ keeps this layout)
         self.channels_last = False if channels_last is None else bool(channels_last)
         if self.channels_last and isinstance(self.predictor.network, torch.nn.Module):
             self.predictor.network.to(memory_format=torch.channels_last_3d)
         self.cpu_bf16 = False
-        if cpu_bf16:
+        if self.precision == "bf16":
             self.set_cpu_bf16(True)
+        _warn_if_nnunet_caps_threads()
         n = loaded.num_outputs
         lut = np.zeros(max(n, 1), np.uint8)
         for idx, value in self.config.labels.items():
@@ -117,10 +138,11 @@ class NnUNetSemanticSegmenter:
         self.timings: dict[str, float] = {}
 
     def set_cpu_bf16(self, enabled: bool = True) -> None:
-        """Opt-in: run the network's forward passes on CPU under bfloat16 autocast (float32
-        logits out). Much faster on CPUs with native bf16 (AVX512-BF16 / AMX), but the labels
-        differ from float32 in a few boundary voxels (``benchmarks/inference_options.py``);
-        off by default. No effect on CUDA (nnU-Net uses its own autocast there)."""
+        """Run the network's forward passes on CPU under bfloat16 autocast (float32 logits
+        out): what ``precision="bf16"`` does (``--precision``; the default on CPUs with native
+        bf16). Much faster on CPUs with native bf16 (AVX512-BF16 / AMX); the labels differ
+        from float32 in a few boundary voxels (``benchmarks/``). No effect on CUDA (nnU-Net
+        uses its own autocast there)."""
         import torch
 
         net = self.predictor.network
@@ -137,17 +159,19 @@ class NnUNetSemanticSegmenter:
         else:
             del net.forward  # back to the class's forward
         self.cpu_bf16 = bool(enabled)
+        self.precision = "bf16" if enabled else "fp32"
 
     # ------------------------------------------------------------------------------------------
     @classmethod
     def from_folder(cls, folder: Path, *, device: str = "auto", nprocs: Optional[int] = None, n4: bool = True,
                     folds: Optional[tuple[int, ...]] = None, mirroring: Optional[bool] = None,
-                    step_size: Optional[float] = None) -> "NnUNetSemanticSegmenter":
+                    step_size: Optional[float] = None, precision: str = "fp32") -> "NnUNetSemanticSegmenter":
         """Validate and load a model folder (``ModelError`` on any problem, before any scan)."""
         from spineps.models.nnunet_folder import load_nnunet_folder
 
         loaded = load_nnunet_folder(Path(folder), folds)
-        return cls(loaded, device=device, nprocs=nprocs, n4=n4, mirroring=mirroring, step_size=step_size)
+        return cls(loaded, device=device, nprocs=nprocs, n4=n4, mirroring=mirroring, step_size=step_size,
+                   precision=precision)
 
     # ------------------------------------------------------------------------------------------
     def predict_indices(self, model_image: Volume) -> np.ndarray:
@@ -231,7 +255,8 @@ class NnUNetSemanticSegmenter:
             if not self.config.fixed_spacing else list(self.config.spacing_min),
             "device": str(self.device),
             "threads": self.nprocs,
-            "cpu_bf16": self.cpu_bf16,
+            "precision": self.precision,
+            "channels_last": self.channels_last,
             "n4": self.n4,
         }
 
