@@ -80,22 +80,19 @@ class ScanResult:
 
 def body_centroids(semantic: Volume, instance: Volume) -> dict[int, dict[str, list[float]]]:
     """Centre of mass of each vertebra's body voxels (falls back to the whole vertebra where
-    it has no body voxel), in voxel indices and RAS world millimetres."""
-    from scipy import ndimage
+    it has no body voxel), in voxel indices and RAS world millimetres (one bincount pass per
+    mask, ``postprocess.discs.label_centroids``)."""
+    from spineps.postprocess.discs import label_centroids
 
     inst = np.asarray(instance.data)
     ids = sorted(int(v) for v in np.unique(inst) if int(v) in VERTEBRA_VALUES)
     if not ids:
         return {}
-    body = np.asarray(semantic.data) == BODY
-    on_body = np.where(body, inst, 0)
-    with np.errstate(invalid="ignore", divide="ignore"):  # a vertebra without body voxels: NaN, handled below
-        body_com = ndimage.center_of_mass(body, on_body, ids)
-        whole_com = ndimage.center_of_mass(np.ones(inst.shape, bool), inst, ids)
+    whole, _ = label_centroids(inst, ids)
+    body, n_body = label_centroids(np.where(np.asarray(semantic.data) == BODY, inst, 0), ids)
     out: dict[int, dict[str, list[float]]] = {}
-    for v, c_body, c_whole in zip(ids, body_com, whole_com):
-        c = c_body if not np.any(np.isnan(c_body)) else c_whole
-        vox = np.asarray(c, dtype=float)
+    for k, v in enumerate(ids):
+        vox = body[k] if n_body[k] > 0 else whole[k]
         world = instance.affine[:3, :3] @ vox + instance.affine[:3, 3]
         out[v] = {"voxel": [round(float(x), 3) for x in vox], "world": [round(float(x), 3) for x in world]}
     return out

@@ -235,20 +235,27 @@ def fill_unassigned(instance: np.ndarray, valid: np.ndarray, max_dist: float = 2
                     sampling: Optional[Sequence[float]] = None) -> np.ndarray:
     """Give every ``valid`` voxel that no instance claimed the label of the nearest instance
     voxel, if that is at most ``max_dist`` away (voxels, or mm with ``sampling`` = the
-    voxel spacing); within the bounding box of the valid voxels, one distance transform."""
+    voxel spacing). One nearest-feature transform over the bounding box of the unclaimed
+    voxels grown by ``max_dist`` (an instance voxel within reach of one of them lies inside
+    it); distances are computed for the unclaimed voxels only."""
     from scipy import ndimage
 
     todo = valid & (instance == 0)
     if not todo.any() or not instance.any():
         return instance
-    nz = [np.flatnonzero(valid.any(axis=tuple(a for a in range(3) if a != ax))) for ax in range(3)]
+    nz = [np.flatnonzero(todo.any(axis=tuple(a for a in range(3) if a != ax))) for ax in range(3)]
     sp = np.ones(3) if sampling is None else np.asarray(sampling, dtype=float)
     m = [int(np.ceil(max_dist / s)) + 1 for s in sp]
     sl = tuple(slice(max(int(z[0]) - mi, 0), int(z[-1]) + 1 + mi) for z, mi in zip(nz, m))
     sub = instance[sl]
-    dist, idx = ndimage.distance_transform_edt(sub == 0, sampling=tuple(sp), return_indices=True)
-    sel = todo[sl] & (dist <= max_dist)
+    if not sub.any():
+        return instance
+    idx = ndimage.distance_transform_edt(sub == 0, sampling=tuple(sp), return_distances=False, return_indices=True)
+    pts = np.nonzero(todo[sl])
+    near = tuple(i[pts] for i in idx)
+    d2 = sum(((a - b) * s) ** 2 for a, b, s in zip(near, pts, sp))
+    ok = d2 <= max_dist ** 2 + 1e-9
     out = instance.copy()
     region = out[sl]
-    region[sel] = sub[tuple(i[sel] for i in idx)]
+    region[tuple(p[ok] for p in pts)] = sub[tuple(n[ok] for n in near)]
     return out

@@ -63,9 +63,8 @@ def _instance_lut() -> np.ndarray:
 
 
 def _centroids(instance: Optional[Volume], semantic: Volume) -> dict[int, np.ndarray]:
-    from scipy import ndimage
-
     from spineps.labels import VERTEBRA_VALUES
+    from spineps.postprocess.discs import label_centroids
 
     if instance is None:
         return {}
@@ -73,7 +72,7 @@ def _centroids(instance: Optional[Volume], semantic: Volume) -> dict[int, np.nda
     ids = [int(v) for v in np.unique(inst) if int(v) in VERTEBRA_VALUES]
     if not ids:
         return {}
-    com = ndimage.center_of_mass(np.ones(inst.shape, bool), inst, ids)
+    com, _ = label_centroids(inst, ids)  # one bincount pass over the labelled voxels
     A, t = instance.affine[:3, :3], instance.affine[:3, 3]
     return {v: A @ np.asarray(c) + t for v, c in zip(ids, com)}
 

@@ -190,17 +190,17 @@ def assign_discs_and_endplates(semantic: Volume, vertebrae: Volume, *, max_dista
     box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
     sub_inst = inst[box]
     feature = sub_inst > 0
-    if not feature.any():
-        dist = np.full(sub_inst.shape, np.inf)
-        nearest = np.zeros(sub_inst.shape, np.int32)
-    else:
-        dist, ind = ndimage.distance_transform_edt(~feature, sampling=spacing, return_indices=True)
-        nearest = sub_inst[tuple(ind)]
-        del ind
     sub_t = target[box]
     vox = np.argwhere(sub_t)
-    near = nearest[sub_t]
-    d = dist[sub_t]
+    if not feature.any():
+        near = np.zeros(len(vox), np.int32)
+        d = np.full(len(vox), np.inf)
+    else:  # nearest-feature indices only; distances and labels for the target voxels alone
+        ind = ndimage.distance_transform_edt(~feature, sampling=spacing, return_distances=False, return_indices=True)
+        nvox = ind[:, sub_t].T
+        del ind
+        near = sub_inst[tuple(nvox.T)]
+        d = np.sqrt((((nvox - vox) * spacing) ** 2).sum(axis=1))
     p = _world(semantic.affine, (vox + lo).astype(float))
     svals = sem[box][sub_t]
     is_disc = svals == DISC
