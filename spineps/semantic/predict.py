@@ -227,6 +227,7 @@ class NnUNetSemanticSegmenter:
         self.timings["preprocess"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         model_img = self.to_model_grid(pre)
+        del pre  # the full-resolution pre-processed copy is not needed during inference
         self.timings["resample"] = time.perf_counter() - t0
         log.info("semantic model %s: input %s -> model grid %s", self.name, image.shape, model_img.shape)
         mask_m = self.segment_model_grid(model_img)
