@@ -422,7 +422,13 @@ def _spawn(cmd: list[str], result_file: Path, env: Optional[dict[str, str]] = No
         raise RuntimeError(f"worker failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}")
     res = json.loads(result_file.read_text())
     res["process_wall_s"] = round(wall, 3)
-    res["peak_rss_mib"] = round(max(ru.ru_maxrss / 1024, res.get("peak_rss_mib_in_process") or 0), 1)
+    # The worker's own high-water mark (VmHWM, read inside it) when it reports one: the kernel's
+    # ru_maxrss of a child also counts the parent's RSS at fork time (the pre-exec image), which
+    # made later cases of a run inherit this process's size (seen 2026-11-27: 789 MiB for a scan
+    # whose worker peaked at 649 MiB).
+    in_process = res.get("peak_rss_mib_in_process")
+    res["peak_rss_mib_rusage"] = round(ru.ru_maxrss / 1024, 1)
+    res["peak_rss_mib"] = round(in_process if in_process else ru.ru_maxrss / 1024, 1)
     return res
 
 
