@@ -203,3 +203,33 @@ def test_semantic_channels_last_gives_the_same_labels_and_bf16_is_opt_in(tmp_pat
         assert np.array_equal(fast.predict_indices(img), a)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_worker_environment_does_not_cap_nnunet_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """nnU-Net runs its sliding window with at most ``nnUNet_def_n_proc`` threads: the
+    benchmark workers must not inherit a small value (it made our forward passes 1.5x slower)."""
+    monkeypatch.setenv("nnUNet_def_n_proc", "1")
+    env = rb._worker_env(2)
+    assert "nnUNet_def_n_proc" not in env and "nnUNet_n_proc_DA" not in env
+    assert env["OMP_NUM_THREADS"] == "2"
+
+
+def test_semantic_segmenter_warns_when_nnunet_caps_its_threads(monkeypatch: pytest.MonkeyPatch,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    torch = pytest.importorskip("torch")
+    import nnunetv2.configuration
+
+    from spineps.semantic import predict
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.setattr(nnunetv2.configuration, "default_num_processes", 1)
+        predict._warn_if_nnunet_caps_threads()
+        assert "nnUNet_def_n_proc=1 limits nnU-Net's inference to 1 thread" in caplog.text
+        caplog.clear()
+        monkeypatch.setattr(nnunetv2.configuration, "default_num_processes", 8)
+        predict._warn_if_nnunet_caps_threads()
+        assert "nnUNet_def_n_proc" not in caplog.text
+    finally:
+        torch.set_num_threads(threads)
