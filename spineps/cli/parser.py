@@ -229,8 +229,8 @@ The masks hold the community label values (41-48 vertebra processes, 49 vertebra
 52/53/62 endplates, 60 cord, 61 canal, 100 discs, 26 sacrum; see desc-spine_dseg.tsv) and
 BIDS-like names that start with sub-<label>. Entities that describe the mask (desc, seg,
 label, mod) are left out of the output names. Masks from our semantic phase match the
-default --pattern; for others, e.g. manual ones named sub-01_T2w_dseg.nii.gz:
-  spineps instance manual/ out/ --pattern 'sub-*/**/*_dseg.nii.gz'
+default --pattern; for others, e.g. manual ones named sub-01/anat/sub-01_desc-manual_dseg.nii.gz:
+  spineps instance manual/ out/ --pattern 'sub-*/**/*_desc-manual_dseg.nii.gz'
 Then `spineps MASKS_DIR OUTPUT_DIR group` summarises them like any participant run.
 """
 
