@@ -288,3 +288,12 @@ def test_instance_only_on_real_manual_body_masks(real_data: Path, tmp_path: Path
         n_levels += len(ref_ids)
     assert n_scans == 15
     assert n_named / n_levels >= 0.9, f"{n_named}/{n_levels} levels named as in the manual masks"
+
+
+def test_discovery_accepts_a_mask_stored_as_one_4d_volume(tmp_path: Path) -> None:
+    """A 4D file holding one volume passes ``read_header`` (and loads as 3D), as for images."""
+    path = tmp_path / "sub-04" / "anat" / "sub-04_desc-spine_dseg.nii.gz"
+    path.parent.mkdir(parents=True)
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 4, 1), np.uint8), np.diag([1.0, 1.0, 3.0, 1.0])), str(path))
+    d = discover_semantic_masks(tmp_path)
+    assert [s.key for s in d.scans] == ["sub-04"] and not d.unusable

@@ -48,7 +48,7 @@ def discover_semantic_masks(root: Union[str, Path], pattern: str = DEFAULT_MASK_
     """Every file under ``root`` that matches the glob ``pattern`` (relative to ``root``;
     ``**`` spans folders).
 
-    A file whose name is not BIDS-like, whose header cannot be read or is not 3D, or whose
+    A file whose name is not BIDS-like, whose header fails ``read_header``'s checks, or whose
     outputs would have the same name as another mask's is *unusable* (a failed scan of the
     run: named, with the reason, while the others are processed). Masks of other subjects
     or sessions than asked for are skipped. ``NoMatchError`` (exit 18) when the pattern
@@ -85,12 +85,9 @@ def discover_semantic_masks(root: Union[str, Path], pattern: str = DEFAULT_MASK_
                                    f"(both are {scan.key} once desc/seg/label/mod are left out); narrow --pattern"))
             continue
         try:
-            header = read_header(path)
+            read_header(path)  # validated: 3D (or 4D with one volume), sane affine and spacing
         except SpinepsError as exc:
             unusable.append((path, getattr(exc, "reason", None) or str(exc)))
-            continue
-        if len(header.shape) != 3:
-            unusable.append((path, f"not a 3D volume (shape {tuple(header.shape)})"))
             continue
         by_key[scan.key] = path
         scans.append(scan)
