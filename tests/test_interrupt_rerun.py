@@ -83,8 +83,10 @@ def _content(path: Path) -> Any:
 
 
 def _outputs(out: Path) -> dict[str, Any]:
-    """Every result file (not the logs) by relative path."""
-    return {p.relative_to(out).as_posix(): _content(p) for p in sorted(out.rglob("*"))
+    """Every result file (not the logs) by relative path. A killed writer's temporary file is
+    listed but not loaded: it may be empty or torn, which is what the temporary name is for."""
+    return {p.relative_to(out).as_posix(): ("temporary", None) if p.name.startswith(TEMP_PREFIX) else _content(p)
+            for p in sorted(out.rglob("*"))
             if p.is_file() and not p.relative_to(out).as_posix().startswith("logs/")}
 
 
