@@ -3,7 +3,7 @@ against the default on the same input: time and label agreement with the default
 
     .venv/bin/python benchmarks/inference_options.py [--model spineps/data/models/t2w_semantic]
         [--case whole] [--threads 2] [--tiles 12] [--rounds 2]
-        [--options fp32,channels_last,bf16,channels_last_bf16,compile,threads1]
+        [--options fp32,channels_last,bf16,channels_last_bf16,compile,onnxruntime,threads1]
         [--n4-options 10k,iters25] [--json benchmarks/results/inference_options.json]
 
 The input is a benchmark case of ``run_benchmark.py`` (made there, cached under
@@ -53,6 +53,21 @@ def _autocast_bf16(net: Any) -> Any:
             return inner(x).float()
 
     twin.forward = forward
+    return twin
+
+
+def _onnxruntime_twin(net: Any, patch_net: Sequence[int], threads: int) -> Any:
+    """A copy of ``net`` whose forward runs in ONNX Runtime (the app's ``--engine
+    onnxruntime``: ``spineps.models.onnx_engine.OrtForward``, exported for the tile shape)."""
+    import copy
+
+    import torch
+
+    from spineps.models.onnx_engine import OrtForward
+
+    twin = copy.deepcopy(net).eval()
+    n_in = int(next(m for m in twin.modules() if isinstance(m, torch.nn.Conv3d)).in_channels)
+    OrtForward(twin, (n_in, *[int(v) for v in patch_net]), threads, name="semantic").install()
     return twin
 
 
@@ -184,6 +199,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         seg.predictor.network = net0
         torch.set_num_threads(args.threads)
 
+    twins: dict[str, Any] = {}  # option networks made once, reused by every round
+    export_info: dict[str, Any] = {}
     opts = [o.strip() for o in args.options.split(",") if o.strip()]
     if "fp32" not in opts:
         opts.insert(0, "fp32")
@@ -212,6 +229,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     results["torch_compile"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
                     log.warning("torch.compile failed: %s", results["torch_compile"]["error"])
                     restore()
+            elif opt == "onnxruntime":
+                if "onnxruntime" not in twins:
+                    t0 = time.perf_counter()
+                    try:
+                        twins["onnxruntime"] = _onnxruntime_twin(net0, cm.patch_size, args.threads)
+                    except Exception as exc:  # not installed, or the export failed: record why
+                        results["onnxruntime"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+                        log.warning("ONNX Runtime option failed: %s", results["onnxruntime"]["error"])
+                        continue
+                    import onnxruntime
+
+                    export_info["onnxruntime"] = {"export_and_session_s": round(time.perf_counter() - t0, 2),
+                                                  "onnxruntime": onnxruntime.__version__}
+                run("onnxruntime", set_net(twins["onnxruntime"]), restore)
             elif opt.startswith("threads"):
                 n = int(opt[len("threads"):])
                 run(f"threads{n}", lambda: torch.set_num_threads(n), restore)
@@ -237,7 +268,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "machine": rb.machine_info(args.threads), "loadavg_start": load_start, "loadavg_end": rb._loadavg(),
               "torch": torch.__version__, "model": str(args.model), "case": args.case,
               "model_grid": list(grid.shape), "block": list(block.shape), "patch_pir": patch,
-              "network": results, "n4": n4_results}
+              "network": results, "option_setup": export_info, "n4": n4_results}
     rb._write_json_atomic(args.json, report)
     print(json.dumps({"network": results, "n4": n4_results}, indent=1))
     return 0

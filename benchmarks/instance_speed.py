@@ -4,12 +4,13 @@
         [--threads 2] [--official] [--out benchmarks/results/instance_speed.json]
 
 Measures, each in a fresh subprocess (so peak RSS belongs to that measurement alone):
-- one cutout forward of the bundled model (batch 1 and 2; contiguous vs channels_last_3d),
+- one cutout forward of the bundled model (batch 1 and 2; contiguous vs channels_last_3d, and
+  in ONNX Runtime as ``--engine onnxruntime`` runs it),
 - one whole spine (a phantom, C2..sacrum, presented at 1.5 x 1.5 x 4 mm in RAS order):
   ``predict_vertebrae`` end to end (reorient, resample, centres, cutouts, forward, merge,
   back to the grid),
 - with ``--official``: one forward of the released layout (dim 16, random weights) on the
-  released cutout size 248 x 304 x 64, contiguous vs channels_last_3d.
+  released cutout size 248 x 304 x 64, contiguous vs channels_last_3d vs ONNX Runtime.
 
 Prints a table and writes the JSON atomically. Peak memory is the process's maximum RSS
 minus its RSS before the measured call (MiB). The machine is shared: rerun for stable
@@ -58,7 +59,12 @@ def _cutout_forward(args: dict, q) -> None:
     size = tuple(args["size"])
     idx = torch.randint(0, net.in_channels, (args["batch"],) + size)
     x = torch.nn.functional.one_hot(idx, net.in_channels).permute(0, 4, 1, 2, 3).float()
-    if args["channels_last"]:
+    if args.get("engine") == "onnxruntime":  # the app's --engine onnxruntime (float32, contiguous input)
+        from spineps.models.onnx_engine import OrtForward
+
+        OrtForward(net, (net.in_channels, *size), args["threads"], name="instance").install()
+        x = x.contiguous()
+    elif args["channels_last"]:
         net = net.to(memory_format=torch.channels_last_3d)
         x = x.contiguous(memory_format=torch.channels_last_3d)
     else:
@@ -131,6 +137,11 @@ def main(argv=None) -> int:
                                        "channels_last": cl, "threads": args.threads, "repeats": 5})
             rows.append({"what": f"bundled cutout forward, batch {batch}", "channels_last_3d": cl,
                          "size": list(cfg.cutout_size), **r, "seconds_per_cutout": r["seconds"] / batch})
+        r = _run(_cutout_forward, {"weights": str(weights), "size": list(cfg.cutout_size), "batch": batch,
+                                   "channels_last": False, "threads": args.threads, "repeats": 5,
+                                   "engine": "onnxruntime"})
+        rows.append({"what": f"bundled cutout forward, batch {batch}, ONNX Runtime", "channels_last_3d": False,
+                     "size": list(cfg.cutout_size), **r, "seconds_per_cutout": r["seconds"] / batch})
     r = _run(_whole_spine, {"model": str(args.model), "threads": args.threads, "seed": args.seed})
     rows.append({"what": "whole spine predict_vertebrae (phantom C2..sacrum)", "channels_last_3d": r.pop("channels_last"),
                  **r})
@@ -140,6 +151,11 @@ def main(argv=None) -> int:
                                        "batch": 1, "channels_last": cl, "threads": args.threads, "repeats": 1})
             rows.append({"what": "released layout (dim 16) cutout forward", "channels_last_3d": cl,
                          "size": [248, 304, 64], **r, "seconds_per_cutout": r["seconds"]})
+        r = _run(_cutout_forward, {"weights": None, "dim": 16, "in_channels": 10, "size": [248, 304, 64],
+                                   "batch": 1, "channels_last": False, "threads": args.threads, "repeats": 1,
+                                   "engine": "onnxruntime"})
+        rows.append({"what": "released layout (dim 16) cutout forward, ONNX Runtime", "channels_last_3d": False,
+                     "size": [248, 304, 64], **r, "seconds_per_cutout": r["seconds"]})
     write_json_atomic(args.out, result)
     print(f"{'what':55s} {'cl3d':>5s} {'s/cutout':>9s} {'total s':>8s} {'peak MiB':>9s}")
     for r in rows:

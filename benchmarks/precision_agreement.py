@@ -1,12 +1,17 @@
-"""Does ``--precision bf16`` give the same output as ``fp32``? The whole participant pipeline
-(both phases, post-processing, naming) on the benchmark cases, once per precision, in one
-process each (models loaded once per precision); the final masks are compared.
+"""Do the faster ways of running the networks give the output of float32 torch? The whole
+participant pipeline (both phases, post-processing, naming) on the benchmark cases, once per
+variant (models loaded once per variant); the final masks are compared with ``fp32``
+(``--precision fp32 --engine torch``, what nnU-Net itself does on CPU):
+
+- ``fp32_onnxruntime``: ``--precision fp32`` with the default ``--engine auto`` (the semantic
+  network in ONNX Runtime, the instance U-Net in torch: what the app runs for fp32);
+- ``bf16``: ``--precision bf16`` (bfloat16 autocast in torch).
 
     .venv/bin/python benchmarks/precision_agreement.py [--cases whole,lumbar,real] [--threads 2]
         [--json benchmarks/results/precision_agreement.json]
 
-Per case and precision: the time of the scan (after model loading) and of the network
-forward passes. Agreement of bf16 with fp32: semantic label agreement over all voxels (the
+Per case and variant: the time of the scan (after model loading) and of the network
+forward passes. Agreement of each variant with fp32: semantic label agreement over all voxels (the
 criterion of the benchmarks issue: >= 0.999) and over the voxels either run labels as
 foreground, the lowest per-label Dice, vertebra instances (same value voxel for voxel over
 the foreground) and whether the level names are identical.
@@ -30,7 +35,11 @@ sys.path.insert(0, str(REPO))
 log = logging.getLogger("precision_agreement")
 
 
-def run_case(bids: Path, out: Path, precision: str, threads: int) -> dict[str, Any]:
+#: variant -> (--precision, --engine)
+VARIANTS = {"fp32": ("fp32", "torch"), "fp32_onnxruntime": ("fp32", "auto"), "bf16": ("bf16", "torch")}
+
+
+def run_case(bids: Path, out: Path, precision: str, engine: str, threads: int) -> dict[str, Any]:
     import torch
 
     from run_benchmark import ForwardTimer  # noqa: E402  (benchmarks/ on sys.path)
@@ -40,7 +49,7 @@ def run_case(bids: Path, out: Path, precision: str, threads: int) -> dict[str, A
 
     settings = Settings(bids_dir=bids, output_dir=out, analysis_level="participant", skip_bids_validation=True,
                         nprocs=threads, omp_nthreads=threads, device="cpu", overwrite=True, precision=precision,
-                        version="benchmark")
+                        engine=engine, version="benchmark")
     torch.set_num_threads(threads)
     semantic, instance = load_segmenters(settings)
     timers = [ForwardTimer(semantic.predictor.network, False), ForwardTimer(instance.network, False)]
@@ -48,7 +57,7 @@ def run_case(bids: Path, out: Path, precision: str, threads: int) -> dict[str, A
     t0 = time.perf_counter()
     participant.run_participant(settings, semantic, instance, discovery)
     scan_s = time.perf_counter() - t0
-    return {"precision": semantic.precision, "scan_s": round(scan_s, 2),
+    return {"precision": semantic.precision, "engines": [semantic.engine, instance.engine], "scan_s": round(scan_s, 2),
             "forward_semantic_s": round(timers[0].seconds, 2), "forward_instance_s": round(timers[1].seconds, 2)}
 
 
@@ -102,25 +111,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             log.info("case %s: input absent, skipped", name)
             continue
         entry: dict[str, Any] = {}
-        for precision in ("fp32", "bf16"):
-            out = args.work / "precision" / name / precision
-            entry[precision] = run_case(case.bids_dir, out, precision, args.threads)
-            log.info("%s %s: %s", name, precision, entry[precision])
-        entry["agreement"] = compare(args.work / "precision" / name / "fp32", args.work / "precision" / name / "bf16")
-        entry["speedup_scan"] = round(entry["fp32"]["scan_s"] / entry["bf16"]["scan_s"], 2)
-        log.info("%s agreement: %s", name, entry["agreement"])
+        for variant, (precision, engine) in VARIANTS.items():
+            out = args.work / "precision" / name / variant
+            entry[variant] = run_case(case.bids_dir, out, precision, engine, args.threads)
+            log.info("%s %s: %s", name, variant, entry[variant])
+        base = args.work / "precision" / name / "fp32"
+        for variant in list(VARIANTS)[1:]:
+            entry[variant]["agreement"] = compare(base, args.work / "precision" / name / variant)
+            entry[variant]["speedup_scan"] = round(entry["fp32"]["scan_s"] / entry[variant]["scan_s"], 2)
+            log.info("%s %s agreement: %s", name, variant, entry[variant]["agreement"])
         report["cases"][name] = entry
     report["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
-    cols = ("fp32 s", "bf16 s", "speed-up", "label agr.", "fg agr.", "min Dice", "inst. fg agr.", "levels")
+    cols = ("variant", "fp32 s", "variant s", "speed-up", "label agr.", "fg agr.", "min Dice", "inst. fg agr.",
+            "levels")
     lines = ["| case | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, e in report["cases"].items():
-        g = e["agreement"]
-        lines.append(f"| {name} | {e['fp32']['scan_s']} | {e['bf16']['scan_s']} | {e['speedup_scan']}x | "
-                     f"{g['semantic_label_agreement']:.5f} | {g['semantic_foreground_agreement']:.4f} | "
-                     f"{g['semantic_min_label_dice']:.3f} | {g['instance_foreground_agreement']:.4f} | "
-                     f"{'same' if g['same_levels'] else 'differ'} |")
+        for variant in list(VARIANTS)[1:]:
+            v = e[variant]
+            g = v["agreement"]
+            lines.append(f"| {name} | {variant} | {e['fp32']['scan_s']} | {v['scan_s']} | {v['speedup_scan']}x | "
+                         f"{g['semantic_label_agreement']:.5f} | {g['semantic_foreground_agreement']:.4f} | "
+                         f"{g['semantic_min_label_dice']:.3f} | {g['instance_foreground_agreement']:.4f} | "
+                         f"{'same' if g['same_levels'] else 'differ'} |")
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
 

@@ -325,7 +325,7 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
                         semantic_model=Path(cfg["semantic_model"]), instance_model=Path(cfg["instance_model"]),
                         semantic_model_source="flag", instance_model_source="flag", overwrite=True,
                         n4=bool(cfg.get("n4", True)), precision=str(cfg.get("precision", "auto")),
-                        version="benchmark")
+                        engine=str(cfg.get("engine", "auto")), version="benchmark")
     t0 = time.perf_counter()
     semantic, instance = load_segmenters(settings)
     t_models = time.perf_counter() - t0
@@ -365,6 +365,8 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
                     "forward_total": round(forward, 3),
                     "non_network": round(t_scan - forward, 3)},
         "forward_calls": {"semantic": fwd_sem.calls, "instance": fwd_ins.calls if fwd_ins else 0},
+        "engines": {"semantic": getattr(semantic, "engine", "torch"),
+                    "instance": getattr(instance, "engine", "torch") if instance is not None else None},
         "non_network_fraction": round((t_scan - forward) / t_scan, 4) if t_scan > 0 else None,
         "phases": phases,
         "phase_peaks_reset": probe.can_reset,
@@ -456,7 +458,8 @@ def run_ours(case: PreparedCase, repeat: int, args: argparse.Namespace, run_dir:
     out.mkdir(parents=True)
     cfg = {"case": case.spec.name, "repeat": repeat, "bids_dir": str(case.bids_dir), "output_dir": str(out / "deriv"),
            "threads": args.threads, "device": args.device, "semantic_model": str(args.semantic_model),
-           "instance_model": str(args.instance_model), "n4": not args.no_n4, "precision": args.precision}
+           "instance_model": str(args.instance_model), "n4": not args.no_n4, "precision": args.precision,
+           "engine": args.engine}
     cfg_file = out / "worker.json"
     cfg_file.write_text(json.dumps(cfg))
     res = _spawn([sys.executable, str(Path(__file__).resolve()), "--worker", str(cfg_file), "--result",
@@ -815,6 +818,8 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     ap.add_argument("--no-n4", action="store_true", help="both tools without N4")
     ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                     help="our networks' precision on CPU (the app's --precision; default auto = the app's default)")
+    ap.add_argument("--engine", default="auto", choices=("auto", "torch", "onnxruntime"),
+                    help="what runs our forward passes on CPU (the app's --engine; default auto = the app's default)")
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK, help="inputs (cached) and outputs")
     ap.add_argument("--json", type=Path, default=None, help="default: benchmarks/results/<device>.json")
     ap.add_argument("--note", default="", help="free text stored in the JSON (e.g. what else ran)")
@@ -866,6 +871,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "device": args.device,
         "precision": args.precision,
         "precision_resolved": _resolved_precision(args),
+        "engine": args.engine,
         "repeats": args.repeats,
         "note": args.note,
         "cases": {},

@@ -76,6 +76,7 @@ class Settings:
     overwrite: bool = False
     n4: bool = True
     precision: str = "auto"  # network precision, one of spineps.models.precision.PRECISIONS
+    engine: str = "auto"  # what runs the forward passes on CPU, one of spineps.models.onnx_engine.ENGINES
     level_rule: str = "auto"  # one of spineps.labels.LEVEL_RULES
     top_vertebra: Optional[str] = None  # user anchor: the top-most vertebra in view (e.g. "T12")
     verbosity: int = 0
@@ -140,6 +141,10 @@ class Settings:
         sem, sem_src = model(getattr(ns, "semantic_model", None), SEMANTIC_MODEL_ENV)
         ins, ins_src = model(getattr(ns, "instance_model", None), INSTANCE_MODEL_ENV)
 
+        precision = str(getattr(ns, "precision", None) or "auto")
+        engine = str(getattr(ns, "engine", None) or "auto")
+        _check_engine(engine, precision, str(getattr(ns, "device", "auto") or "auto"))
+
         def dedup(labels: Optional[list[str]]) -> tuple[str, ...]:
             return tuple(dict.fromkeys(labels or ()))
 
@@ -161,7 +166,8 @@ class Settings:
             instance_model_source=ins_src,
             overwrite=bool(getattr(ns, "overwrite", False)),
             n4=not bool(getattr(ns, "no_n4", False)),
-            precision=str(getattr(ns, "precision", None) or "auto"),
+            precision=precision,
+            engine=engine,
             level_rule=str(getattr(ns, "level_rule", None) or "auto"),
             top_vertebra=getattr(ns, "top_vertebra", None) or None,
             verbosity=int(getattr(ns, "verbose", 0) or 0),
@@ -241,10 +247,21 @@ class Settings:
 
     def parameters(self) -> dict[str, Any]:
         """The options that change what is computed (for the sidecars' ``Parameters``)."""
-        out: dict[str, Any] = {"device": self.device, "precision": self.precision, "n4": self.n4,
-                               "level_rule": self.level_rule}
+        out: dict[str, Any] = {"device": self.device, "precision": self.precision, "engine": self.engine,
+                               "n4": self.n4, "level_rule": self.level_rule}
         if self.input_kind != "image":
             out["input"] = self.input_kind
         if self.top_vertebra:
             out["top_vertebra"] = self.top_vertebra
         return out
+
+
+def _check_engine(engine: str, precision: str, device: str) -> None:
+    """``--engine onnxruntime`` runs float32 networks on CPU: ``UsageError`` (64) for a
+    combination that cannot hold, before anything is loaded."""
+    if engine != "onnxruntime":
+        return
+    if precision == "bf16":
+        raise UsageError("--engine onnxruntime runs float32 networks; --precision bf16 needs --engine torch (or auto)")
+    if device.startswith("cuda"):
+        raise UsageError("--engine onnxruntime runs on CPU; with --device cuda use --engine torch (or auto)")

@@ -319,9 +319,10 @@ def test_load_segmenters_dispatch(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     finally:
         torch.set_num_threads(threads)
     assert isinstance(sem, BandSemanticSegmenter) and isinstance(ins, ComponentInstanceSegmenter)
-    assert calls == [("semantic", sem_dir.resolve(), {"device": "cpu", "nprocs": 2, "n4": False, "precision": "auto"}),
+    assert calls == [("semantic", sem_dir.resolve(), {"device": "cpu", "nprocs": 2, "n4": False, "precision": "auto",
+                                                      "engine": "auto"}),
                      ("instance", ins_dir.resolve(), {"device": "cpu", "nprocs": 2, "level_rule": "auto",
-                                                     "top_vertebra": None, "precision": "auto"})]
+                                                     "top_vertebra": None, "precision": "auto", "engine": "auto"})]
 
     # a folder of the wrong type for its phase, and a loader that crashes: ModelError naming the folder
     s = _settings(tmp_path, "--semantic-model", str(sem_dir), "--instance-model", str(sem_dir), "--device", "cpu")

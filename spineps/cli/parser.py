@@ -22,6 +22,7 @@ from spineps.cli.argtypes import positive_int as _positive_int
 from spineps.cli.argtypes import vertebra_level as _vertebra_level
 from spineps.errors import UsageError
 from spineps.labels import LEVEL_RULES
+from spineps.models.onnx_engine import ENGINES
 from spineps.models.precision import PRECISIONS
 from spineps.settings import ANALYSIS_LEVELS, INSTANCE_MODEL_ENV, SEMANTIC_MODEL_ENV
 
@@ -41,6 +42,9 @@ DEVICES = ("auto", "cpu", "cuda")
 _PRECISION_HELP = ("network arithmetic on CPU: fp32, or bf16 (bfloat16 autocast, several times faster on CPUs with "
                    "native bfloat16, labels >= 99.9 %% the same); auto = bf16 where the CPU has native bfloat16, "
                    "else fp32. On CUDA nnU-Net's float16 autocast is used either way (default: auto)")
+_ENGINE_HELP = ("what runs the network forward passes on CPU: torch, or onnxruntime (float32 only; the same labels "
+                "as torch, several times faster); auto = onnxruntime for the semantic network when the precision is "
+                "fp32, torch otherwise (default: auto)")
 #: tool subcommands (not BIDS-App runs), chosen when they are the first argument
 SUBCOMMANDS = ("demo", "instance", "evaluate", "fuse", "export-nnunet", "export-cutouts")
 #: subcommands whose arguments and runner live in their own (light) module:
@@ -162,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the networks run; auto picks CUDA when available, else CPU (default: auto)")
     r.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help=_PRECISION_HELP)
+    r.add_argument("--engine", choices=ENGINES, default="auto", help=_ENGINE_HELP)
 
     m = p.add_argument_group("models")
     m.add_argument("--semantic-model", "--semantic_model", dest="semantic_model", type=Path, metavar="DIR",
@@ -253,6 +258,7 @@ def add_instance_arguments(p: argparse.ArgumentParser) -> None:
                         "model)")
     p.add_argument("--device", choices=DEVICES, default="auto", help="where the network runs (default: auto)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help=_PRECISION_HELP)
+    p.add_argument("--engine", choices=ENGINES, default="auto", help=_ENGINE_HELP)
     p.add_argument("--nprocs", "--n-cpus", "--n_cpus", dest="nprocs", type=_positive_int, metavar="N",
                    help="processes (default: the CPUs available)")
     p.add_argument("--omp-nthreads", "--omp_nthreads", dest="omp_nthreads", type=_positive_int, metavar="N",

@@ -73,7 +73,7 @@ class UNetInstanceSegmenter:
 
     def __init__(self, config: ModelConfig, weights: Path, *, device: str = "auto", nprocs: Optional[int] = None,
                  level_rule: str = "auto", top_vertebra: Optional[str] = None, batch_size: Optional[int] = None,
-                 channels_last: Optional[bool] = None, precision: str = "fp32"):
+                 channels_last: Optional[bool] = None, precision: str = "fp32", engine: str = "torch"):
         import torch
 
         from spineps.instance.checkpoint import load_instance_checkpoint
@@ -109,12 +109,43 @@ class UNetInstanceSegmenter:
             self.network = self.network.to(memory_format=torch.channels_last_3d)
         self.batch_size = int(batch_size) if batch_size else (8 if self.device.startswith("cuda") else 2)
         self._checksum: Optional[str] = None
+        self._ort = None
+        self.engine = self._set_engine(engine)
+
+    def _set_engine(self, engine: str) -> str:
+        """``torch`` or ``onnxruntime`` (spineps.models.onnx_engine) for the cutout forward passes."""
+        import torch
+
+        from spineps.models.onnx_engine import OrtForward, resolve_engine
+
+        if engine == "auto":
+            # measured (benchmarks/inference_options.py): ONNX Runtime is slower than torch for this
+            # U-Net (group norm as reshape + instance norm: 0.24 s vs 0.15 s per batch of two cutouts)
+            engine = "torch"
+        try:
+            chosen = resolve_engine(engine, self.device, self.precision)
+        except ValueError as exc:
+            raise ModelError(str(exc), self.config.path) from None
+        if chosen != "onnxruntime":
+            return "torch"
+        if self.channels_last:  # the session takes plain contiguous float32 input
+            self.network = self.network.to(memory_format=torch.contiguous_format)
+            self.channels_last = False
+        shape = (self.in_channels, *[int(v) for v in self.config.cutout_size])
+        try:
+            self._ort = OrtForward(self.network, shape, self.nprocs or torch.get_num_threads(),
+                                   name=self.config.log_name).install()
+        except Exception as exc:  # noqa: BLE001 - an export the runtime cannot take: say which, before any scan
+            raise ModelError(f"ONNX Runtime could not take the instance network ({type(exc).__name__}: {exc}); "
+                             "use --engine torch", self.config.path) from exc
+        return "onnxruntime"
 
     # -- construction ---------------------------------------------------------------
     @classmethod
     def from_folder(cls, folder: Path, *, device: str = "auto", nprocs: Optional[int] = None,
                     level_rule: str = "auto", top_vertebra: Optional[str] = None,
-                    batch_size: Optional[int] = None, precision: str = "fp32") -> "UNetInstanceSegmenter":
+                    batch_size: Optional[int] = None, precision: str = "fp32",
+                    engine: str = "torch") -> "UNetInstanceSegmenter":
         folder = Path(folder)
         config = read_model_config(folder)
         if "SEG" not in config.modality:
@@ -124,7 +155,7 @@ class UNetInstanceSegmenter:
         if not config.fixed_spacing:
             log.info("instance model %s has a spacing range; inputs are clamped into it", folder)
         return cls(config, find_weights(folder), device=device, nprocs=nprocs, level_rule=level_rule,
-                   top_vertebra=top_vertebra, batch_size=batch_size, precision=precision)
+                   top_vertebra=top_vertebra, batch_size=batch_size, precision=precision, engine=engine)
 
     def provenance(self) -> dict[str, Any]:
         if self._checksum is None:
@@ -142,6 +173,7 @@ class UNetInstanceSegmenter:
             "device": self.device,
             "half_precision": self.half,
             "precision": self.precision,
+            "engine": self.engine if self._ort is None else dict(self._ort.describe()),
             "channels_last": self.channels_last,
             "epoch": self.meta.get("epoch"),
         }

@@ -141,7 +141,8 @@ def load_segmenters(settings: "Settings") -> tuple["SemanticSegmenter", Optional
     except ImportError as exc:
         raise ModelError(f"the nnU-Net semantic segmenter cannot be imported ({exc})", sem_choice.folder) from exc
     semantic = _build(lambda: NnUNetSemanticSegmenter.from_folder(
-        sem_choice.folder, device=device, nprocs=settings.nprocs, n4=settings.n4, precision=settings.precision),
+        sem_choice.folder, device=device, nprocs=settings.nprocs, n4=settings.n4, precision=settings.precision,
+        engine=settings.engine),
         sem_choice)
 
     instance = None
@@ -183,7 +184,7 @@ def _load_instance(settings: "Settings", choice: ModelChoice, cfg: "ModelConfig"
         raise ModelError(f"the instance segmenter cannot be imported ({exc})", choice.folder) from exc
     return _build(lambda: UNetInstanceSegmenter.from_folder(
         choice.folder, device=device, nprocs=settings.nprocs, level_rule=settings.level_rule,
-        top_vertebra=settings.top_vertebra, precision=settings.precision), choice)
+        top_vertebra=settings.top_vertebra, precision=settings.precision, engine=settings.engine), choice)
 
 
 def _build(factory, choice: ModelChoice):  # type: ignore[no-untyped-def]

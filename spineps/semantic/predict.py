@@ -77,7 +77,8 @@ class NnUNetSemanticSegmenter:
     def __init__(self, loaded: Any, *, device: str = "auto", nprocs: Optional[int] = None, n4: bool = True,
                  mirroring: Optional[bool] = None, step_size: Optional[float] = None,
                  cleanup: CleanupSettings = CleanupSettings(), n4_settings: N4Settings = N4Settings(),
-                 channels_last: Optional[bool] = None, cpu_bf16: bool = False, precision: Optional[str] = None):
+                 channels_last: Optional[bool] = None, cpu_bf16: bool = False, precision: Optional[str] = None,
+                 engine: str = "torch"):
         import torch
 
         from spineps.models.precision import resolve_precision
@@ -123,8 +124,10 @@ class NnUNetSemanticSegmenter:
         if self.channels_last and isinstance(self.predictor.network, torch.nn.Module):
             self.predictor.network.to(memory_format=torch.channels_last_3d)
         self.cpu_bf16 = False
+        self._ort = None
         if self.precision == "bf16":
             self.set_cpu_bf16(True)
+        self.engine = self._set_engine(engine, loaded)
         _warn_if_nnunet_caps_threads()
         n = loaded.num_outputs
         lut = np.zeros(max(n, 1), np.uint8)
@@ -136,6 +139,31 @@ class NnUNetSemanticSegmenter:
         self._lut = lut
         self._checksum: Optional[str] = None
         self.timings: dict[str, float] = {}
+
+    def _set_engine(self, engine: str, loaded: Any) -> str:
+        """``torch`` or ``onnxruntime`` (spineps.models.onnx_engine): the latter replaces the
+        network's forward by an ONNX Runtime session for nnU-Net's tile shape."""
+        import torch
+
+        from spineps.models.onnx_engine import OrtForward, resolve_engine
+
+        try:
+            chosen = resolve_engine(engine, self.device.type, self.precision)
+        except ValueError as exc:
+            raise ModelError(str(exc), self.folder) from None
+        net = self.predictor.network
+        if chosen != "onnxruntime" or not isinstance(net, torch.nn.Module):
+            return "torch"
+        first = next((m for m in net.modules() if isinstance(m, (torch.nn.Conv3d, torch.nn.Conv2d))), None)
+        if first is None:
+            raise ModelError("no convolution found to read the network's input channels from", self.folder)
+        shape = (int(first.in_channels), *[int(v) for v in loaded.configuration_manager.patch_size])
+        try:
+            self._ort = OrtForward(net, shape, self.nprocs or torch.get_num_threads(), name=self.name).install()
+        except Exception as exc:  # noqa: BLE001 - an export the runtime cannot take: say which, before any scan
+            raise ModelError(f"ONNX Runtime could not take the network ({type(exc).__name__}: {exc}); "
+                             "use --engine torch", self.folder) from exc
+        return "onnxruntime"
 
     def set_cpu_bf16(self, enabled: bool = True) -> None:
         """Run the network's forward passes on CPU under bfloat16 autocast (float32 logits
@@ -149,6 +177,9 @@ class NnUNetSemanticSegmenter:
         if self.device.type != "cpu" or not isinstance(net, torch.nn.Module) or bool(enabled) == self.cpu_bf16:
             return
         if enabled:
+            if self._ort is not None:  # bfloat16 runs in torch
+                self._ort.uninstall()
+                self._ort, self.engine = None, "torch"
             plain = net.forward
 
             def forward_bf16(x: Any) -> Any:
@@ -165,13 +196,14 @@ class NnUNetSemanticSegmenter:
     @classmethod
     def from_folder(cls, folder: Path, *, device: str = "auto", nprocs: Optional[int] = None, n4: bool = True,
                     folds: Optional[tuple[int, ...]] = None, mirroring: Optional[bool] = None,
-                    step_size: Optional[float] = None, precision: str = "fp32") -> "NnUNetSemanticSegmenter":
+                    step_size: Optional[float] = None, precision: str = "fp32",
+                    engine: str = "torch") -> "NnUNetSemanticSegmenter":
         """Validate and load a model folder (``ModelError`` on any problem, before any scan)."""
         from spineps.models.nnunet_folder import load_nnunet_folder
 
         loaded = load_nnunet_folder(Path(folder), folds)
         return cls(loaded, device=device, nprocs=nprocs, n4=n4, mirroring=mirroring, step_size=step_size,
-                   precision=precision)
+                   precision=precision, engine=engine)
 
     # ------------------------------------------------------------------------------------------
     def predict_indices(self, model_image: Volume) -> np.ndarray:
@@ -257,6 +289,7 @@ class NnUNetSemanticSegmenter:
             "device": str(self.device),
             "threads": self.nprocs,
             "precision": self.precision,
+            "engine": self.engine if self._ort is None else dict(self._ort.describe()),
             "channels_last": self.channels_last,
             "n4": self.n4,
         }

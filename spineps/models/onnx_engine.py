@@ -1,0 +1,193 @@
+"""ONNX Runtime as the CPU engine of a torch network's forward pass (``--engine onnxruntime``).
+
+The network stays a torch module (nnU-Net's predictor keeps calling it inside its own sliding
+window and keeps copying each fold's weights into it); only its ``forward`` is replaced by
+an ONNX Runtime session of the same network, exported in memory when the model is loaded
+(TorchScript exporter, opset 17, batch axis dynamic, spatial shape fixed to the tile or
+cutout size the caller feeds). A call with another spatial shape runs the torch forward.
+
+Why: on CPU, ONNX Runtime's convolution kernels run the float32 networks about 5x faster
+than torch's (``benchmarks/inference_options.py``) and give the same labels, on any x86 or
+Arm CPU; bfloat16 is faster still only on CPUs with native bfloat16, and changes a few
+border voxels.
+
+Weights are read once, at export: a session is made for one set of weights. nnU-Net
+reloads the weights of every fold before each prediction, so the engine keeps one session
+per fold, keyed by the weights' identity (``bind_weights``).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+import warnings
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ENGINES", "onnxruntime_available", "onnxruntime_version", "resolve_engine", "OrtForward"]
+
+ENGINES = ("auto", "torch", "onnxruntime")
+#: the ONNX operator set the networks are exported with (3D convolutions, instance / group norm)
+OPSET = 17
+
+
+def onnxruntime_version() -> Optional[str]:
+    """The installed ONNX Runtime's version, None when it cannot be imported."""
+    try:
+        import onnxruntime
+    except Exception:  # noqa: BLE001 - a broken install counts as absent (logged by the caller)
+        return None
+    return str(onnxruntime.__version__)
+
+
+def onnxruntime_available() -> bool:
+    return onnxruntime_version() is not None
+
+
+def resolve_engine(engine: str, device: str, precision: str) -> str:
+    """What runs the forward passes: ``"torch"`` or ``"onnxruntime"``.
+
+    ``precision`` is the resolved one (``fp32``/``bf16``/``fp16``). ``auto`` takes ONNX
+    Runtime for float32 on CPU when it is installed, torch otherwise. ``onnxruntime``
+    asked for explicitly must be possible: ``ValueError`` naming why not."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    on_cpu = not str(device).startswith("cuda")
+    if engine == "torch":
+        return "torch"
+    if engine == "onnxruntime":
+        if not on_cpu:
+            raise ValueError("--engine onnxruntime runs on CPU only; use --engine torch (or auto) with a CUDA device")
+        if precision != "fp32":
+            raise ValueError(f"--engine onnxruntime runs float32 networks; --precision {precision} needs --engine torch")
+        if not onnxruntime_available():
+            raise ValueError("--engine onnxruntime needs the onnxruntime package (pip install onnxruntime)")
+        return "onnxruntime"
+    return "onnxruntime" if on_cpu and precision == "fp32" and onnxruntime_available() else "torch"
+
+
+def _export(network: Any, example: Any) -> bytes:
+    """The network as an ONNX model (bytes), batch axis dynamic."""
+    import torch
+
+    buf = io.BytesIO()
+    # export traces the network: outside any inference_mode the caller (nnU-Net's predictor) runs in
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        # the exporter warns that instance norm in eval mode still uses the instance statistics
+        # (which is what the networks do) and about TorchScript's deprecation
+        warnings.simplefilter("ignore")
+        torch.onnx.export(network, (example,), buf, input_names=["x"], output_names=["y"], opset_version=OPSET,
+                          dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, dynamo=False)
+    return buf.getvalue()
+
+
+class OrtForward:
+    """The forward pass of ``network`` in ONNX Runtime for inputs ``(batch, *input_shape)``.
+
+    ``install()`` puts it in place of ``network.forward``; ``uninstall()`` restores it.
+    ``threads`` is ONNX Runtime's intra-op thread count (the process's CPU share)."""
+
+    def __init__(self, network: Any, input_shape: Sequence[int], threads: int, *, name: str = "network"):
+        import onnxruntime as ort
+        import torch
+
+        self.network = network
+        self.input_shape = tuple(int(v) for v in input_shape)  # channels + spatial
+        self.threads = max(1, int(threads))
+        self.name = name
+        self._ort = ort
+        self._torch = torch
+        self._sessions: dict[Any, Any] = {}
+        self._key: Any = None
+        self._versions_seen: Any = None
+        self._plain: Optional[Callable[[Any], Any]] = None
+        self.export_s = 0.0
+        self.calls = 0
+        self.fallbacks = 0
+        self.bind_weights()
+
+    # -- sessions -----------------------------------------------------------------------
+    def _versions(self) -> Any:
+        """Where the weights sit and how often they were written (nnU-Net's
+        ``load_state_dict`` copies into the parameters in place, which bumps the versions)."""
+        return tuple((p.data_ptr(), p._version) for p in self.network.parameters())
+
+    def _digest(self) -> str:
+        """The weights' content (a fold's weights reloaded give the same digest)."""
+        import hashlib
+
+        h = hashlib.blake2b(digest_size=16)
+        for t in self.network.state_dict().values():
+            h.update(t.detach().cpu().contiguous().numpy().tobytes() if t.dtype != self._torch.bfloat16
+                     else t.detach().float().cpu().numpy().tobytes())
+        return h.hexdigest()
+
+    def bind_weights(self) -> None:
+        """Make (or reuse) the session for the weights now in the network. Cheap when they did
+        not change since the last call; a reload of known weights finds its session again."""
+        versions = self._versions()
+        if versions == self._versions_seen:
+            return
+        key = self._digest()
+        self._versions_seen = versions
+        if key == self._key:
+            return
+        session = self._sessions.get(key)
+        if session is None:
+            t0 = time.perf_counter()
+            was_training = self.network.training
+            plain = self._plain
+            if plain is not None:  # export the torch forward, not this engine
+                self.network.forward = plain
+            try:
+                self.network.eval()
+                example = self._torch.zeros((1, *self.input_shape), dtype=self._torch.float32)
+                model = _export(self.network, example)
+            finally:
+                self.network.train(was_training)
+                if plain is not None:
+                    self.network.forward = self
+            opts = self._ort.SessionOptions()
+            opts.intra_op_num_threads = self.threads
+            opts.inter_op_num_threads = 1
+            opts.graph_optimization_level = self._ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            opts.log_severity_level = 3  # errors only: no per-session warnings on stderr
+            session = self._ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+            del model
+            self._sessions[key] = session
+            self.export_s += time.perf_counter() - t0
+            log.debug("%s: ONNX Runtime session made in %.2f s (input %s, %d threads)", self.name,
+                      time.perf_counter() - t0, self.input_shape, self.threads)
+        self._key = key
+        self._session = session
+
+    # -- forward ------------------------------------------------------------------------
+    def __call__(self, x: Any) -> Any:
+        torch = self._torch
+        if tuple(x.shape[1:]) != self.input_shape or x.device.type != "cpu":
+            self.fallbacks += 1
+            assert self._plain is not None
+            return self._plain(x)
+        self.bind_weights()
+        arr = x.detach().to(torch.float32).contiguous().numpy()
+        out = self._session.run(None, {"x": arr})[0]
+        self.calls += 1
+        return torch.from_numpy(out)
+
+    def install(self) -> "OrtForward":
+        if self._plain is None:
+            self._plain = self.network.forward
+            self.network.forward = self
+        return self
+
+    def uninstall(self) -> None:
+        if self._plain is not None:
+            del self.network.forward  # back to the class's forward
+            self._plain = None
+
+    def describe(self) -> Mapping[str, Any]:
+        return {"engine": "onnxruntime", "onnxruntime": self._ort.__version__, "opset": OPSET,
+                "threads": self.threads, "input_shape": list(self.input_shape)}
