@@ -12,8 +12,9 @@ Arm CPU; bfloat16 is faster still only on CPUs with native bfloat16, and changes
 border voxels.
 
 Weights are read once, at export: a session is made for one set of weights. nnU-Net
-reloads the weights of every fold before each prediction, so the engine keeps one session
-per fold, keyed by the weights' identity (``bind_weights``).
+reloads the weights of every fold (``load_state_dict``) before each prediction, so the
+engine keeps one session per fold, keyed by a digest of the weights, and looks it up again
+after every ``load_state_dict`` of the network (``bind_weights``).
 """
 
 from __future__ import annotations
@@ -102,7 +103,8 @@ class OrtForward:
         self._torch = torch
         self._sessions: dict[Any, Any] = {}
         self._key: Any = None
-        self._versions_seen: Any = None
+        self._stale = True  # the weights may differ from the bound session's (set by load_state_dict)
+        self._hook = network.register_load_state_dict_post_hook(self._weights_loaded)
         self._plain: Optional[Callable[[Any], Any]] = None
         self.export_s = 0.0
         self.calls = 0
@@ -110,10 +112,9 @@ class OrtForward:
         self.bind_weights()
 
     # -- sessions -----------------------------------------------------------------------
-    def _versions(self) -> Any:
-        """Where the weights sit and how often they were written (nnU-Net's
-        ``load_state_dict`` copies into the parameters in place, which bumps the versions)."""
-        return tuple((p.data_ptr(), p._version) for p in self.network.parameters())
+    def _weights_loaded(self, module: Any, incompatible_keys: Any) -> None:
+        """``load_state_dict`` post-hook: the next forward looks up the session again."""
+        self._stale = True
 
     def _digest(self) -> str:
         """The weights' content (a fold's weights reloaded give the same digest)."""
@@ -128,11 +129,10 @@ class OrtForward:
     def bind_weights(self) -> None:
         """Make (or reuse) the session for the weights now in the network. Cheap when they did
         not change since the last call; a reload of known weights finds its session again."""
-        versions = self._versions()
-        if versions == self._versions_seen:
+        if not self._stale:
             return
         key = self._digest()
-        self._versions_seen = versions
+        self._stale = False
         if key == self._key:
             return
         session = self._sessions.get(key)
@@ -169,7 +169,8 @@ class OrtForward:
         torch = self._torch
         if tuple(x.shape[1:]) != self.input_shape or x.device.type != "cpu":
             self.fallbacks += 1
-            assert self._plain is not None
+            if self._plain is None:
+                raise RuntimeError(f"{self.name}: the ONNX Runtime forward is not installed")
             return self._plain(x)
         self.bind_weights()
         arr = x.detach().to(torch.float32).contiguous().numpy()
@@ -184,9 +185,13 @@ class OrtForward:
         return self
 
     def uninstall(self) -> None:
+        """The network's own forward back; the engine is done with (its sessions are dropped)."""
         if self._plain is not None:
             del self.network.forward  # back to the class's forward
             self._plain = None
+        self._hook.remove()
+        self._sessions.clear()
+        self._session = None
 
     def describe(self) -> Mapping[str, Any]:
         return {"engine": "onnxruntime", "onnxruntime": self._ort.__version__, "opset": OPSET,

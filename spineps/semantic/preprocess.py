@@ -104,10 +104,14 @@ def n4_correct(data: np.ndarray, spacing: Sequence[float], settings: N4Settings 
     extent = [sz * sp for sz, sp in zip(img.GetSize(), img.GetSpacing())]
     corrector.SetNumberOfControlPoints([max(4, int(round(e / settings.spline_distance_mm)) + 3) for e in extent])
     corrector.Execute(small, small_mask)
+    del small, small_mask, msk
     log_field = corrector.GetLogBiasFieldAsImage(img)  # evaluated on the full-resolution box grid
-    field = np.exp(sitk.GetArrayFromImage(log_field)).astype(np.float32)
-    corrected = sub / np.maximum(field, 1e-6)
-    out[box] = np.where(sub_mask, corrected, sub)
+    del img
+    # in place where possible: one full-size field besides input and output (not five)
+    field = np.exp(sitk.GetArrayViewFromImage(log_field), dtype=np.float32)
+    del log_field
+    np.maximum(field, 1e-6, out=field)
+    np.divide(sub, field, out=out[box], where=sub_mask)  # out already holds sub outside the mask
     return out
 
 
