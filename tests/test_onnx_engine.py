@@ -93,6 +93,8 @@ def test_semantic_engine_follows_every_fold_and_keeps_the_labels(tmp_path: Path,
     a, b = plain.predict_indices(img), ort.predict_indices(img)
     assert ort._ort is not None and ort._ort.calls > 0 and ort._ort.fallbacks == 0
     assert len(ort._ort._sessions) == 2  # one per fold
+    # exported from a smaller traced input, then fixed to the tile shape
+    assert ort._ort.trace_shape != ort._ort.input_shape
     assert np.array_equal(a, b)
     calls = ort._ort.calls
     assert np.array_equal(ort.predict_indices(img), a)  # the weights reloaded: sessions found again

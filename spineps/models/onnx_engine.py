@@ -70,9 +70,15 @@ def resolve_engine(engine: str, device: str, precision: str) -> str:
     return "onnxruntime" if on_cpu and precision == "fp32" and onnxruntime_available() else "torch"
 
 
-def _export(network: Any, example: Any) -> bytes:
-    """The network as an ONNX model (bytes), batch axis dynamic."""
+def _export(network: Any, example: Any, dynamic_spatial: bool = False) -> bytes:
+    """The network as an ONNX model (bytes), batch axis dynamic (and the spatial axes with
+    ``dynamic_spatial``: then ``example`` may be much smaller than the tiles, which keeps the
+    export's own forward pass cheap for large networks)."""
     import torch
+
+    axes = {0: "batch"}
+    if dynamic_spatial:
+        axes.update({i: f"d{i}" for i in range(2, example.dim())})
 
     buf = io.BytesIO()
     # export traces the network: outside any inference_mode the caller (nnU-Net's predictor) runs in
@@ -81,8 +87,26 @@ def _export(network: Any, example: Any) -> bytes:
         # (which is what the networks do) and about TorchScript's deprecation
         warnings.simplefilter("ignore")
         torch.onnx.export(network, (example,), buf, input_names=["x"], output_names=["y"], opset_version=OPSET,
-                          dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, dynamo=False)
+                          dynamic_axes={"x": axes, "y": axes}, dynamo=False)
     return buf.getvalue()
+
+
+def _fix_spatial_shape(model: bytes, input_shape: Sequence[int]) -> bytes:
+    """The exported model with its input's channel and spatial sizes fixed to ``input_shape``
+    (the batch stays dynamic), so ONNX Runtime plans its memory and kernels for the tile
+    shape as if the export had traced it; the intermediate shapes are inferred again."""
+    import onnx
+
+    proto = onnx.load_from_string(model)
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    for dim, size in zip(list(dims)[1:], input_shape):
+        dim.Clear()
+        dim.dim_value = int(size)
+    del proto.graph.value_info[:]  # symbolic shapes of the traced sizes: ONNX Runtime infers them anew
+    for out in proto.graph.output:
+        for dim in list(out.type.tensor_type.shape.dim)[1:]:
+            dim.Clear()
+    return proto.SerializeToString()
 
 
 class OrtForward:
@@ -91,12 +115,16 @@ class OrtForward:
     ``install()`` puts it in place of ``network.forward``; ``uninstall()`` restores it.
     ``threads`` is ONNX Runtime's intra-op thread count (the process's CPU share)."""
 
-    def __init__(self, network: Any, input_shape: Sequence[int], threads: int, *, name: str = "network"):
+    def __init__(self, network: Any, input_shape: Sequence[int], threads: int, *, name: str = "network",
+                 trace_shape: Optional[Sequence[int]] = None):
         import onnxruntime as ort
         import torch
 
         self.network = network
         self.input_shape = tuple(int(v) for v in input_shape)  # channels + spatial
+        # what the export traces with: a smaller input (channels + spatial) exports with dynamic
+        # spatial axes; the session still serves the tile shape only (the shape checked above)
+        self.trace_shape = tuple(int(v) for v in trace_shape) if trace_shape is not None else self.input_shape
         self.threads = max(1, int(threads))
         self.name = name
         self._ort = ort
@@ -144,12 +172,14 @@ class OrtForward:
                 self.network.forward = plain
             try:
                 self.network.eval()
-                example = self._torch.zeros((1, *self.input_shape), dtype=self._torch.float32)
-                model = _export(self.network, example)
+                example = self._torch.zeros((1, *self.trace_shape), dtype=self._torch.float32)
+                model = _export(self.network, example, dynamic_spatial=self.trace_shape != self.input_shape)
             finally:
                 self.network.train(was_training)
                 if plain is not None:
                     self.network.forward = self
+            if self.trace_shape != self.input_shape:
+                model = _fix_spatial_shape(model, self.input_shape)
             opts = self._ort.SessionOptions()
             opts.intra_op_num_threads = self.threads
             opts.inter_op_num_threads = 1

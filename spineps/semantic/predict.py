@@ -157,9 +157,17 @@ class NnUNetSemanticSegmenter:
         first = next((m for m in net.modules() if isinstance(m, (torch.nn.Conv3d, torch.nn.Conv2d))), None)
         if first is None:
             raise ModelError("no convolution found to read the network's input channels from", self.folder)
-        shape = (int(first.in_channels), *[int(v) for v in loaded.configuration_manager.patch_size])
+        cm = loaded.configuration_manager
+        patch = [int(v) for v in cm.patch_size]
+        shape = (int(first.in_channels), *patch)
+        # the export traces a small input (twice the network's total stride per axis; the
+        # session is then fixed to the tile shape): a full tile of the released model would cost
+        # ~18 s of float32 forward pass and 4 GB at export
+        total = np.prod(np.asarray(cm.pool_op_kernel_sizes, dtype=np.int64).reshape(-1, len(patch)), axis=0)
+        trace = (shape[0], *[int(min(p, 2 * t)) for p, t in zip(patch, total)])
         try:
-            self._ort = OrtForward(net, shape, self.nprocs or torch.get_num_threads(), name=self.name).install()
+            self._ort = OrtForward(net, shape, self.nprocs or torch.get_num_threads(), name=self.name,
+                                   trace_shape=trace).install()
         except Exception as exc:  # noqa: BLE001 - an export the runtime cannot take: say which, before any scan
             raise ModelError(f"ONNX Runtime could not take the network ({type(exc).__name__}: {exc}); "
                              "use --engine torch", self.folder) from exc
