@@ -147,6 +147,28 @@ def test_missing_onnxruntime_is_a_model_error_before_any_scan(tmp_path: Path, mo
     assert NnUNetSemanticSegmenter(load_nnunet_folder(folder), device="cpu", nprocs=1, engine="auto").engine == "torch"
 
 
+def test_auto_falls_back_to_torch_when_the_export_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      caplog: pytest.LogCaptureFixture, threads: None) -> None:
+    """A network ONNX Runtime cannot take: ``auto`` warns and stays on torch (the run goes on);
+    ``onnxruntime`` asked for is a ModelError naming the folder, before any scan."""
+    from spineps.models.nnunet_folder import load_nnunet_folder
+    from spineps.semantic.predict import NnUNetSemanticSegmenter
+
+    def refuse(self, *a, **k):  # type: ignore[no-untyped-def]
+        raise RuntimeError("Exporting the operator 'aten::frobnicate' to ONNX opset version 17 is not supported")
+
+    monkeypatch.setattr(onnx_engine.OrtForward, "__init__", refuse)
+    folder = _random_semantic(tmp_path, folds=1)
+    with caplog.at_level("WARNING", logger="spineps.models.onnx_engine"):
+        seg = NnUNetSemanticSegmenter(load_nnunet_folder(folder), device="cpu", nprocs=1, engine="auto")
+    assert seg.engine == "torch" and seg._ort is None
+    assert "frobnicate" in caplog.text and "runs in torch" in caplog.text
+    assert seg.predict_indices(_image()).shape == (28, 40, 14)
+    with pytest.raises(ModelError, match="frobnicate.*--engine torch") as err:
+        NnUNetSemanticSegmenter(load_nnunet_folder(folder), device="cpu", nprocs=1, engine="onnxruntime")
+    assert str(folder) in str(err.value)
+
+
 def test_instance_engine_gives_the_torch_instances(threads: None) -> None:
     from spineps.instance.segmenter import UNetInstanceSegmenter
     from spineps.models.registry import BUNDLED_INSTANCE, bundled_model_dir

@@ -116,11 +116,11 @@ class UNetInstanceSegmenter:
         """``torch`` or ``onnxruntime`` (spineps.models.onnx_engine) for the cutout forward passes."""
         import torch
 
-        from spineps.models.onnx_engine import OrtForward, resolve_engine
+        from spineps.models.onnx_engine import install_or_fall_back, resolve_engine
 
         if engine == "auto":
-            # measured (benchmarks/inference_options.py): ONNX Runtime is slower than torch for this
-            # U-Net (group norm as reshape + instance norm: 0.24 s vs 0.15 s per batch of two cutouts)
+            # measured (benchmarks/instance_speed.py): ONNX Runtime is slower than torch for this U-Net
+            # (group norm becomes reshape + instance norm: 0.128 vs 0.056 s per cutout, batch 2)
             engine = "torch"
         try:
             chosen = resolve_engine(engine, self.device, self.precision)
@@ -132,13 +132,9 @@ class UNetInstanceSegmenter:
             self.network = self.network.to(memory_format=torch.contiguous_format)
             self.channels_last = False
         shape = (self.in_channels, *[int(v) for v in self.config.cutout_size])
-        try:
-            self._ort = OrtForward(self.network, shape, self.nprocs or torch.get_num_threads(),
-                                   name=self.config.log_name).install()
-        except Exception as exc:  # noqa: BLE001 - an export the runtime cannot take: say which, before any scan
-            raise ModelError(f"ONNX Runtime could not take the instance network ({type(exc).__name__}: {exc}); "
-                             "use --engine torch", self.config.path) from exc
-        return "onnxruntime"
+        self._ort = install_or_fall_back(self.network, shape, self.nprocs or torch.get_num_threads(),
+                                         name=self.config.log_name, asked=engine, folder=self.config.path)
+        return "torch" if self._ort is None else "onnxruntime"
 
     # -- construction ---------------------------------------------------------------
     @classmethod

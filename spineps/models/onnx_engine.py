@@ -28,7 +28,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ENGINES", "onnxruntime_available", "onnxruntime_version", "resolve_engine", "OrtForward"]
+__all__ = ["ENGINES", "onnxruntime_available", "onnxruntime_version", "resolve_engine", "OrtForward",
+           "install_or_fall_back"]
 
 ENGINES = ("auto", "torch", "onnxruntime")
 #: the ONNX operator set the networks are exported with (3D convolutions, instance / group norm)
@@ -226,3 +227,21 @@ class OrtForward:
     def describe(self) -> Mapping[str, Any]:
         return {"engine": "onnxruntime", "onnxruntime": self._ort.__version__, "opset": OPSET,
                 "threads": self.threads, "input_shape": list(self.input_shape)}
+
+
+def install_or_fall_back(network: Any, input_shape: Sequence[int], threads: int, *, name: str, asked: str,
+                         folder: Any, trace_shape: Optional[Sequence[int]] = None) -> Optional[OrtForward]:
+    """``OrtForward`` installed on ``network``, or None where it cannot be: with ``asked`` =
+    ``"onnxruntime"`` that is a ``ModelError`` naming ``folder`` (before any scan); with
+    ``"auto"`` a warning, and the network stays on torch (auto never makes a run fail)."""
+    from spineps.errors import ModelError
+
+    try:
+        return OrtForward(network, input_shape, threads, name=name, trace_shape=trace_shape).install()
+    except Exception as exc:  # noqa: BLE001 - an export or session ONNX Runtime cannot take: say which
+        why = f"{type(exc).__name__}: {str(exc)[:300]}"
+        if asked == "onnxruntime":
+            raise ModelError(f"ONNX Runtime could not take the network of {name} ({why}); use --engine torch",
+                             folder) from exc
+        log.warning("%s: ONNX Runtime could not take the network (%s); it runs in torch", name, why)
+        return None

@@ -145,7 +145,7 @@ class NnUNetSemanticSegmenter:
         network's forward by an ONNX Runtime session for nnU-Net's tile shape."""
         import torch
 
-        from spineps.models.onnx_engine import OrtForward, resolve_engine
+        from spineps.models.onnx_engine import install_or_fall_back, resolve_engine
 
         try:
             chosen = resolve_engine(engine, self.device.type, self.precision)
@@ -155,23 +155,17 @@ class NnUNetSemanticSegmenter:
         if chosen != "onnxruntime" or not isinstance(net, torch.nn.Module):
             return "torch"
         first = next((m for m in net.modules() if isinstance(m, (torch.nn.Conv3d, torch.nn.Conv2d))), None)
-        if first is None:
-            raise ModelError("no convolution found to read the network's input channels from", self.folder)
         cm = loaded.configuration_manager
         patch = [int(v) for v in cm.patch_size]
-        shape = (int(first.in_channels), *patch)
+        shape = (int(first.in_channels) if first is not None else 1, *patch)
         # the export traces a small input (twice the network's total stride per axis; the
         # session is then fixed to the tile shape): a full tile of the released model would cost
         # ~18 s of float32 forward pass and 4 GB at export
         total = np.prod(np.asarray(cm.pool_op_kernel_sizes, dtype=np.int64).reshape(-1, len(patch)), axis=0)
         trace = (shape[0], *[int(min(p, 2 * t)) for p, t in zip(patch, total)])
-        try:
-            self._ort = OrtForward(net, shape, self.nprocs or torch.get_num_threads(), name=self.name,
-                                   trace_shape=trace).install()
-        except Exception as exc:  # noqa: BLE001 - an export the runtime cannot take: say which, before any scan
-            raise ModelError(f"ONNX Runtime could not take the network ({type(exc).__name__}: {exc}); "
-                             "use --engine torch", self.folder) from exc
-        return "onnxruntime"
+        self._ort = install_or_fall_back(net, shape, self.nprocs or torch.get_num_threads(), name=self.name,
+                                         asked=engine, folder=self.folder, trace_shape=trace)
+        return "torch" if self._ort is None else "onnxruntime"
 
     def set_cpu_bf16(self, enabled: bool = True) -> None:
         """Run the network's forward passes on CPU under bfloat16 autocast (float32 logits
