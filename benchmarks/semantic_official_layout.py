@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import sys
 import time
@@ -36,11 +35,9 @@ FEATURES = [32, 64, 128, 256, 320, 320]
 
 
 def _hwm_mib() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    return 0.0
+    from run_benchmark import _status_kib  # noqa: E402  (benchmarks/ on sys.path)
+
+    return _status_kib("VmHWM") / 1024.0
 
 
 def _network() -> Any:
@@ -56,6 +53,7 @@ def _network() -> Any:
 
 def _measure(args: dict, q: Any) -> None:
     sys.path.insert(0, str(REPO))
+    sys.path.insert(0, str(REPO / "benchmarks"))
     import numpy as np
     import torch
 
@@ -91,16 +89,6 @@ def _measure(args: dict, q: Any) -> None:
            "parameters_m": round(sum(p.numel() for p in net.parameters()) / 1e6, 2)})
 
 
-def _run(args: dict) -> dict:
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=_measure, args=(args, q))
-    p.start()
-    out = q.get()
-    p.join()
-    return out
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
@@ -109,13 +97,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "semantic_official_layout.json")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(REPO / "benchmarks"))
+    from instance_speed import _run  # a fresh spawned process per measurement
     from run_benchmark import _loadavg, _write_json_atomic, machine_info
 
     report: dict[str, Any] = {"started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                               "machine": machine_info(args.threads), "loadavg_start": _loadavg(),
                               "patch": list(PATCH), "features": FEATURES, "strides": STRIDES, "results": []}
     for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
-        r = _run({"variant": variant, "threads": args.threads, "repeats": args.repeats})
+        r = _run(_measure, {"variant": variant, "threads": args.threads, "repeats": args.repeats})
         report["results"].append(r)
         print(json.dumps(r), flush=True)
     report["loadavg_end"] = _loadavg()

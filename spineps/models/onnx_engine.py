@@ -186,6 +186,9 @@ class OrtForward:
             opts.inter_op_num_threads = 1
             opts.graph_optimization_level = self._ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             opts.log_severity_level = 3  # errors only: no per-session warnings on stderr
+            # no memory pattern: with it ONNX Runtime keeps one block for the whole pattern after
+            # the first run (released-size network: peak 4.9 GB instead of 2.8 GB, same speed)
+            opts.enable_mem_pattern = False
             session = self._ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
             del model
             self._sessions[key] = session
