@@ -120,7 +120,7 @@ class UNetInstanceSegmenter:
 
         if engine == "auto":
             # measured (benchmarks/instance_speed.py): ONNX Runtime is slower than torch for this U-Net
-            # (group norm becomes reshape + instance norm: 0.128 vs 0.056 s per cutout, batch 2)
+            # (group norm becomes reshape + instance norm: 0.154 vs 0.066 s per cutout, batch 2)
             engine = "torch"
         try:
             chosen = resolve_engine(engine, self.device, self.precision)
