@@ -3,13 +3,15 @@
 The network stays a torch module (nnU-Net's predictor keeps calling it inside its own sliding
 window and keeps copying each fold's weights into it); only its ``forward`` is replaced by
 an ONNX Runtime session of the same network, exported in memory when the model is loaded
-(TorchScript exporter, opset 17, batch axis dynamic, spatial shape fixed to the tile or
-cutout size the caller feeds). A call with another spatial shape runs the torch forward.
+(TorchScript exporter, opset 17; traced on a small input with dynamic axes, then the input
+fixed to the tile or cutout shape the caller feeds, batch dynamic; no memory pattern). A
+call with another spatial shape runs the torch forward.
 
-Why: on CPU, ONNX Runtime's convolution kernels run the float32 networks about 5x faster
-than torch's (``benchmarks/inference_options.py``) and give the same labels, on any x86 or
-Arm CPU; bfloat16 is faster still only on CPUs with native bfloat16, and changes a few
-border voxels.
+Why: on CPU, ONNX Runtime runs the float32 semantic networks faster than torch (4.4x the
+bundled model, 1.5x at the released model's size with 30 % less memory;
+``benchmarks/inference_options.py``, ``benchmarks/semantic_official_layout.py``) and gives
+the same labels, on any x86 or Arm CPU; bfloat16 is faster still only on CPUs with native
+bfloat16, and changes a few border voxels.
 
 Weights are read once, at export: a session is made for one set of weights. nnU-Net
 reloads the weights of every fold (``load_state_dict``) before each prediction, so the
@@ -24,7 +26,6 @@ import logging
 import time
 import warnings
 from typing import Any, Callable, Mapping, Optional, Sequence
-
 
 log = logging.getLogger(__name__)
 
