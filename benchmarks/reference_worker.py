@@ -2,7 +2,9 @@
 
 Runs INSIDE the reference's virtual environment (``benchmarks/reference_venv.sh``), started
 by ``run_benchmark.py`` with a working directory outside this repository, so ``spineps``
-here is the reference package, not ours. It imports nothing from this repository.
+here is the reference package, not ours. From this repository it imports only the
+measuring helpers of ``run_benchmark.py`` (its own folder is first on ``sys.path``; that
+module imports nothing but the standard library at import time).
 
     /tmp/spineps-ref-venv/bin/python benchmarks/reference_worker.py CONFIG.json RESULT.json
 
@@ -23,37 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-class _Forward:
-    def __init__(self, module, cuda: bool) -> None:  # type: ignore[no-untyped-def]
-        import torch
-
-        self.seconds, self.calls, self._depth, self._t = 0.0, 0, 0, 0.0
-        sync = torch.cuda.synchronize if cuda else (lambda: None)
-
-        def pre(_m, _i):  # type: ignore[no-untyped-def]
-            if self._depth == 0:
-                sync()
-                self._t = time.perf_counter()
-            self._depth += 1
-
-        def post(_m, _i, _o):  # type: ignore[no-untyped-def]
-            self._depth -= 1
-            if self._depth == 0:
-                sync()
-                self.seconds += time.perf_counter() - self._t
-                self.calls += 1
-
-        module.register_forward_pre_hook(pre)
-        module.register_forward_hook(post)
+from run_benchmark import ForwardTimer, _status_kib  # this script's folder: the same hooks and counters as ours
 
 
 def main(cfg_path: str, result_path: str) -> int:
@@ -78,11 +50,11 @@ def main(cfg_path: str, result_path: str) -> int:
     timers = {}
     net = getattr(getattr(sem, "predictor", None), "network", None)
     if isinstance(net, torch.nn.Module):
-        timers["semantic"] = _Forward(net, cuda)
+        timers["semantic"] = ForwardTimer(net, cuda)
     # the reference calls ``predictor.forward(x)`` directly (no hooks there); its ``network`` is called
     inner = getattr(getattr(inst, "predictor", None), "network", None)
     if isinstance(inner, torch.nn.Module):
-        timers["instance"] = _Forward(inner, cuda)
+        timers["instance"] = ForwardTimer(inner, cuda)
 
     image = Path(cfg["image"])
     ref = BIDS_FILE(str(image), dataset=str(cfg["dataset"]), verbose=False)
