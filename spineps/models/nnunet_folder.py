@@ -182,6 +182,7 @@ class LoadedNnUNet:
     patch_size: tuple[int, ...]
     checkpoint_names: tuple[str, ...] = field(default_factory=tuple)
     mirror_axes: Optional[tuple[int, ...]] = None  # the checkpoint's inference_allowed_mirroring_axes
+    num_inputs: int = 1  # input channels (nnU-Net's determine_num_input_channels)
 
 
 def load_nnunet_folder(folder: Path, folds: Optional[Sequence[int]] = None) -> LoadedNnUNet:
@@ -246,4 +247,5 @@ def load_nnunet_folder(folder: Path, folds: Optional[Sequence[int]] = None) -> L
     axes = cks[0].get("inference_allowed_mirroring_axes")
     mirror_axes = tuple(int(a) for a in axes) if isinstance(axes, (list, tuple)) and axes else None
     return LoadedNnUNet(info, configuration, trainer_name, network, params, plans_manager, cm, label_manager,
-                        n_out, patch, tuple(str(p.relative_to(info.path)) for p in info.checkpoints), mirror_axes)
+                        n_out, patch, tuple(str(p.relative_to(info.path)) for p in info.checkpoints), mirror_axes,
+                        int(n_in))

@@ -154,10 +154,9 @@ class NnUNetSemanticSegmenter:
         net = self.predictor.network
         if chosen != "onnxruntime" or not isinstance(net, torch.nn.Module):
             return "torch"
-        first = next((m for m in net.modules() if isinstance(m, (torch.nn.Conv3d, torch.nn.Conv2d))), None)
         cm = loaded.configuration_manager
         patch = [int(v) for v in cm.patch_size]
-        shape = (int(first.in_channels) if first is not None else 1, *patch)
+        shape = (int(loaded.num_inputs), *patch)
         # the export traces a small input (twice the network's total stride per axis; the
         # session is then fixed to the tile shape): a full tile of the released model would cost
         # ~18 s of float32 forward pass and 4 GB at export
