@@ -8,8 +8,11 @@ import json
 import numpy as np
 
 from spineps.models.folder import read_model_config
+from spineps.training.partial_labels import Margins, labels_from_bodies, labels_from_discs
 from spineps.training.semantic import (IGNORE_INDEX, LABEL_ORDER, MODEL_ORIENTATION, Recipe, inference_config,
-                                       partial_label, plans_dict, real_cases, small_plans, values_to_indices)
+                                       plans_dict, real_cases, small_plans, values_to_indices)
+
+BODY, DISC, SACRUM = (LABEL_ORDER.index(v) + 1 for v in (49, 100, 26))
 
 
 def test_values_to_indices_maps_community_values_and_unknowns_to_ignore():
@@ -21,23 +24,58 @@ def test_values_to_indices_maps_community_values_and_unknowns_to_ignore():
     assert idx[0, 0, 8] == IGNORE_INDEX  # 52 is not a network class
 
 
-def test_partial_label_anterior_background_annotated_class_rest_ignore():
-    P, I, R = 40, 30, 6
-    ann = np.zeros((P, I, R), bool)
-    ann[20:30, 5:10, 2:4] = True  # a "body"
-    ann[22:32, 15:20, 2:4] = True  # another one, a bit more posterior
-    lab = partial_label(ann, 49, spacing_p=1.0, margin_mm=5.0)
-    body = LABEL_ORDER.index(49) + 1
-    assert (lab[ann] == body).all()
-    # clearly anterior (small P index) inside the annotated I range: background
-    assert (lab[0:14, 5:10, :] == 0).all()
-    assert (lab[0:16, 15:20, :] == 0).all()
-    # between the bodies (the disc rows) the threshold is interpolated
-    assert (lab[0:14, 12, :] == 0).all()
-    # posterior of the bodies, the margin zone, and rows outside the annotated range: unknown
-    assert (lab[35:, 5:10, :] == IGNORE_INDEX).all()
-    assert (lab[16:20, 5:10, :] == IGNORE_INDEX).all()
-    assert (lab[:, 0:5, :] == IGNORE_INDEX).all() and (lab[:, 20:, :] == IGNORE_INDEX).all()
+def _column(levels, P=60, I=80, R=40, lateral=(10, 30)):
+    """Instances stacked along I (P, I, R arrays): ``levels`` = (id, i0, i1, p0, p1)."""
+    inst = np.zeros((P, I, R), np.int64)
+    for v, i0, i1, p0, p1 in levels:
+        inst[p0:p1, i0:i1, lateral[0]:lateral[1]] = v
+    return inst
+
+
+def test_bodies_give_discs_between_them_endplate_layers_unknown_and_background_around():
+    # two bodies 5 voxels apart (1 mm voxels); the lower one slightly more posterior
+    inst = _column([(20, 10, 30, 20, 40), (21, 35, 55, 22, 42)])
+    lab = labels_from_bodies(inst, (1.0, 1.0, 1.0), body=BODY, disc=DISC, ignore=IGNORE_INDEX,
+                             margins=Margins(anterior_mm=5.0, lateral_mm=3.0, footprint_erosion_mm=2.0,
+                                             gap_end_mm=1.0, endplate_mm=2.0))
+    # body cores are body, the 2 mm next to each body's top and bottom unknown
+    assert (lab[25:35, 14:26, 15:25] == BODY).all()
+    assert (lab[25:35, 10:12, 15:25] == IGNORE_INDEX).all() and (lab[25:35, 28:30, 15:25] == IGNORE_INDEX).all()
+    # the gap rows 30..34 inside the shared footprint (P 22..39, R 10..29, shrunk by 2): disc,
+    # its first and last row (next to each body) unknown
+    assert (lab[25:37, 31:34, 13:27] == DISC).all()
+    assert (lab[25:37, 30, 15:25] == IGNORE_INDEX).all() and (lab[25:37, 34, 15:25] == IGNORE_INDEX).all()
+    assert (lab[22:24, 31:34, 15:25] != DISC).all()  # outside the shrunk footprint
+    # clearly in front: background; lateral in the front part of a body: background
+    assert (lab[0:14, 15:25, :] == 0).all()
+    assert (lab[21:30, 15:25, 0:6] == 0).all() and (lab[21:30, 15:25, 34:] == 0).all()
+    # lateral but behind the front part (pedicles, processes): unknown; posterior: unknown
+    assert (lab[36:40, 15:25, 0:6] == IGNORE_INDEX).all()
+    assert (lab[45:, 15:25, :] == IGNORE_INDEX).all()
+    # outside the annotated I range: unknown
+    assert (lab[:, 0:8, :] == IGNORE_INDEX).all() and (lab[:, 60:, :] == IGNORE_INDEX).all()
+
+
+def test_a_gap_too_long_for_a_disc_is_a_missing_level_not_a_disc():
+    inst = _column([(20, 5, 25, 20, 40), (22, 55, 75, 20, 40)])  # 30 mm apart: L2 missing
+    lab = labels_from_bodies(inst, (1.0, 1.0, 1.0), body=BODY, disc=DISC, ignore=IGNORE_INDEX)
+    assert not (lab == DISC).any()
+
+
+def test_discs_give_bodies_between_them_and_the_top_of_s1_below_l5_s1():
+    inst = _column([(123, 10, 19, 20, 40), (124, 45, 54, 22, 42)])
+    for lowest_is_l5_s1 in (True, False):
+        lab = labels_from_discs(inst, (1.0, 1.0, 1.0), body=BODY, disc=DISC, sacrum=SACRUM, ignore=IGNORE_INDEX,
+                                lowest_is_l5_s1=lowest_is_l5_s1,
+                                margins=Margins(endplate_mm=2.0, sacrum_from_mm=2.0, sacrum_to_mm=10.0))
+        assert (lab[inst > 0] == DISC).all()
+        # body between the discs, 2 mm next to each disc unknown
+        assert (lab[25:37, 21:43, 13:27] == BODY).all()
+        assert (lab[25:37, 19:21, 15:25] == IGNORE_INDEX).all()
+        if lowest_is_l5_s1:
+            assert (lab[25:37, 55:64, 13:27] == SACRUM).all() and (lab[25:37, 66:, 15:25] == IGNORE_INDEX).all()
+        else:
+            assert not (lab == SACRUM).any()
 
 
 def test_small_plans_and_plans_dict_agree_on_the_small_network():
