@@ -854,7 +854,8 @@ def _paint_disc(cv: _Canvas, up: _Level, lo: _Level) -> None:
     aa = up.W / 2 * (1 - f) + lo.W / 2 * f + bulge
     bb = up.D / 2 * (1 - f) + lo.D / 2 * f + bulge
     disc = between & ((np.abs(x / aa) ** 2.4 + np.abs(y / bb) ** 2.4) <= 1)
-    nucleus = disc & ((x / (aa * 0.55)) ** 2 + ((y + bb * 0.12) / (bb * 0.5)) ** 2 <= 1) & (f > 0.18) & (f < 0.82)
+    # nucleus: most of the disc's inner part (the annulus a rim of a few mm, as in sagittal T2w)
+    nucleus = disc & ((x / (aa * 0.72)) ** 2 + ((y + bb * 0.08) / (bb * 0.66)) ** 2 <= 1) & (f > 0.12) & (f < 0.88)
     lig = between & ((np.abs(x / (aa + 1.6)) ** 2.4 + np.abs(y / (bb + 1.6)) ** 2.4) <= 1) & ~disc & (y > 0.25 * bb)
     cv.paint(sl, lig, -1, 0, Tissue.LIGAMENT, where=cv.tis[sl] <= Tissue.SOFT)
     if up.labelled:
