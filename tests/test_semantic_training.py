@@ -109,3 +109,27 @@ def test_holdout_is_disjoint_from_training(real_data):
     hold = {(s, sub) for s, sub, *_ in real_cases(real_data, "holdout")}
     assert train and hold and not (train & hold)
     assert ("SCT", "sub-sctcervical") in hold
+
+
+def test_pseudo_target_fills_only_unknown_interiors_of_undecided_classes():
+    from spineps.training.pseudo_labels import pseudo_target
+
+    U = IGNORE_INDEX
+    canal, arcus = LABEL_ORDER.index(61) + 1, LABEL_ORDER.index(41) + 1
+    target = np.full((30, 30, 30), U, np.uint8)
+    target[5:12, 5:25, 5:25] = BODY  # annotated
+    pred = np.zeros_like(target)
+    pred[4:14, 5:25, 5:25] = BODY  # the model's body is larger: must not be adopted
+    pred[16:24, 5:25, 10:20] = canal
+    pred[25:29, 5:25, 10:20] = arcus
+    out = pseudo_target(target, pred, ignore=U, decided=(BODY, DISC), erode_vox=1, background_margin_vox=2)
+    assert (out[5:12, 5:25, 5:25] == BODY).all()
+    assert (out[4, 5:25, 5:25] == U).all() and (out[12:14, 5:25, 5:25] == U).all()  # body rows the annotation leaves out
+    assert (out[17:23, 6:24, 11:19] == canal).all()  # interior adopted
+    assert (out[16, 6:24, 11:19] == U).all() and (out[23, 6:24, 11:19] == U).all()  # borders stay unknown
+    assert (out[26:28, 6:24, 11:19] == arcus).all()
+    # background only far from every structure; near them unknown
+    assert (out[17:23, 6:24, 0:7] == 0).all() and (out[17:23, 6:24, 8] == U).all()
+    # what the target already knew is kept
+    known = target != U
+    assert (out[known] == target[known]).all()

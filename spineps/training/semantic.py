@@ -8,6 +8,8 @@ Stages (``--stages``, default all, in this order; each reuses the work folder):
 ``real``     export the labelled real scans of the training split (partial labels: every
              unannotated voxel is nnU-Net's ignore label, except the region clearly
              anterior to the annotated bodies/discs, which is certainly background)
+``pseudo``   (self-training, with ``--pseudo-from MODEL``) that model's predictions fill the
+             unknown voxels of the real targets (``spineps.training.pseudo_labels``)
 ``phantoms`` render domain-randomised phantoms with ``spineps.synth`` (fully labelled)
 ``plan``     nnU-Net fingerprint + ExperimentPlanner (classes passed directly, no lookup by
              name), then the plans edited to a small network at the bundled model's spacing;
@@ -100,6 +102,11 @@ class Recipe:
     #: "bf16": the network's forward under CPU bfloat16 autocast (float32 master weights and
     #: loss; 2.3x faster steps on CPUs with native bf16, benchmarks/training_step_cost.py)
     train_precision: str = "fp32"
+    #: warm start from the weights of this packaged model folder (same plans), e.g. the last round's
+    init_from: str = ""
+    #: self-training: this model folder's predictions fill the unknown voxels of the real
+    #: scans' targets (``spineps.training.pseudo_labels``)
+    pseudo_from: str = ""
     use_real: bool = True
     real_n4: bool = True
     anterior_margin_mm: float = 8.0
@@ -208,6 +215,35 @@ def export_real(raw: Path, recipe: Recipe, real_root: Path) -> list[str]:
             _save_case(raw, case, data, label, img.affine)
         names.append(case)
         log.info("exported %s (%s)", case, img.shape)
+    return names
+
+
+def add_pseudo_labels(raw: Path, recipe: Recipe, real_root: Path, nprocs: int = 1) -> list[str]:
+    """Complete the real training cases' targets (as ``export_real`` wrote them) with the
+    predictions of the model folder ``recipe.pseudo_from`` (its N4-free path: the exported
+    images are already corrected)."""
+    import nibabel as nib
+
+    from spineps.geometry.volume import Volume
+    from spineps.semantic.predict import NnUNetSemanticSegmenter
+    from spineps.training.pseudo_labels import pseudo_target
+
+    seg = NnUNetSemanticSegmenter.from_folder(Path(recipe.pseudo_from), device="cpu", nprocs=nprocs, n4=False)
+    idx = {v: LABEL_ORDER.index(v) + 1 for v in (49, 100, 26)}
+    decided = {49: (idx[49], idx[100]), 100: (idx[100], idx[49], idx[26])}
+    names = []
+    for set_name, sub, _img_p, _lab_p, value in real_cases(real_root, "train", recipe.holdout):
+        case = f"real{set_name.lower()}_{sub.replace('sub-', '')}"
+        img = nib.load(str(raw / "imagesTr" / f"{case}_0000.nii.gz"))
+        lab_file = raw / "labelsTr" / f"{case}.nii.gz"
+        target = np.asarray(nib.load(str(lab_file)).dataobj).astype(np.uint8)
+        pred = seg.segment(Volume(np.asarray(img.dataobj, dtype=np.float32), img.affine))
+        out = pseudo_target(target, values_to_indices(np.asarray(pred.data)), ignore=IGNORE_INDEX,
+                            decided=decided[value])
+        nib.save(nib.Nifti1Image(out, img.affine), str(lab_file))
+        names.append(case)
+        log.info("pseudo-labelled %s: %d of %d unknown voxels adopted", case,
+                 int(((target == IGNORE_INDEX) & (out != IGNORE_INDEX)).sum()), int((target == IGNORE_INDEX).sum()))
     return names
 
 
@@ -355,6 +391,15 @@ def plan_and_preprocess(work: Path, recipe: Recipe, val_cases: list[str]) -> Non
 # ----------------------------------------------------------------------------------------------
 # training
 # ----------------------------------------------------------------------------------------------
+def _load_weights(net: Any, folder: Path) -> None:
+    """Warm start: the network weights of a packaged model folder's ``fold_0`` (same plans)."""
+    import torch
+
+    ck = torch.load(str(folder / "fold_0" / "checkpoint_final.pth"), map_location="cpu", weights_only=True)
+    own = net.state_dict()
+    net.load_state_dict({k: v.to(own[k].dtype) for k, v in ck["network_weights"].items()})
+
+
 def _autocast_forward(net: Any) -> None:
     """Run ``net``'s forward under CPU bfloat16 autocast with float32 outputs (a list of
     outputs under deep supervision); parameters and state-dict keys are untouched."""
@@ -391,9 +436,13 @@ def make_trainer_class(recipe: Recipe) -> type:
 
         def initialize(self):
             super().initialize()
+            if recipe.init_from:
+                _load_weights(self.network, Path(recipe.init_from))
+                self.print_to_log_file(f"network weights initialised from {recipe.init_from}")
             if recipe.train_precision == "bf16" and self.device.type == "cpu":
+                self.network.to(memory_format=torch.channels_last_3d)
                 _autocast_forward(self.network)
-                self.print_to_log_file("network forward under CPU bfloat16 autocast")
+                self.print_to_log_file("network forward under CPU bfloat16 autocast, channels-last weights")
 
         def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):  # noqa: N802
             from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
@@ -510,8 +559,11 @@ def package(results_folder: Path, out: Path, recipe: Recipe, checkpoint: str = "
                 src = results_folder / "fold_0" / alt
                 break
     ck = torch.load(str(src), map_location="cpu", weights_only=False)  # our own file, just written
+    # float16 storage halves the file (the network loads them into its float32 parameters;
+    # rounding error ~5e-4 relative, below what the bf16 inference default rounds anyway)
+    weights = {k: (v.half() if v.is_floating_point() else v) for k, v in ck["network_weights"].items()}
     slim = {
-        "network_weights": ck["network_weights"],
+        "network_weights": weights,
         "trainer_name": ck["trainer_name"],
         "init_args": {"configuration": ck["init_args"]["configuration"], "fold": ck["init_args"]["fold"]},
         "inference_allowed_mirroring_axes": None,
@@ -644,9 +696,13 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
                         "augmentation worker uses the other)")
     p.add_argument("--train-precision", choices=("fp32", "bf16"), default=Recipe.train_precision,
                    help="bf16: forward under CPU bfloat16 autocast (CPUs with native bf16)")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="packaged model folder whose fold_0 weights start the training (same network)")
+    p.add_argument("--pseudo-from", type=Path, default=None,
+                   help="stage 'pseudo': this model folder's predictions fill the real targets' unknown voxels")
     p.add_argument("--continue", dest="cont", action="store_true", help="resume from checkpoint_latest")
     p.add_argument("--checkpoint", default="checkpoint_final.pth", help="checkpoint to package")
-    p.add_argument("--stages", default="real,phantoms,plan,train,package")
+    p.add_argument("--stages", default="real,pseudo,phantoms,plan,train,package")
     return p.parse_args(argv)
 
 
@@ -657,6 +713,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                     features=tuple(int(x) for x in a.features.split(",")), use_real=not a.no_real,
                     patch_rip=tuple(int(x) for x in a.patch.split(",")),  # type: ignore[arg-type]
                     max_minutes=a.max_minutes, train_precision=a.train_precision,
+                    init_from=str(a.init_from) if a.init_from else "",
+                    pseudo_from=str(a.pseudo_from) if a.pseudo_from else "",
                     real_n4=not a.no_real_n4)
     work = a.work.resolve()
     set_nnunet_env(work)
@@ -667,6 +725,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if "real" in stages and recipe.use_real:
         export_real(raw, recipe, a.real)
         log.info("real export done (%.0f s)", time.time() - t0)
+    if "pseudo" in stages and recipe.use_real and recipe.pseudo_from:
+        add_pseudo_labels(raw, recipe, a.real, nprocs=a.threads)
+        log.info("pseudo-labels done (%.0f s)", time.time() - t0)
     if "phantoms" in stages and recipe.phantoms > 0:
         export_phantoms(raw, recipe)
         log.info("phantom export done (%.0f s)", time.time() - t0)
