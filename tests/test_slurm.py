@@ -365,3 +365,43 @@ def test_submit_with_a_venv_and_allow_partial(tmp_path: Path, stub_slurm: dict[s
     assert array["env"]["SPINEPS_CMD"] == str(venv / "bin" / "spineps") and array["env"]["SPINEPS_SIF"] == ""
     assert _args_file(array["env"]) == []
     assert _opt(group["argv"], "--dependency") == "afterany:1000" and group["env"]["SPINEPS_ALLOW_PARTIAL"] == "1"
+
+
+SLOW_APP = r'''#!/usr/bin/env python3
+# a stand-in for spineps that runs until SIGTERM, then exits 143 as spineps does
+import signal, sys, time
+from pathlib import Path
+signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))
+Path(sys.argv[0] + ".ready").write_text("")
+time.sleep(120)
+'''
+
+
+def test_array_task_passes_sigterm_on_to_spineps(tmp_path: Path, stub_slurm: dict[str, str]) -> None:
+    """scancel and the time limit signal only the batch shell (SIGKILL of everything comes
+    KillWait seconds later): the task must hand SIGTERM to spineps and report its status."""
+    import signal
+    import time
+
+    subjects = tmp_path / "subjects.txt"
+    subjects.write_text("01\n")
+    app = tmp_path / "slow-app"
+    app.write_text(SLOW_APP.replace("python3", sys.executable, 1))
+    app.chmod(0o755)
+    env = _task_env(stub_slurm, tmp_path, tmp_path / "bids", tmp_path / "out", subjects, task=1, SPINEPS_CMD=str(app))
+    proc = subprocess.Popen(["bash", str(ARRAY)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not Path(f"{app}.ready").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)  # to the shell only, as slurmstepd does
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143 and time.monotonic() - t0 < 10, err
+    assert "passing it on to spineps" in err
+    assert (tmp_path / "out/logs/slurm/status/sub-01").read_text().startswith("exit=143 ")
+    assert list((tmp_path / "scratch").iterdir()) == []
