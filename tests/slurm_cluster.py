@@ -147,16 +147,11 @@ def parse_records(text: str) -> list[dict[str, str]]:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (from ``/proc``; a zombie, exited but not yet reaped, counts as gone)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (exited, not yet reaped by its parent) counts as gone
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
-        return True
+        return False
 
 
 class LocalSlurm:

@@ -203,13 +203,17 @@ def test_array_and_group_job_match_a_local_run(cluster: LocalSlurm, tiny_models:
     env = _env(cluster, tmp_path, SPINEPS_SEMANTIC_MODEL=str(sem), SPINEPS_INSTANCE_MODEL=str(inst))
     app = ["--skip-bids-validation", "--no-n4"]
 
+    # this Python environment's spineps (--venv), else the checkout's run.py with this Python (--cmd)
+    venv_spineps = Path(sys.prefix) / "bin" / "spineps"
+    runner = ["--venv", sys.prefix] if venv_spineps.is_file() else ["--cmd", f"{sys.executable} {REPO / 'run.py'}"]
+    spineps = [str(venv_spineps)] if venv_spineps.is_file() else [sys.executable, str(REPO / "run.py")]
+
     t0 = time.monotonic()
-    array, group = _submit(env, ds.root, out, "--venv", sys.prefix, "--max-parallel", "2",
+    array, group = _submit(env, ds.root, out, *runner, "--max-parallel", "2",
                            "--sbatch-args", "--cpus-per-task 1 --mem 2G --time 10", "--group-sbatch-args", "--mem 1G",
                            "--", *app)
     # the same subjects locally meanwhile: one process, the same options and thread counts
-    spineps = str(Path(sys.prefix) / "bin" / "spineps")
-    local_run = subprocess.Popen([spineps, str(ds.root), str(local), "participant", *app, "--nprocs", "1",
+    local_run = subprocess.Popen([*spineps, str(ds.root), str(local), "participant", *app, "--nprocs", "1",
                                   "--omp-nthreads", "1", "-w", str(tmp_path / "local_work")],
                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     running_max, throttled = 0, False
@@ -226,7 +230,7 @@ def test_array_and_group_job_match_a_local_run(cluster: LocalSlurm, tiny_models:
         pytest.fail(_diagnose(cluster, out))
     array_s = time.monotonic() - t0
     assert local_run.wait(timeout=600) == 0, local_run.stderr.read()
-    assert subprocess.run([spineps, str(ds.root), str(local), "group"], env=env, capture_output=True,
+    assert subprocess.run([*spineps, str(ds.root), str(local), "group"], env=env, capture_output=True,
                           timeout=300).returncode == 0
 
     tasks = cluster.tasks(array)
@@ -237,7 +241,7 @@ def test_array_and_group_job_match_a_local_run(cluster: LocalSlurm, tiny_models:
     assert cluster.cpus >= 4 and running_max <= 2 and throttled
     spans = [(r["StartTime"], r["EndTime"]) for r in tasks.values()]
     assert max(sum(s <= t < e for s, e in spans) for t, _ in spans) <= 2
-    # every task ran its own subject, from this environment's spineps
+    # every task ran its own subject
     for i, sub in enumerate(subjects, start=1):
         assert f"-> sub-{sub} on " in _task_log(out, array, i)
     assert _status(out) == {f"sub-{s}": "exit=0" for s in subjects}
