@@ -404,3 +404,7 @@ def test_too_little_mem_fails_through_the_apps_check_with_75(cluster: LocalSlurm
     line = next(ln for ln in log.splitlines() if "not enough memory for this scan" in ln)
     assert "1,000 MB available (SPINEPS_MEMORY_LIMIT_MB)" in line and "sub-02_acq-sag_T2w.nii.gz" in line
     assert _status(out)["sub-02"] == "exit=75"
+    if cluster.cgroup:  # the kernel would have enforced the 1000 MB: the app's check came first
+        slurmd_log = (cluster.root / "log" / "slurmd.log").read_text()
+        assert f"[{tasks[2]['JobId']}.batch] task/cgroup: _memcg_initialize: step: alloc=1000MB mem.limit=1000MB" \
+            in slurmd_log
