@@ -95,11 +95,15 @@ class ModelError(SpinepsError):
 
 
 class ScanFailuresError(SpinepsError):
-    """Some scans of a participant run failed; the others finished."""
+    """Some scans of a participant run failed; the others finished. Exit 75 (temporary
+    failure, as ``ResourceError``) when every failure was a lack of memory or disk, so a
+    scheduler can tell "rerun with more" from a real failure; else 1."""
 
     exit_code = 1
 
-    def __init__(self, failures: dict[str, str]):
+    def __init__(self, failures: dict[str, str], temporary: bool = False):
         self.failures = dict(failures)
+        if temporary:
+            self.exit_code = ResourceError.exit_code
         lines = "\n".join(f"  {name}: {why}" for name, why in self.failures.items())
         super().__init__(f"{len(self.failures)} scan(s) failed:\n{lines}")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from spineps.errors import BIDSValidationError, ScanFailuresError, SpinepsError
+from spineps.errors import BIDSValidationError, ResourceError, ScanFailuresError, SpinepsError
 
 if TYPE_CHECKING:  # pragma: no cover
     from spineps.pipeline import InstanceSegmenter, ScanResult, SemanticSegmenter
@@ -152,6 +152,7 @@ def run_participant(settings: "Settings", semantic: Optional["SemanticSegmenter"
     log.info("%d scan(s) selected", len(scans))
 
     current: Optional[str] = None
+    temporary: set[str] = set()  # scans that failed for lack of memory or disk
     try:
         for i, scan in enumerate(scans, start=1):
             name = scan.relpath
@@ -175,11 +176,14 @@ def run_participant(settings: "Settings", semantic: Optional["SemanticSegmenter"
                     else:
                         process_scan(settings, scan, semantic, instance)
             except SpinepsError as exc:
+                if isinstance(exc, ResourceError):
+                    temporary.add(name)
                 why = exc.reason if exc.path is not None and Path(exc.path) == Path(scan.path) else str(exc)
                 why = f"{type(exc).__name__}: {why}"
                 log.error("[%d/%d] %s failed: %s", i, len(scans), name, _one_line(why))
                 summary.failed[name] = _one_line(why)
             except MemoryError:
+                temporary.add(name)
                 log.error("[%d/%d] %s failed: out of memory", i, len(scans), name)
                 summary.failed[name] = "out of memory"
             except Exception as exc:  # a bug or a library failure: keep going with the other scans
@@ -199,7 +203,7 @@ def run_participant(settings: "Settings", semantic: Optional["SemanticSegmenter"
     for line in summary.lines():
         log.info("summary: %s", line.strip())
     if summary.failed:
-        raise ScanFailuresError(summary.failed)
+        raise ScanFailuresError(summary.failed, temporary=set(summary.failed) <= temporary)
     return summary
 
 

@@ -123,7 +123,8 @@ def test_too_large_scan_fails_alone_through_the_cli(tmp_path: Path, test_models:
     assert estimate_scan(read_header(small).spatial_shape, read_header(small).spacing).memory_bytes < 20 * MB < need
     monkeypatch.setenv(MEMORY_LIMIT_ENV, "20")
     out = tmp_path / "out"
-    assert main([str(ds.root), str(out), "participant", "--skip-bids-validation"]) == 1
+    # 75 (temporary failure): every failed scan only lacked memory, a rerun with more finishes it
+    assert main([str(ds.root), str(out), "participant", "--skip-bids-validation"]) == 75
     err = capsys.readouterr().err
     rel = big.relative_to(ds.root).as_posix()
     line = [ln for ln in err.splitlines() if rel in ln and "failed" in ln and "ResourceError" in ln]
@@ -147,7 +148,7 @@ def test_no_disk_space_fails_each_scan_with_the_numbers(tmp_path: Path, test_mod
     ds.add("02", acq="sag", seed=2)
     monkeypatch.setenv(DISK_LIMIT_ENV, "0.5")
     out = tmp_path / "out"
-    assert main([str(ds.root), str(out), "participant", "--skip-bids-validation"]) == 1
+    assert main([str(ds.root), str(out), "participant", "--skip-bids-validation"]) == 75
     err = capsys.readouterr().err
     assert "2 scan(s) failed" in err
     assert len([ln for ln in err.splitlines() if "ResourceError: not enough disk space" in ln

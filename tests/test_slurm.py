@@ -30,7 +30,8 @@ n=$(( $(cat "$FAKE_SLURM_DIR/count" 2>/dev/null || echo 0) + 1 ))
 echo "$n" > "$FAKE_SLURM_DIR/count"
 python3 - "$@" >> "$FAKE_SLURM_DIR/calls.jsonl" <<'PY'
 import json, os, sys
-keys = ("SUBJECTS_FILE", "BIDS_DIR", "OUT_DIR", "SPINEPS_SIF", "SPINEPS_ARGS", "ARRAY_OFFSET")
+keys = ("SUBJECTS_FILE", "BIDS_DIR", "OUT_DIR", "SPINEPS_SIF", "SPINEPS_CMD", "SPINEPS_ARGS", "SPINEPS_ARGS_FILE",
+        "SPINEPS_ALLOW_PARTIAL", "ARRAY_OFFSET")
 print(json.dumps({"argv": sys.argv[1:], "env": {k: os.environ.get(k) for k in keys}}))
 PY
 echo "$(( 1000 + n - 1 ));cluster1"
@@ -38,6 +39,7 @@ echo "$(( 1000 + n - 1 ));cluster1"
 
 FAKE_APPTAINER = r'''#!/usr/bin/env bash
 printf '%s\n' "$@" > "$FAKE_SLURM_DIR/apptainer_args"
+env | grep -E '^(APPTAINER|SINGULARITY)ENV_' | LC_ALL=C sort > "$FAKE_SLURM_DIR/apptainer_env" || true
 '''
 
 
@@ -60,6 +62,11 @@ def stub_slurm(tmp_path: Path) -> dict[str, str]:
 def _calls(env: dict[str, str]) -> list[dict]:
     path = Path(env["FAKE_SLURM_DIR"]) / "calls.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _args_file(env: dict) -> list[str]:
+    """The app options submit.sh wrote for the tasks (NUL-separated)."""
+    return [a.decode() for a in Path(env["SPINEPS_ARGS_FILE"]).read_bytes().split(b"\0")[:-1]]
 
 
 def _opt(argv: list[str], name: str) -> str:
@@ -88,14 +95,17 @@ def test_submit_builds_the_list_submits_the_array_and_a_dependent_group_job(tmp_
     assert "--parsable" in array["argv"] and "--export=ALL" in array["argv"]
     assert array["argv"][array["argv"].index("--partition") + 1] == "gpu"
     assert array["argv"][array["argv"].index("--gres") + 1] == "gpu:1"
-    assert _opt(group["argv"], "--dependency") == "afterany:1000"  # the array's id (";cluster" stripped)
+    # the array's id (";cluster" stripped); afterok: no group table from a partial cohort unless asked
+    assert _opt(group["argv"], "--dependency") == "afterok:1000"
+    assert "--kill-on-invalid-dep=yes" in group["argv"] and group["env"]["SPINEPS_ALLOW_PARTIAL"] == "0"
     env = array["env"]
     assert env["BIDS_DIR"] == str(bids) and env["OUT_DIR"] == str(out) and env["ARRAY_OFFSET"] == "0"
-    assert env["SPINEPS_ARGS"] == "--skip-bids-validation --no-n4"
+    assert env["SPINEPS_ARGS"] is None and _args_file(env) == ["--skip-bids-validation", "--no-n4"]
+    assert env["SPINEPS_CMD"] == "spineps"  # no --sif, --venv or --cmd: spineps on PATH
     assert Path(env["SUBJECTS_FILE"]).read_text().split() == ["01", "02", "10"]  # sorted, no "sub-"
     assert Path(env["SUBJECTS_FILE"]).parent == out / "logs" / "slurm"
     assert str(out / "logs" / "slurm") in _opt(array["argv"], "--output")
-    assert "group job 1001: after afterany:1000" in proc.stdout
+    assert "group job 1001: after afterok:1000" in proc.stdout
 
 
 def test_submit_splits_long_lists_and_the_group_waits_for_every_array(tmp_path: Path,
@@ -171,9 +181,22 @@ def test_array_task_processes_the_subject_of_its_index_then_the_group_job(tmp_pa
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _done_subjects(out) == ["sub-02", "sub-03"]
 
+    status = out / "logs" / "slurm" / "status"
+    assert sorted(p.name for p in status.iterdir()) == ["sub-02", "sub-03"]
+    assert (status / "sub-03").read_text().startswith("exit=0 job=4242_1 ")
+
+    # sub-01's task never ran: the group job refuses the partial cohort and names the subject ...
     genv = {k: v for k, v in env.items() if not k.startswith("SLURM_ARRAY")}
     proc = subprocess.run(["bash", str(GROUP)], env=genv, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 75, proc.stderr[-3000:]
+    assert "1 of 3 subjects" in proc.stderr and "sub-01 (no finished task" in proc.stderr
+    assert not (out / "group_T2w.tsv").exists()
+    # ... and runs on it when asked to (submit.sh --allow-partial), with the missing list beside the subject list
+    proc = subprocess.run(["bash", str(GROUP)], env={**genv, "SPINEPS_ALLOW_PARTIAL": "1"}, capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "partial cohort" in proc.stderr and "2 of 3 subjects" in proc.stderr
+    assert (tmp_path / "subjects_missing.txt").read_text() == "sub-01\n"
     table = (out / "group_T2w.tsv").read_text()
     assert "sub-02" in table and "sub-03" in table and "sub-01" not in table
 
@@ -213,3 +236,172 @@ def test_array_task_runs_the_apptainer_image_with_the_same_paths(tmp_path: Path,
                 "--skip-bids-validation", "--device", "auto"]
     assert args == expected
     assert work.startswith(str(tmp_path / "scratch" / "spineps_4242_1_")) and not Path(work).exists()
+
+
+RECORD_ARGS = r'''#!/usr/bin/env bash
+# a stand-in for spineps: records its arguments (NUL-separated) and the memory budget it was given
+printf '%s\0' "$@" > "$FAKE_SLURM_DIR/spineps_args"
+echo "${SPINEPS_MEMORY_LIMIT_MB:-unset}" > "$FAKE_SLURM_DIR/spineps_memory"
+exit "${FAKE_SPINEPS_EXIT:-0}"
+'''
+
+
+def _recorder(tmp_path: Path) -> Path:
+    path = tmp_path / "bin dir" / "record args"  # spaces: an executable path is one word
+    path.parent.mkdir()
+    path.write_text(RECORD_ARGS)
+    path.chmod(0o755)
+    return path
+
+
+def _recorded_args(env: dict[str, str]) -> list[str]:
+    raw = (Path(env["FAKE_SLURM_DIR"]) / "spineps_args").read_bytes()
+    return [a.decode() for a in raw.split(b"\0")[:-1]]
+
+
+def test_app_options_reach_spineps_unchanged(tmp_path: Path, stub_slurm: dict[str, str]) -> None:
+    """Spaces, quotes and glob characters in the app options survive submit.sh -> sbatch -> the task
+    (they were word-split and glob-expanded); SPINEPS_ARGS set by hand is split but never globbed."""
+    bids = _subject_dirs(tmp_path / "bids", ["01"])
+    out = tmp_path / "out"
+    recorder = _recorder(tmp_path)
+    for name in ("a.json", "b.json"):  # what an unquoted *.json would expand to in the task's folder
+        (tmp_path / name).write_text("{}")
+    tricky = ["--bids-filter-file", str(tmp_path / "my filters" / "*.json"), "--level-rule", "it's \"odd\"", ""]
+    proc = subprocess.run(["bash", str(SUBMIT), str(bids), str(out), "--cmd", str(recorder), "--", *tricky],
+                          env=stub_slurm, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    array = _calls(stub_slurm)[0]["env"]
+    assert _args_file(array) == tricky and array["SPINEPS_CMD"] == str(recorder)
+
+    env = _task_env(stub_slurm, tmp_path, bids, out, Path(array["SUBJECTS_FILE"]), task=1, SPINEPS_ARGS="",
+                    SPINEPS_ARGS_FILE=array["SPINEPS_ARGS_FILE"], SPINEPS_CMD=array["SPINEPS_CMD"])
+    proc = subprocess.run(["bash", str(ARRAY)], env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    args = _recorded_args(stub_slurm)
+    assert args[:3] == [str(bids), str(out), "participant"] and args[-len(tricky):] == tricky
+
+    env = _task_env(stub_slurm, tmp_path, bids, out, Path(array["SUBJECTS_FILE"]), task=1,
+                    SPINEPS_ARGS="--bids-filter-file  *.json\t-v", SPINEPS_CMD=f"{recorder}")
+    proc = subprocess.run(["bash", str(ARRAY)], env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert _recorded_args(stub_slurm)[-3:] == ["--bids-filter-file", "*.json", "-v"]
+
+
+@pytest.mark.parametrize("memory, expected", [
+    ({"SLURM_MEM_PER_NODE": "1500"}, "1500"),  # --mem 1500M
+    ({"SLURM_MEM_PER_CPU": "700", "SLURM_CPUS_ON_NODE": "2"}, "1400"),  # --mem-per-cpu 700M -c 2
+    ({"SLURM_MEM_PER_NODE": "1500", "SPINEPS_MEMORY_LIMIT_MB": "900"}, "900"),  # set by the user: kept
+    ({}, "unset"),
+])
+def test_the_jobs_memory_becomes_the_apps_memory_budget(tmp_path: Path, stub_slurm: dict[str, str],
+                                                        memory: dict[str, str], expected: str) -> None:
+    subjects = tmp_path / "subjects.txt"
+    subjects.write_text("01\n")
+    env = _task_env(stub_slurm, tmp_path, tmp_path / "bids", tmp_path / "out", subjects, task=1,
+                    SPINEPS_CMD=str(_recorder(tmp_path)), FAKE_SPINEPS_EXIT="75", **memory)
+    proc = subprocess.run(["bash", str(ARRAY)], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 75, proc.stderr  # the app's exit status is the task's
+    assert (Path(stub_slurm["FAKE_SLURM_DIR"]) / "spineps_memory").read_text().strip() == expected
+    assert f"memory budget {expected}" in proc.stdout
+    status = (tmp_path / "out" / "logs" / "slurm" / "status" / "sub-01").read_text()
+    assert status.startswith("exit=75 job=4242_1 ")
+
+
+def test_the_image_gets_the_model_variables_and_folders(tmp_path: Path, stub_slurm: dict[str, str]) -> None:
+    """apptainer --cleanenv drops the host's variables: the model folders and the memory budget
+    are forwarded as APPTAINERENV_*/SINGULARITYENV_*, host folders bound read-only."""
+    subjects = tmp_path / "subjects.txt"
+    subjects.write_text("01\n")
+    sem = tmp_path / "weights" / "t2w_semantic"
+    sem.mkdir(parents=True)
+    in_image = "/opt/spineps/models/instance-v2"  # a folder inside the image only: not bound
+    env = _task_env(stub_slurm, tmp_path, tmp_path / "bids", tmp_path / "out", subjects, task=1,
+                    SPINEPS_SIF="/images/spineps.sif", SPINEPS_SEMANTIC_MODEL=str(sem),
+                    SPINEPS_INSTANCE_MODEL=in_image, SLURM_MEM_PER_NODE="2048",
+                    APPTAINERENV_SPINEPS_DISK_LIMIT_MB="5")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    env.pop("SLURM_JOB_GPUS", None)
+    proc = subprocess.run(["bash", str(ARRAY)], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    record = Path(stub_slurm["FAKE_SLURM_DIR"])
+    forwarded = dict(line.split("=", 1) for line in (record / "apptainer_env").read_text().splitlines())
+    for prefix in ("APPTAINERENV_", "SINGULARITYENV_"):
+        assert forwarded[prefix + "SPINEPS_SEMANTIC_MODEL"] == str(sem)
+        assert forwarded[prefix + "SPINEPS_INSTANCE_MODEL"] == in_image
+        assert forwarded[prefix + "SPINEPS_MEMORY_LIMIT_MB"] == "2048"
+    assert forwarded["APPTAINERENV_SPINEPS_DISK_LIMIT_MB"] == "5"  # the user's own setting is kept
+    args = (record / "apptainer_args").read_text().splitlines()
+    assert args[:2] == ["run", "--cleanenv"]
+    binds = [args[i + 1] for i, a in enumerate(args) if a == "-B"]
+    assert f"{sem}:{sem}:ro" in binds and not any(in_image in b for b in binds)
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["--sif", "IMG", "--venv", "ENV"], 64, "only one of --sif, --venv, --cmd"),
+    (["--venv", "ENV"], 69, "no spineps in that environment"),
+])
+def test_submit_runner_options(tmp_path: Path, stub_slurm: dict[str, str], args: list[str], code: int,
+                               message: str) -> None:
+    bids = _subject_dirs(tmp_path / "bids", ["01"])
+    (tmp_path / "IMG").write_text("")
+    args = [str(tmp_path / a) if a in ("IMG", "ENV") else a for a in args]
+    proc = subprocess.run(["bash", str(SUBMIT), str(bids), str(tmp_path / "out"), *args],
+                          env=stub_slurm, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == code and message in proc.stderr, (proc.returncode, proc.stderr)
+    assert _calls(stub_slurm) == []
+
+
+def test_submit_with_a_venv_and_allow_partial(tmp_path: Path, stub_slurm: dict[str, str]) -> None:
+    bids = _subject_dirs(tmp_path / "bids", ["01", "02"])
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "spineps").write_text("#!/bin/sh\n")
+    (venv / "bin" / "spineps").chmod(0o755)
+    proc = subprocess.run(["bash", str(SUBMIT), str(bids), str(tmp_path / "out"), "--venv", str(venv),
+                           "--allow-partial"], env=stub_slurm, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    array, group = _calls(stub_slurm)
+    assert array["env"]["SPINEPS_CMD"] == str(venv / "bin" / "spineps") and array["env"]["SPINEPS_SIF"] == ""
+    assert _args_file(array["env"]) == []
+    assert _opt(group["argv"], "--dependency") == "afterany:1000" and group["env"]["SPINEPS_ALLOW_PARTIAL"] == "1"
+
+
+SLOW_APP = r'''#!/usr/bin/env python3
+# a stand-in for spineps that runs until SIGTERM, then exits 143 as spineps does
+import signal, sys, time
+from pathlib import Path
+signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))
+Path(sys.argv[0] + ".ready").write_text("")
+time.sleep(120)
+'''
+
+
+def test_array_task_passes_sigterm_on_to_spineps(tmp_path: Path, stub_slurm: dict[str, str]) -> None:
+    """scancel and the time limit signal only the batch shell (SIGKILL of everything comes
+    KillWait seconds later): the task must hand SIGTERM to spineps and report its status."""
+    import signal
+    import time
+
+    subjects = tmp_path / "subjects.txt"
+    subjects.write_text("01\n")
+    app = tmp_path / "slow-app"
+    app.write_text(SLOW_APP.replace("python3", sys.executable, 1))
+    app.chmod(0o755)
+    env = _task_env(stub_slurm, tmp_path, tmp_path / "bids", tmp_path / "out", subjects, task=1, SPINEPS_CMD=str(app))
+    proc = subprocess.Popen(["bash", str(ARRAY)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not Path(f"{app}.ready").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)  # to the shell only, as slurmstepd does
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143 and time.monotonic() - t0 < 10, err
+    assert "passing it on to spineps" in err
+    assert (tmp_path / "out/logs/slurm/status/sub-01").read_text().startswith("exit=143 ")
+    assert list((tmp_path / "scratch").iterdir()) == []
