@@ -44,7 +44,7 @@ def run_case(bids: Path, out: Path, precision: str, engine: str, threads: int) -
 
     from run_benchmark import ForwardTimer  # noqa: E402  (benchmarks/ on sys.path)
     from spineps import participant
-    from spineps.models.registry import load_segmenters
+    from spineps.loading import load_segmenters
     from spineps.settings import Settings
 
     settings = Settings(bids_dir=bids, output_dir=out, analysis_level="participant", skip_bids_validation=True,

@@ -267,6 +267,7 @@ def install_probe(probe: PhaseProbe) -> None:
     import spineps.pipeline as pipeline
     import spineps.postprocess.consistency as consistency
     import spineps.postprocess.discs as discs
+    import spineps.postprocess.vertebrae as vertebrae
     import spineps.resources as resources
     import spineps.semantic.predict as spredict
     from spineps.instance.segmenter import UNetInstanceSegmenter
@@ -284,18 +285,20 @@ def install_probe(probe: PhaseProbe) -> None:
     w(NnUNetSemanticSegmenter, "to_model_grid", "semantic_resample")
     w(NnUNetSemanticSegmenter, "predict_indices", "semantic_inference")
     w(spredict, "clean_semantic", "semantic_cleanup")
-    w(pipeline, "segment_scan", "postprocess")
-    w(UNetInstanceSegmenter, "segment", "postprocess")  # its own code: timing, output assembly
+    w(pipeline, "segment_scan", "postprocess")  # its own code: checks, result assembly
+    w(UNetInstanceSegmenter, "segment", "instance_resample")  # its own code: timing
     w(UNetInstanceSegmenter, "_predict", "instance_resample")  # reorient, resample and back
     w(UNetInstanceSegmenter, "predict_model_grid", "instance_cutouts")  # centres, mapping, boxes
     w(UNetInstanceSegmenter, "forward_cutouts", "instance_forward")  # cutout extraction, one-hot, forward
     w(merge, "merge_cutout_predictions", "instance_merge")
     w(merge, "fill_unassigned", "instance_merge")
+    w(pipeline, "postprocess", "postprocess")  # crop to the spine's box and back
     w(consistency, "make_consistent", "postprocess")
+    w(vertebrae, "vertebra_centroids", "postprocess")
     w(discs, "assign_discs_and_endplates", "postprocess")
     w(levels, "name_levels", "postprocess")
     w(levels, "apply_naming", "postprocess")
-    w(pipeline, "body_centroids", "postprocess")
+    w(pipeline, "centroids_json", "postprocess")
     w(gio, "save_volume", "write")
     w(fsutil, "write_json_atomic", "write")
     w(derivatives, "write_sidecar", "write")
@@ -313,7 +316,7 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     import spineps.participant as participant
-    from spineps.models.registry import load_segmenters
+    from spineps.loading import load_segmenters
     from spineps.settings import Settings
 
     t_import = time.perf_counter() - t_start

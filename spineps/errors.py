@@ -22,7 +22,14 @@ __all__ = [
     "ResourceError",
     "ModelError",
     "ScanFailuresError",
+    "one_line",
 ]
+
+
+def one_line(text: str) -> str:
+    """``text`` with every run of white space (line breaks included) made one space: error
+    messages stay one line on stderr and in summaries."""
+    return " ".join(str(text).split())
 
 
 class SpinepsError(Exception):

@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from spineps.errors import BIDSValidationError, ScanFailuresError, SpinepsError
+from spineps.errors import BIDSValidationError, ScanFailuresError, SpinepsError, one_line
 
 if TYPE_CHECKING:  # pragma: no cover
-    from spineps.pipeline import InstanceSegmenter, ScanResult, SemanticSegmenter
+    from spineps.models.protocols import InstanceSegmenter, SemanticSegmenter
+    from spineps.pipeline import NamingOptions, ScanResult
     from spineps.settings import Settings
 
 __all__ = ["ParticipantSummary", "check_inputs", "run_participant", "process_scan", "process_mask",
@@ -146,7 +147,7 @@ def run_participant(settings: "Settings", semantic: Optional["SemanticSegmenter"
     for p, why in getattr(discovery, "unusable", ()):  # meant as input but unreadable: a failed scan
         rel = _rel(Path(p), settings.bids_dir)
         summary.not_selected.pop(rel, None)
-        summary.failed[rel] = _one_line(f"InputError: {why}")
+        summary.failed[rel] = one_line(f"InputError: {why}")
         log.error("%s failed: %s", rel, summary.failed[rel])
     _prepare_output_dir(settings)
     log.info("%d scan(s) selected", len(scans))
@@ -177,15 +178,15 @@ def run_participant(settings: "Settings", semantic: Optional["SemanticSegmenter"
             except SpinepsError as exc:
                 why = exc.reason if exc.path is not None and Path(exc.path) == Path(scan.path) else str(exc)
                 why = f"{type(exc).__name__}: {why}"
-                log.error("[%d/%d] %s failed: %s", i, len(scans), name, _one_line(why))
-                summary.failed[name] = _one_line(why)
+                log.error("[%d/%d] %s failed: %s", i, len(scans), name, one_line(why))
+                summary.failed[name] = one_line(why)
             except MemoryError:
                 log.error("[%d/%d] %s failed: out of memory", i, len(scans), name)
                 summary.failed[name] = "out of memory"
             except Exception as exc:  # a bug or a library failure: keep going with the other scans
-                log.error("[%d/%d] %s failed: %s: %s", i, len(scans), name, type(exc).__name__, _one_line(str(exc)))
+                log.error("[%d/%d] %s failed: %s: %s", i, len(scans), name, type(exc).__name__, one_line(str(exc)))
                 log.debug("traceback for %s", name, exc_info=True)
-                summary.failed[name] = f"{type(exc).__name__}: {_one_line(str(exc))}"
+                summary.failed[name] = f"{type(exc).__name__}: {one_line(str(exc))}"
             else:
                 summary.processed.append(name)
             current = None
@@ -233,8 +234,10 @@ def _revoke_complete(settings: "Settings", scan: Any) -> None:
             raise OutputError(f"cannot remove an old sidecar: {exc.strerror or exc}", path) from exc
 
 
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
+def _naming_options(settings: "Settings") -> "NamingOptions":
+    from spineps.pipeline import NamingOptions
+
+    return NamingOptions(rule=settings.level_rule, top_vertebra=settings.top_vertebra)
 
 
 def process_scan(settings: "Settings", scan: Any, semantic: "SemanticSegmenter",
@@ -251,7 +254,7 @@ def process_scan(settings: "Settings", scan: Any, semantic: "SemanticSegmenter",
     _check_not_constant(image, scan.path)
     t_load = time.perf_counter() - t0
     log.debug("loaded %s", image)
-    result = segment_scan(image, semantic, instance)
+    result = segment_scan(image, semantic, instance, _naming_options(settings))
     models = {"semantic": model_provenance(semantic)}
     if instance is not None:
         models["instance"] = model_provenance(instance)
@@ -275,7 +278,7 @@ def process_mask(settings: "Settings", scan: Any, instance: "InstanceSegmenter")
     check_scan_resources(header, settings.output_dir)
     semantic = load_semantic_mask(scan.path)
     t_load = time.perf_counter() - t0
-    result = segment_from_semantic(semantic, instance)
+    result = segment_from_semantic(semantic, instance, _naming_options(settings))
     _write_outputs(settings, scan, result, header=header, image=None, t_load=t_load,
                    models={"instance": model_provenance(instance)},
                    semantic_description="Semantic segmentation of the spine, post-processed by the instance phase "
@@ -376,25 +379,28 @@ def _check_not_constant(image: Any, path: Path) -> None:
 
 def _write_measurements_and_figure(out: Path, scan: Any, result: "ScanResult", image: Any,
                                    sem_path: Path) -> dict[str, float]:
-    """Per-scan morphometry (``_desc-spine_morphometry.tsv`` + ``.json``) and the QC figure
-    (``FIGURE``), written after the masks and before the sidecars that mark the scan complete.
-    They are derived from the masks: a failure is logged and the scan still completes (the
-    group level measures scans without morphometry from their masks)."""
+    """Per-scan morphometry (``_desc-spine_morphometry.tsv`` + ``.json``, measured by the
+    pipeline) and the QC figure (``FIGURE``), written after the masks and before the sidecars
+    that mark the scan complete. They are derived from the masks: a failure is logged and the
+    scan still completes (the group level measures scans without morphometry from their masks)."""
     from spineps.bids.derivatives import FIGURE
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     try:
-        from spineps.measure.scan import measure_scan, morphometry_paths, write_measurements
+        from spineps.measure.scan import morphometry_paths, write_measurements
 
-        m = measure_scan(result.semantic, result.instance, result.naming)
-        write_measurements(m, morphometry_paths(sem_path)[0])
-        for flag in m.qc.flags:
+        if result.measurements is None:
+            raise RuntimeError(result.measure_error or "not measured")
+        write_measurements(result.measurements, morphometry_paths(sem_path)[0])
+        for flag in result.measurements.qc.flags:
             log.info("%s: QC flag %s", scan.relpath, flag)
     except Exception as exc:  # measurements are optional outputs: never fail the scan for them
-        log.warning("%s: measurements not written: %s: %s", scan.relpath, type(exc).__name__, _one_line(str(exc)))
+        why = result.measure_error if result.measurements is None and result.measure_error else \
+            f"{type(exc).__name__}: {one_line(str(exc))}"
+        log.warning("%s: measurements not written: %s", scan.relpath, why)
         log.debug("traceback", exc_info=True)
-    timings["measure"] = round(time.perf_counter() - t0, 3)
+    timings["measure_write"] = round(time.perf_counter() - t0, 3)
     t0 = time.perf_counter()
     try:
         from spineps.measure.figures import write_figure
@@ -402,7 +408,7 @@ def _write_measurements_and_figure(out: Path, scan: Any, result: "ScanResult", i
         write_figure(result.semantic, result.instance, FIGURE.path(out, scan), image=image,
                      title=Path(scan.relpath).name)
     except Exception as exc:
-        log.warning("%s: figure not written: %s: %s", scan.relpath, type(exc).__name__, _one_line(str(exc)))
+        log.warning("%s: figure not written: %s: %s", scan.relpath, type(exc).__name__, one_line(str(exc)))
         log.debug("traceback", exc_info=True)
     timings["figure"] = round(time.perf_counter() - t0, 3)
     return timings
@@ -410,11 +416,11 @@ def _write_measurements_and_figure(out: Path, scan: Any, result: "ScanResult", i
 
 def model_provenance(model: Any) -> dict[str, Any]:
     """A segmenter's ``provenance()`` with the keys every sidecar needs first: ``name``,
-    ``version`` and ``checksum`` (``sha256:<hex>``; also read from ``checksum_sha256`` or
-    ``sha256``); the rest is kept as it is."""
+    ``version`` and ``checksum`` (``sha256:<hex>``; a bare hex digest gets the prefix); the
+    rest is kept as it is."""
     prov = dict(model.provenance() or {})
     name = prov.pop("name", None) or getattr(model, "name", None) or type(model).__name__
-    checksum = prov.pop("checksum", None) or prov.pop("checksum_sha256", None) or prov.pop("sha256", None)
+    checksum = prov.pop("checksum", None)
     if checksum and ":" not in str(checksum):
         checksum = f"sha256:{checksum}"
     version = prov.pop("version", None) or prov.get("log_name") or "unversioned"

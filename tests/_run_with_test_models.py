@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from spineps.bids import derivatives  # noqa: E402
 from spineps.cli.main import main  # noqa: E402
-from spineps.models import registry  # noqa: E402
+from spineps import loading  # noqa: E402
 from tests.segmenters import make_test_segmenters  # noqa: E402
 
 
@@ -28,7 +28,7 @@ def _load(settings):  # type: ignore[no-untyped-def]
 
 
 def _install() -> None:
-    registry.load_segmenters = _load
+    loading.load_segmenters = _load
     delay = float(os.environ.get("SPINEPS_TEST_SIDECAR_DELAY", "0"))
     if delay > 0:
         write = derivatives.write_sidecar

@@ -13,6 +13,7 @@ import pytest
 from spineps.cli.main import main
 from spineps.cli.parser import build_parser, build_subcommand_parser
 from spineps.errors import UsageError
+from spineps import loading
 from spineps.models import registry
 from spineps.settings import Settings
 from tests.bids_factory import BidsFactory
@@ -31,7 +32,7 @@ def ds(tmp_path: Path) -> BidsFactory:
 
 @pytest.fixture
 def test_models(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(registry, "load_segmenters", lambda settings: make_test_segmenters(settings))
+    monkeypatch.setattr(loading, "load_segmenters", lambda settings: make_test_segmenters(settings))
 
 
 def _files(root: Path) -> set[str]:

@@ -19,6 +19,7 @@ from spineps.bids.derivatives import expected_outputs
 from spineps.bids.discovery import Scan
 from spineps.cli.main import main
 from spineps.fsutil import TEMP_PREFIX
+from spineps import loading
 from spineps.models import registry
 from tests.bids_factory import BidsFactory, standard_dataset
 from tests.segmenters import make_test_segmenters
@@ -59,7 +60,7 @@ def _validate(path: Path):  # type: ignore[no-untyped-def]
 
 @pytest.fixture
 def test_models(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(registry, "load_segmenters", lambda settings: make_test_segmenters(settings))
+    monkeypatch.setattr(loading, "load_segmenters", lambda settings: make_test_segmenters(settings))
 
 
 def test_participant_then_group_exact_tree_and_valid(tmp_path: Path, test_models: None) -> None:

@@ -17,7 +17,7 @@ from spineps.bids.discovery import Scan
 from spineps.cli.main import main
 from spineps.errors import InputError, ResourceError
 from spineps.geometry.io import read_header
-from spineps.models import registry
+from spineps import loading
 from spineps.resources import (DISK_LIMIT_ENV, MEMORY_LIMIT_ENV, available_memory_bytes, check_scan_resources,
                                estimate_scan, free_disk_bytes)
 from tests.bids_factory import BidsFactory, phantom_data, write_nifti
@@ -28,7 +28,7 @@ MB = 1024 * 1024
 
 @pytest.fixture
 def test_models(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(registry, "load_segmenters", lambda settings: make_test_segmenters(settings))
+    monkeypatch.setattr(loading, "load_segmenters", lambda settings: make_test_segmenters(settings))
 
 
 def test_estimate_scales_with_voxels_and_model_resolution() -> None:

@@ -10,9 +10,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from spineps.errors import ModelError  # noqa: E402
+from spineps.errors import UsageError  # noqa: E402
 from spineps.geometry.volume import Volume  # noqa: E402
-from spineps.semantic.predict import NnUNetSemanticSegmenter, resolve_device  # noqa: E402
+from spineps.models.device import resolve_device  # noqa: E402
+from spineps.semantic.predict import NnUNetSemanticSegmenter  # noqa: E402
 from spineps.training.semantic import build_random_model_folder  # noqa: E402
 
 
@@ -89,14 +90,19 @@ def test_constant_image_gives_an_empty_mask(seg):
     assert not seg.segment(img).data.any()
 
 
-def test_device_resolution():
-    assert resolve_device("cpu").type == "cpu"
-    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+def test_device_resolution(seg):
+    """One device resolution for the CLI and both segmenters (``spineps.models.device``)."""
+    assert resolve_device("cpu") == "cpu" and seg.device.type == "cpu"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
-        with pytest.raises(ModelError, match="CUDA"):
-            resolve_device("cuda")
-    with pytest.raises(ModelError):
-        resolve_device("nonsense-device")
+        for device in ("cuda", "cuda:1"):
+            with pytest.raises(UsageError, match="CUDA"):
+                resolve_device(device)
+        with pytest.raises(UsageError, match="CUDA"):
+            NnUNetSemanticSegmenter(seg.loaded, device="cuda", nprocs=1, n4=False)
+    for bad in ("nonsense-device", "cuda:x"):
+        with pytest.raises(UsageError):
+            resolve_device(bad)
 
 
 def test_n4_timing_is_measured(seg):

@@ -172,14 +172,13 @@ def _run(settings) -> int:  # type: ignore[no-untyped-def]
 
 
 def _participant(settings) -> None:  # type: ignore[no-untyped-def]
-    from spineps import participant
-    from spineps.models import registry
+    from spineps import loading, participant
 
     discovery = participant.check_inputs(settings)
     if settings.input_kind == "semantic-mask":
-        participant.run_participant(settings, None, registry.load_instance_segmenter(settings), discovery=discovery)
+        participant.run_participant(settings, None, loading.load_instance_segmenter(settings), discovery=discovery)
         return
-    semantic, instance = registry.load_segmenters(settings)
+    semantic, instance = loading.load_segmenters(settings)
     participant.run_participant(settings, semantic, instance, discovery=discovery)
 
 

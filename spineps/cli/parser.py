@@ -22,6 +22,7 @@ from spineps.cli.argtypes import positive_int as _positive_int
 from spineps.cli.argtypes import vertebra_level as _vertebra_level
 from spineps.errors import UsageError
 from spineps.labels import LEVEL_RULES
+from spineps.models.device import DEVICES
 from spineps.models.onnx_engine import ENGINES
 from spineps.models.precision import PRECISIONS
 from spineps.settings import ANALYSIS_LEVELS, INSTANCE_MODEL_ENV, SEMANTIC_MODEL_ENV
@@ -38,7 +39,6 @@ __all__ = [
     "add_level_naming_arguments",
 ]
 
-DEVICES = ("auto", "cpu", "cuda")
 _PRECISION_HELP = ("network arithmetic on CPU: fp32, or bf16 (bfloat16 autocast, several times faster on CPUs with "
                    "native bfloat16, labels >= 99.9 %% the same); auto = bf16 where the CPU has native bfloat16, "
                    "else fp32. On CUDA nnU-Net's float16 autocast is used either way (default: auto)")

@@ -37,7 +37,7 @@ from typing import Literal, Optional, Union
 
 import numpy as np
 
-from spineps.errors import InputError, OutputError
+from spineps.errors import InputError, OutputError, one_line
 from spineps.fsutil import atomic_path
 from spineps.geometry.volume import Volume
 
@@ -111,12 +111,12 @@ class HeaderInfo:
         return tuple(nib.aff2axcodes(self.affine))  # type: ignore[return-value]
 
 
-def _one_line(exc: BaseException) -> str:
+def _describe(exc: BaseException) -> str:
+    """``"Type: message"`` of a read failure, on one line."""
     name = type(exc).__name__
     if name == "error":  # zlib.error and friends
         name = f"{type(exc).__module__}.{name}"
-    text = f"{name}: {exc}" if str(exc) else name
-    return " ".join(text.split())
+    return one_line(f"{name}: {exc}" if str(exc) else name)
 
 
 def _load_image(path: Path):
@@ -135,7 +135,7 @@ def _load_image(path: Path):
     try:
         img = nib.load(str(path))
     except Exception as exc:  # ImageFileError, HeaderDataError, gzip/zlib/EOF/OSError, ...
-        raise InputError(f"cannot read NIfTI header (corrupt, truncated or not NIfTI): {_one_line(exc)}",
+        raise InputError(f"cannot read NIfTI header (corrupt, truncated or not NIfTI): {_describe(exc)}",
                          path) from exc
     if not isinstance(img, nib.Nifti1Image):  # Nifti2Image subclasses Nifti1Image
         raise InputError(f"not a NIfTI-1/2 image (nibabel read it as {type(img).__name__})", path)
@@ -191,7 +191,7 @@ def _header_from_image(img, path: Path, validate: bool) -> HeaderInfo:
         slope = float(getattr(img.dataobj, "slope", 1.0))
         inter = float(getattr(img.dataobj, "inter", 0.0))
     except Exception as exc:  # nibabel raises assorted errors on broken headers
-        raise InputError(f"broken NIfTI header: {_one_line(exc)}", path) from exc
+        raise InputError(f"broken NIfTI header: {_describe(exc)}", path) from exc
     scaled = not (slope == 1.0 and inter == 0.0)
     info = HeaderInfo(path=path, shape=shape, affine=aff, zooms=zooms, dtype=dtype, ndim=len(shape),
                       qform_code=qcode, sform_code=scode, scaled=scaled)
@@ -222,7 +222,7 @@ def _header_from_image(img, path: Path, validate: bool) -> HeaderInfo:
         try:
             q = np.asarray(hdr.get_qform(), dtype=np.float64)
         except Exception as exc:  # an invalid quaternion (nibabel: "w2 should be positive"); the sform is used
-            log.warning("%s: the qform cannot be decoded (%s); using the sform (code %d)", path, _one_line(exc), scode)
+            log.warning("%s: the qform cannot be decoded (%s); using the sform (code %d)", path, _describe(exc), scode)
             q, decoded = np.full((4, 4), np.nan), False
         s = np.asarray(hdr.get_sform(), dtype=np.float64)
         c = _corners(info.spatial_shape)
@@ -276,7 +276,7 @@ def load_volume(path: PathLike, *, kind: Literal["image", "label"] = "image",
 
         raise ResourceError(f"not enough memory to read {info.n_voxels} voxels", p) from exc
     except Exception as exc:  # gzip/zlib/EOF/OSError/ValueError from nibabel's readers
-        raise InputError(f"cannot read voxel data (truncated or corrupt file?): {_one_line(exc)}", p) from exc
+        raise InputError(f"cannot read voxel data (truncated or corrupt file?): {_describe(exc)}", p) from exc
     finally:
         img.uncache()
     data = np.asarray(data)
@@ -389,5 +389,5 @@ def save_volume(volume: Volume, path: PathLike, *, dtype=None, like: Optional[He
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
     except OSError as exc:
-        raise OutputError(f"cannot write NIfTI: {_one_line(exc)}", p) from exc
+        raise OutputError(f"cannot write NIfTI: {_describe(exc)}", p) from exc
     return p

@@ -82,6 +82,7 @@ import numpy as np
 from spineps.errors import InputError, UsageError
 from spineps.geometry.volume import Volume
 from spineps.labels import COSTAL_L, COSTAL_R, LEVEL_RULES, SACRUM, vertebra_name, vertebra_value
+from spineps.postprocess.vertebrae import VertebraCentroids, body_mask_of, vertebra_frames, vertebra_ids
 
 __all__ = [
     "RULES",
@@ -199,19 +200,18 @@ def _jsonable(x: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------ measuring
-def measure_vertebrae(semantic: Volume, instance: Volume) -> list[VertebraMeasure]:
-    """Body size and costal-process tilt of every anonymous vertebra, top to bottom."""
+def measure_vertebrae(semantic: Volume, instance: Volume,
+                      centroids: Optional[VertebraCentroids] = None) -> list[VertebraMeasure]:
+    """Body size and costal-process tilt of every anonymous vertebra, top to bottom
+    (``centroids``: theirs on these masks, computed here when not given)."""
     from scipy import ndimage
-
-    from spineps.postprocess.consistency import vertebra_ids
-    from spineps.postprocess.discs import body_mask_of, vertebra_frames
 
     sem = np.asarray(semantic.data)
     inst = np.asarray(instance.data)
     ids = vertebra_ids(inst)
     if not ids:
         return []
-    frames = vertebra_frames(semantic, instance, ids)
+    frames = vertebra_frames(semantic, instance, ids, centroids)
     vert = np.where((inst > 0) & (inst < 100) & (inst != SACRUM), inst, 0)
     boxes = ndimage.find_objects(vert)
     shape = np.asarray(inst.shape)
@@ -482,16 +482,15 @@ def _top_name(c: _Candidate) -> str:
 
 def name_levels(semantic: Volume, instance: Volume, *, rule: str = "auto", anchor: Optional[str] = None,
                 has_c1: bool = False, sacrum_gap_mm: float = 20.0, dens_ratio: float = 1.6,
-                dens_vs_next: float = 1.5) -> LevelNaming:
+                dens_vs_next: float = 1.5, centroids: Optional[VertebraCentroids] = None) -> LevelNaming:
     """Name the anonymous vertebrae 1..N of ``instance`` (post-processed masks, see module text).
 
     ``rule``: one of :data:`RULES`. ``anchor``: "the top vertebra is X" (e.g. ``"T12"``),
     overrides everything. ``has_c1``: the instance model segments C1 (model config).
-    Raises :class:`~spineps.errors.UsageError` for an unknown rule or anchor and
-    :class:`~spineps.errors.InputError` when the ids are not 1..N.
+    ``centroids``: the vertebrae's (``postprocess.vertebrae.vertebra_centroids``), computed
+    here when not given. Raises :class:`~spineps.errors.UsageError` for an unknown rule or
+    anchor and :class:`~spineps.errors.InputError` when the ids are not 1..N.
     """
-    from spineps.postprocess.consistency import vertebra_ids
-
     if rule not in RULES:
         raise UsageError(f"unknown level-naming rule {rule!r}; choose one of {', '.join(RULES)}")
     inst = np.asarray(instance.data)
@@ -503,7 +502,7 @@ def name_levels(semantic: Volume, instance: Volume, *, rule: str = "auto", ancho
     if ids != list(range(1, n + 1)):
         raise InputError(f"anonymous vertebra ids must be 1..{n} (run make_consistent first), got {ids}")
 
-    measures = measure_vertebrae(semantic, instance)
+    measures = measure_vertebrae(semantic, instance, centroids)
     feats, ok = _size_features(measures)
     evidence: dict[str, Any] = {"n_vertebrae": n, "rule_requested": rule}
     evidence["bodies_mm"] = [{"height": m.height, "extent": m.extent_si, "depth": m.depth, "width": m.width,

@@ -64,7 +64,7 @@ def _instance_lut() -> np.ndarray:
 
 def _centroids(instance: Optional[Volume], semantic: Volume) -> dict[int, np.ndarray]:
     from spineps.labels import VERTEBRA_VALUES
-    from spineps.postprocess.discs import label_centroids
+    from spineps.postprocess.vertebrae import label_centroids
 
     if instance is None:
         return {}

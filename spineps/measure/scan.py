@@ -23,9 +23,12 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
 
 from spineps.geometry.volume import Volume
+
+if TYPE_CHECKING:  # pragma: no cover
+    from spineps.postprocess.vertebrae import VertebraCentroids
 
 __all__ = ["Measurements", "measure_scan", "write_measurements", "read_measurements", "morphometry_paths",
            "MEASURE_DESCRIPTIONS", "BIDSIGNORE_EXTRA", "MORPHOMETRY_SUFFIX", "semantic_structure_name"]
@@ -89,10 +92,11 @@ def _naming_summary(naming: Mapping[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(out, default=str))
 
 
-def measure_scan(semantic: Volume, instance: Optional[Volume], naming: Optional[Mapping[str, Any]] = None
-                 ) -> Measurements:
+def measure_scan(semantic: Volume, instance: Optional[Volume], naming: Optional[Mapping[str, Any]] = None, *,
+                 centroids: Optional["VertebraCentroids"] = None) -> Measurements:
     """Volumes, morphometry and QC of one scan (see the module docstring). ``instance`` may
-    be None (semantic-only runs): then only the class volumes and the QC are given."""
+    be None (semantic-only runs): then only the class volumes and the QC are given.
+    ``centroids``: the named vertebrae's body centroids on this grid (computed when not given)."""
     from spineps.labels import SEMANTIC, VERTEBRA_ORDER, VERTEBRA_VALUES, vertebra_name
     from spineps.measure.morphometry import LevelValue, Morphometry, disc_level_name, measure_morphometry
     from spineps.measure.qc import assess
@@ -108,7 +112,7 @@ def measure_scan(semantic: Volume, instance: Optional[Volume], naming: Optional[
     structure_volumes: dict[tuple[str, str], float] = {}
     if instance is not None:
         ins_vol = label_volumes(instance)
-        morph = measure_morphometry(semantic, instance)
+        morph = measure_morphometry(semantic, instance, centroids=centroids)
         by_level: dict[str, list] = {}
         for lv in morph.values:
             by_level.setdefault(lv.level, []).append(lv)

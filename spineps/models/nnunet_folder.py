@@ -22,8 +22,6 @@ user selected (a model folder is code-equivalent and trusted by choosing it).
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import logging
 from dataclasses import dataclass, field
@@ -31,6 +29,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from spineps.errors import ModelError
+from spineps.logging_setup import quiet_stdout
 from spineps.models.folder import ModelConfig, read_model_config
 
 __all__ = ["NnUNetFolder", "inspect_nnunet_folder", "load_checkpoint", "LoadedNnUNet", "load_nnunet_folder",
@@ -155,17 +154,6 @@ def load_checkpoint(path: Path) -> dict:
     return ck
 
 
-@contextlib.contextmanager
-def _quiet_stdout():
-    """nnU-Net prints (e.g. about unset nnUNet_* paths) at import; keep it off our stdout."""
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        yield
-    text = buf.getvalue().strip()
-    if text:
-        log.debug("nnU-Net said: %s", text[:2000])
-
-
 @dataclass
 class LoadedNnUNet:
     """A folder with its network built and weights loaded, ready for a predictor."""
@@ -188,7 +176,7 @@ class LoadedNnUNet:
 def load_nnunet_folder(folder: Path, folds: Optional[Sequence[int]] = None) -> LoadedNnUNet:
     """Validate and load everything inference needs; all problems -> ``ModelError``."""
     info = inspect_nnunet_folder(folder, folds)
-    with _quiet_stdout():
+    with quiet_stdout(log):
         from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
         from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
         from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -205,7 +193,7 @@ def load_nnunet_folder(folder: Path, folds: Optional[Sequence[int]] = None) -> L
         raise ModelError(f"checkpoint configuration {configuration!r} is not in plans.json "
                          f"({', '.join(info.plans['configurations'])})", plans_path)
     try:
-        with _quiet_stdout():
+        with quiet_stdout(log):
             plans_manager = PlansManager(info.plans)
             cm = plans_manager.get_configuration(configuration)
             label_manager = plans_manager.get_label_manager(info.dataset_json)

@@ -29,8 +29,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ENGINES", "onnxruntime_available", "onnxruntime_version", "resolve_engine", "OrtForward",
-           "install_or_fall_back"]
+__all__ = ["ENGINES", "onnxruntime_available", "onnxruntime_version", "resolve_engine", "wants_onnxruntime",
+           "OrtForward", "install_or_fall_back"]
 
 ENGINES = ("auto", "torch", "onnxruntime")
 #: the ONNX operator set the networks are exported with (3D convolutions, instance / group norm)
@@ -70,6 +70,17 @@ def resolve_engine(engine: str, device: str, precision: str) -> str:
             raise ValueError("--engine onnxruntime needs the onnxruntime package (pip install onnxruntime)")
         return "onnxruntime"
     return "onnxruntime" if on_cpu and precision == "fp32" and onnxruntime_available() else "torch"
+
+
+def wants_onnxruntime(engine: str, device: str, precision: str, folder: Any) -> bool:
+    """Whether a model loaded from ``folder`` runs its forward passes in ONNX Runtime
+    (:func:`resolve_engine`); a choice that cannot hold is a ``ModelError`` naming ``folder``."""
+    from spineps.errors import ModelError
+
+    try:
+        return resolve_engine(engine, device, precision) == "onnxruntime"
+    except ValueError as exc:
+        raise ModelError(str(exc), folder) from None
 
 
 def _export(network: Any, example: Any, dynamic_spatial: bool = False) -> bytes:

@@ -43,33 +43,18 @@ import numpy as np
 
 from spineps.errors import InputError
 from spineps.geometry.volume import Volume
-from spineps.labels import (
-    BODY,
-    CANAL,
-    CORD,
-    DISC,
-    ENDPLATE,
-    ENDPLATE_INF,
-    ENDPLATE_SUP,
-    SACRUM,
-)
+from spineps.labels import BODY, CANAL, CORD, DISC, ENDPLATE_INF, ENDPLATE_SUP, ENDPLATES, INSTANCE_PARTS, SACRUM
+from spineps.postprocess.vertebrae import check_same_grid, vertebra_ids, world_superior_order
 
 __all__ = [
-    "VERTEBRA_PART_VALUES",
-    "ENDPLATE_VALUES",
     "ConsistencyStats",
     "make_consistent",
     "consistency_problems",
-    "vertebra_ids",
-    "world_superior_order",
+    "MAX_VERTEBRAE",
 ]
 
 log = logging.getLogger(__name__)
 
-#: the nine vertebra substructures an instance may cover (endplates handled separately)
-VERTEBRA_PART_VALUES: tuple[int, ...] = tuple(range(41, 50))
-#: endplate values: as predicted (62) and after the superior/inferior split (52/53)
-ENDPLATE_VALUES: tuple[int, ...] = (ENDPLATE_SUP, ENDPLATE_INF, ENDPLATE)
 #: largest anonymous vertebra id that cannot collide with the sacrum value 26
 MAX_VERTEBRAE = SACRUM - 1
 
@@ -88,33 +73,6 @@ class ConsistencyStats:
     new_instances: int = 0
     surplus_to_sacrum: int = 0
     dropped_instances: list[int] = field(default_factory=list)
-
-
-def _check_grids(semantic: Volume, instance: Volume) -> None:
-    if not semantic.same_grid(instance):
-        raise InputError(f"semantic mask {semantic!r} and instance mask {instance!r} are not on the same grid")
-
-
-def vertebra_ids(instance: np.ndarray) -> list[int]:
-    """Sorted vertebra ids of an anonymous instance array (1..99 except the sacrum 26)."""
-    vals = np.unique(instance)
-    return [int(v) for v in vals if 0 < v < 100 and v != SACRUM]
-
-
-def world_superior_order(instance: Volume, ids: list[int], semantic: np.ndarray | None = None) -> list[int]:
-    """``ids`` sorted top to bottom by the world S coordinate of their (body) centroid."""
-    from spineps.postprocess.discs import label_centroids
-
-    inst = np.asarray(instance.data)
-    if not ids:
-        return []
-    coms, _ = label_centroids(inst, ids)
-    if semantic is not None:
-        com_body, n_body = label_centroids(np.where(semantic == BODY, inst, 0), ids)
-        coms = np.where((n_body > 0)[:, None], com_body, coms)
-    world_z = np.asarray(coms, float) @ instance.affine[2, :3] + instance.affine[2, 3]
-    order = np.argsort(-world_z, kind="stable")
-    return [ids[i] for i in order]
 
 
 def _face_contacts(comp: np.ndarray, inst: np.ndarray, n_comp: int, n_inst: int) -> np.ndarray:
@@ -150,7 +108,7 @@ def make_consistent(semantic: Volume, vertebrae: Volume, *, min_new_instance_mm3
     import cc3d
     from scipy import ndimage
 
-    _check_grids(semantic, vertebrae)
+    check_same_grid(semantic, vertebrae)
     st = stats if stats is not None else ConsistencyStats()
     sem = np.asarray(semantic.data).astype(np.int32, copy=True)
     raw = np.asarray(vertebrae.data)
@@ -174,7 +132,7 @@ def make_consistent(semantic: Volume, vertebrae: Volume, *, min_new_instance_mm3
                 st.filled += n
 
     # 2. zero every instance voxel that is not a vertebra part; sacrum -> 26
-    part = np.isin(sem, VERTEBRA_PART_VALUES)
+    part = np.isin(sem, INSTANCE_PARTS)
     off = (inst > 0) & ~part
     st.zeroed = int(off.sum())
     inst[off] = 0
@@ -261,7 +219,7 @@ def make_consistent(semantic: Volume, vertebrae: Volume, *, min_new_instance_mm3
 
 
 #: semantic values that must carry an instance value, with the kind of instance they take
-_SPINE_STRUCTURES = (*VERTEBRA_PART_VALUES, ENDPLATE_SUP, ENDPLATE_INF, DISC, SACRUM)
+_SPINE_STRUCTURES = (*INSTANCE_PARTS, ENDPLATE_SUP, ENDPLATE_INF, DISC, SACRUM)
 
 
 def _instance_kind(inst: np.ndarray) -> np.ndarray:
@@ -283,7 +241,7 @@ def consistency_problems(semantic: Volume, instance: Volume) -> list[str]:
     carries an instance value. Exceptions: canal (61) and cord (60) take no instance value,
     and an endplate voxel still valued 62 (no vertebra claimed it) may have none.
     """
-    _check_grids(semantic, instance)
+    check_same_grid(semantic, instance)
     sem = np.asarray(semantic.data)
     inst = np.asarray(instance.data)
     kind = _instance_kind(inst)
@@ -297,9 +255,9 @@ def consistency_problems(semantic: Volume, instance: Volume) -> list[str]:
     _report((inst >= 300) | (inst < 0), "instance value outside 0..299")
     _report((kind > 0) & ((sem == 0) | (sem == CANAL) | (sem == CORD)), "instance on background/canal/cord")
     _report((kind == 0) & np.isin(sem, _SPINE_STRUCTURES), "spine structure without instance value")
-    _report((kind == 1) & ~np.isin(sem, VERTEBRA_PART_VALUES), "vertebra id on a non-vertebra-part voxel")
+    _report((kind == 1) & ~np.isin(sem, INSTANCE_PARTS), "vertebra id on a non-vertebra-part voxel")
     _report((kind == 2) & (sem != DISC), "disc value on a non-disc voxel")
-    _report((kind == 3) & ~np.isin(sem, ENDPLATE_VALUES), "endplate value on a non-endplate voxel")
+    _report((kind == 3) & ~np.isin(sem, ENDPLATES), "endplate value on a non-endplate voxel")
     _report((kind == 4) & (sem != SACRUM), "sacrum value on a non-sacrum voxel")
     _report((sem == SACRUM) & (kind != 4), "sacrum voxel without instance 26")
     return problems

@@ -36,98 +36,19 @@ the discs and endplates):
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
 from spineps.errors import InputError
 from spineps.geometry.volume import Volume
-from spineps.labels import BODY, DISC, ENDPLATE, ENDPLATE_INF, ENDPLATE_SUP, SACRUM
-from spineps.postprocess.consistency import ENDPLATE_VALUES, _check_grids, vertebra_ids
+from spineps.labels import BODY, DISC, ENDPLATE, ENDPLATE_INF, ENDPLATE_SUP, ENDPLATES, SACRUM
+from spineps.postprocess.vertebrae import (VertebraCentroids, VertebraFrame, check_same_grid, to_world, vertebra_frames,
+                                           vertebra_ids)
 
-__all__ = ["VertebraFrame", "vertebra_frames", "label_centroids", "assign_discs_and_endplates", "body_mask_of"]
+__all__ = ["assign_discs_and_endplates"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class VertebraFrame:
-    """Local anatomical frame of one vertebra, in world (RAS) millimetres."""
-
-    id: int
-    centroid: np.ndarray  # body centroid (whole vertebra when it has no body voxel)
-    superior: np.ndarray  # unit vector along the spine, towards the head
-    anterior: np.ndarray  # unit vector, perpendicular to ``superior``
-    n_body: int  # body voxels (49 and, when given, its endplates)
-
-    @property
-    def right(self) -> np.ndarray:
-        return np.cross(self.anterior, self.superior)
-
-
-def _world(affine: np.ndarray, vox: np.ndarray) -> np.ndarray:
-    return vox @ affine[:3, :3].T + affine[:3, 3]
-
-
-def body_mask_of(sem: np.ndarray, inst: np.ndarray, v: int) -> np.ndarray:
-    """Body voxels of anonymous vertebra ``v``: its 49 voxels plus its own endplates
-    (52 valued ``200 + v - 1``, 53 valued ``200 + v``) when the masks carry them."""
-    return ((inst == v) & (sem == BODY)) | ((sem == ENDPLATE_SUP) & (inst == 200 + v - 1)) | (
-        (sem == ENDPLATE_INF) & (inst == 200 + v))
-
-
-def label_centroids(labels: np.ndarray, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Voxel-index centroids and voxel counts of ``ids`` in ``labels`` (NaN where absent);
-    one pass over the non-zero voxels (much faster than ``ndimage.center_of_mass``)."""
-    nz = np.nonzero(labels)
-    lab = labels[nz].astype(np.int64)
-    size = max(int(lab.max(initial=0)), max(ids, default=0)) + 1
-    count = np.bincount(lab, minlength=size).astype(float)
-    sums = np.stack([np.bincount(lab, weights=c, minlength=size) for c in nz], axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cent = sums / count[:, None]
-    idx = np.asarray(ids, dtype=np.int64)
-    return cent[idx], count[idx]
-
-
-def vertebra_frames(semantic: Volume, instance: Volume, ids: list[int] | None = None) -> dict[int, VertebraFrame]:
-    """Frames of the anonymous vertebrae ``ids`` (default: all 1..N), ordered top to bottom."""
-    sem = np.asarray(semantic.data)
-    inst = np.asarray(instance.data)
-    if ids is None:
-        ids = vertebra_ids(inst)
-    if not ids:
-        return {}
-    vert = np.where((inst > 0) & (inst < 100) & (inst != SACRUM), inst, 0)
-    com_all, _ = label_centroids(vert, ids)
-    com_body, n_body = label_centroids(np.where(sem == BODY, vert, 0), ids)
-    cents, alls = [], []
-    for cb, ca, nb in zip(com_body, com_all, n_body):
-        cents.append(cb if nb > 0 else ca)
-        alls.append(ca)
-    c_world = _world(semantic.affine, np.asarray(cents))
-    a_world = _world(semantic.affine, np.asarray(alls))
-    up_world = np.array([0.0, 0.0, 1.0])
-    frames: dict[int, VertebraFrame] = {}
-    n = len(ids)
-    for i, v in enumerate(ids):
-        if n == 1:
-            u = up_world
-        else:
-            hi = c_world[max(i - 1, 0)]
-            lo = c_world[min(i + 1, n - 1)]
-            u = hi - lo
-            norm = np.linalg.norm(u)
-            u = u / norm if norm > 1e-6 else up_world
-        # anterior: from the whole-vertebra centroid to the body centroid (the body is
-        # anterior to the arch), else world anterior; made perpendicular to u
-        a = c_world[i] - a_world[i] if n_body[i] > 0 else np.zeros(3)
-        a = a - (a @ u) * u
-        if np.linalg.norm(a) < 1.0:  # no posterior elements to tell: world anterior
-            a = np.array([0.0, 1.0, 0.0]) - u[1] * u
-        a = a / max(np.linalg.norm(a), 1e-9)
-        frames[v] = VertebraFrame(v, c_world[i], u, a, int(n_body[i]))
-    return frames
 
 
 def _body_height(sem: np.ndarray, inst: np.ndarray, affine: np.ndarray, frame: VertebraFrame) -> float:
@@ -138,22 +59,24 @@ def _body_height(sem: np.ndarray, inst: np.ndarray, affine: np.ndarray, frame: V
         mask = inst == frame.id
     sl = ndimage.find_objects(mask.astype(np.uint8))[0]
     idx = np.argwhere(mask[sl]) + np.array([s.start for s in sl])
-    proj = (_world(affine, idx.astype(float)) - frame.centroid) @ frame.superior
+    proj = (to_world(affine, idx.astype(float)) - frame.centroid) @ frame.superior
     return float(np.percentile(proj, 99) - np.percentile(proj, 1))
 
 
 def assign_discs_and_endplates(semantic: Volume, vertebrae: Volume, *, max_distance_mm: float = 30.0,
-                               majority: float = 0.7) -> tuple[Volume, Volume]:
+                               majority: float = 0.7, centroids: Optional[VertebraCentroids] = None
+                               ) -> tuple[Volume, Volume]:
     """Give discs ``100 + X`` and endplates ``200 + X`` (X = the vertebra above the disc) and
     split the semantic endplates into superior (52) / inferior (53). See the module text.
 
     Returns ``(semantic3, instance3)``; instance values: anonymous vertebrae 1..N, sacrum 26,
-    discs 100..100+N, endplates 200..200+N (int16).
+    discs 100..100+N, endplates 200..200+N (int16). ``centroids``: the vertebrae's
+    (``postprocess.vertebrae.vertebra_centroids`` on these masks), computed here when not given.
     """
     import cc3d
     from scipy import ndimage
 
-    _check_grids(semantic, vertebrae)
+    check_same_grid(semantic, vertebrae)
     sem = np.asarray(semantic.data).astype(np.int32, copy=True)
     inst = np.asarray(vertebrae.data).astype(np.int32, copy=True)
     if inst.max(initial=0) >= 100:
@@ -161,7 +84,7 @@ def assign_discs_and_endplates(semantic: Volume, vertebrae: Volume, *, max_dista
                          f"found instance value {int(inst.max())}")
     ids = vertebra_ids(inst)
     has_sacrum = bool((inst == SACRUM).any())
-    target = np.isin(sem, (DISC, *ENDPLATE_VALUES))
+    target = np.isin(sem, (DISC, *ENDPLATES))
     inst[target] = 0
     out_dtype = np.asarray(semantic.data).dtype
     if not target.any():
@@ -169,10 +92,10 @@ def assign_discs_and_endplates(semantic: Volume, vertebrae: Volume, *, max_dista
     if not ids and not has_sacrum:
         log.warning("no vertebra: %d disc/endplate voxels stay unassigned", int(target.sum()))
         sem[sem == DISC] = 0
-        sem[np.isin(sem, ENDPLATE_VALUES)] = ENDPLATE
+        sem[np.isin(sem, ENDPLATES)] = ENDPLATE
         return semantic.with_data(sem.astype(out_dtype)), vertebrae.with_data(inst.astype(np.int16))
 
-    frames = vertebra_frames(semantic, vertebrae, ids)
+    frames = vertebra_frames(semantic, vertebrae, ids, centroids)
     # lookup tables indexed by instance value (0..26)
     size = SACRUM + 1
     cent = np.zeros((size, 3))
@@ -201,7 +124,7 @@ def assign_discs_and_endplates(semantic: Volume, vertebrae: Volume, *, max_dista
         del ind
         near = sub_inst[tuple(nvox.T)]
         d = np.sqrt((((nvox - vox) * spacing) ** 2).sum(axis=1))
-    p = _world(semantic.affine, (vox + lo).astype(float))
+    p = to_world(semantic.affine, (vox + lo).astype(float))
     svals = sem[box][sub_t]
     is_disc = svals == DISC
     claimed = d <= max_distance_mm

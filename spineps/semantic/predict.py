@@ -34,11 +34,13 @@ import numpy as np
 
 from spineps.errors import InputError, ModelError
 from spineps.geometry.volume import Volume
+from spineps.logging_setup import quiet_stdout
+from spineps.models.device import resolve_device
 from spineps.models.folder import ModelConfig, folder_checksum
 from spineps.semantic.cleanup import CleanupSettings, clean_semantic
 from spineps.semantic.preprocess import N4Settings, preprocess_image
 
-__all__ = ["NnUNetSemanticSegmenter", "resolve_device"]
+__all__ = ["NnUNetSemanticSegmenter"]
 
 log = logging.getLogger(__name__)
 
@@ -49,26 +51,11 @@ def _warn_if_nnunet_caps_threads() -> None:
     pre-processing silently slows inference down (1 instead of 2 threads: 1.5x slower here)."""
     import torch
 
-    with _quiet():
+    with quiet_stdout(log):
         from nnunetv2.configuration import default_num_processes
     if default_num_processes < torch.get_num_threads():
         log.warning("nnUNet_def_n_proc=%d limits nnU-Net's inference to %d thread(s) (asked for %d); unset it "
                     "for full speed", default_num_processes, default_num_processes, torch.get_num_threads())
-
-
-def resolve_device(device: str = "auto") -> Any:
-    """'auto' -> cuda if available else cpu; otherwise torch.device(device)."""
-    import torch
-
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ModelError(f"unknown device {device!r} ({exc})") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ModelError(f"device {device!r} requested but CUDA is not available")
-    return dev
 
 
 class NnUNetSemanticSegmenter:
@@ -83,14 +70,14 @@ class NnUNetSemanticSegmenter:
 
         from spineps.models.precision import resolve_precision
 
-        with _quiet():
+        with quiet_stdout(log):
             from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
         self.loaded = loaded
         self.config: ModelConfig = loaded.folder.config
         self.name: str = self.config.log_name
         self.folder: Path = loaded.folder.path
-        self.device = resolve_device(device)
+        self.device = torch.device(resolve_device(device))
         self.nprocs = nprocs
         if nprocs is not None:
             if nprocs < 1:
@@ -105,7 +92,7 @@ class NnUNetSemanticSegmenter:
         mirror_axes = getattr(loaded, "mirror_axes", None)
         if self.mirroring and mirror_axes is None:
             mirror_axes = (0, 1, 2)
-        with _quiet():
+        with quiet_stdout(log):
             self.predictor = nnUNetPredictor(tile_step_size=self.step_size, use_gaussian=True,
                                              use_mirroring=self.mirroring, perform_everything_on_device=on_gpu,
                                              device=self.device, verbose=False, verbose_preprocessing=False,
@@ -145,14 +132,11 @@ class NnUNetSemanticSegmenter:
         network's forward by an ONNX Runtime session for nnU-Net's tile shape."""
         import torch
 
-        from spineps.models.onnx_engine import install_or_fall_back, resolve_engine
+        from spineps.models.onnx_engine import install_or_fall_back, wants_onnxruntime
 
-        try:
-            chosen = resolve_engine(engine, self.device.type, self.precision)
-        except ValueError as exc:
-            raise ModelError(str(exc), self.folder) from None
         net = self.predictor.network
-        if chosen != "onnxruntime" or not isinstance(net, torch.nn.Module):
+        if not wants_onnxruntime(engine, self.device.type, self.precision, self.folder) or not isinstance(
+                net, torch.nn.Module):
             return "torch"
         cm = loaded.configuration_manager
         patch = [int(v) for v in cm.patch_size]
@@ -220,7 +204,7 @@ class NnUNetSemanticSegmenter:
         sp = model_image.spacing
         data = np.ascontiguousarray(arr.transpose(2, 1, 0))[None]  # SimpleITK axis order
         props = {"spacing": [float(sp[2]), float(sp[1]), float(sp[0])]}
-        with torch.inference_mode(), _quiet():
+        with torch.inference_mode(), quiet_stdout(log):
             seg = self.predictor.predict_single_npy_array(data, props, None, None, False)
         seg = np.asarray(seg)
         if seg.shape != data.shape[1:]:
@@ -276,7 +260,7 @@ class NnUNetSemanticSegmenter:
         return {
             "name": self.name,
             "folder": str(self.folder),
-            "checksum_sha256": self._checksum,
+            "checksum": f"sha256:{self._checksum}",
             "modeltype": "nnunet",
             "configuration": self.loaded.configuration,
             "trainer_name": self.loaded.trainer_name,
@@ -294,23 +278,3 @@ class NnUNetSemanticSegmenter:
             "channels_last": self.channels_last,
             "n4": self.n4,
         }
-
-
-class _quiet:
-    """Keep nnU-Net's prints off stdout (they go to the debug log)."""
-
-    def __enter__(self):
-        import contextlib
-        import io
-
-        self._buf = io.StringIO()
-        self._cm = contextlib.redirect_stdout(self._buf)
-        self._cm.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._cm.__exit__(*exc)
-        text = self._buf.getvalue().strip()
-        if text:
-            log.debug("nnU-Net said: %s", text[:2000])
-        return False
