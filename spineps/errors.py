@@ -18,7 +18,6 @@ __all__ = [
     "InputError",
     "NoInputError",
     "OutputError",
-    "IOFailure",
     "ResourceError",
     "ModelError",
     "ScanFailuresError",
@@ -81,12 +80,6 @@ class OutputError(SpinepsError):
     """An output cannot be created (EX_CANTCREAT)."""
 
     exit_code = 73
-
-
-class IOFailure(SpinepsError):
-    """Reading or writing failed midway (EX_IOERR)."""
-
-    exit_code = 74
 
 
 class ResourceError(SpinepsError):

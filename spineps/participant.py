@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from spineps.errors import BIDSValidationError, ScanFailuresError, SpinepsError, one_line
+from spineps.fsutil import jsonable
 
 if TYPE_CHECKING:  # pragma: no cover
     from spineps.models.protocols import InstanceSegmenter, SemanticSegmenter
@@ -109,13 +110,10 @@ def _prepare_output_dir(settings: "Settings") -> None:
 
     remove_stale_temps(settings.output_dir)
     remove_stale_locks(settings.logs_dir / "locks")
-    from spineps.group.collect import BIDSIGNORE_EXTRA
-    from spineps.measure.scan import BIDSIGNORE_EXTRA as MEASURE_BIDSIGNORE
-
     write_dataset_description(settings.output_dir, bids_dir=settings.bids_dir, version=settings.version,
                               container=settings.container_info(), source_name=_source_name(settings))
     write_lookup_tables(settings.output_dir)
-    write_bidsignore(settings.output_dir, extra=(*BIDSIGNORE_EXTRA, *MEASURE_BIDSIGNORE))
+    write_bidsignore(settings.output_dir)
 
 
 def _source_name(settings: "Settings") -> str:
@@ -142,53 +140,21 @@ def run_participant(settings: "Settings", semantic: Optional["SemanticSegmenter"
     if discovery is None:
         discovery = check_inputs(settings)
     scans = list(discovery.scans)
-    summary = ParticipantSummary(total=len(scans))
-    summary.not_selected = {_rel(Path(p), settings.bids_dir): str(why) for p, why in discovery.skipped}
-    for p, why in getattr(discovery, "unusable", ()):  # meant as input but unreadable: a failed scan
-        rel = _rel(Path(p), settings.bids_dir)
-        summary.not_selected.pop(rel, None)
-        summary.failed[rel] = one_line(f"InputError: {why}")
-        log.error("%s failed: %s", rel, summary.failed[rel])
+    summary = _summary_of(settings, discovery, len(scans))
     _prepare_output_dir(settings)
     log.info("%d scan(s) selected", len(scans))
-
     current: Optional[str] = None
     try:
         for i, scan in enumerate(scans, start=1):
-            name = scan.relpath
-            current = name
+            current = scan.relpath
+            tag = f"[{i}/{len(scans)}]"
             expected = expected_outputs(settings.output_dir, scan, with_instances=instance is not None)
             if not settings.overwrite and all(Path(p).is_file() for p in expected):
-                log.info("[%d/%d] %s: outputs complete, skipped (use --overwrite to recompute)", i, len(scans), name)
-                summary.skipped_complete.append(name)
+                log.info("%s %s: outputs complete, skipped (use --overwrite to recompute)", tag, current)
+                summary.skipped_complete.append(current)
                 continue
-            log.info("[%d/%d] %s", i, len(scans), name)
-            try:
-                with _scan_lock(settings, scan, f"[{i}/{len(scans)}] {name}"):
-                    if not settings.overwrite and all(Path(p).is_file() for p in expected):
-                        log.info("[%d/%d] %s: outputs completed by another run meanwhile, skipped", i, len(scans),
-                                 name)
-                        summary.skipped_complete.append(name)
-                        continue
-                    _revoke_complete(settings, scan)
-                    if from_masks:
-                        process_mask(settings, scan, instance)
-                    else:
-                        process_scan(settings, scan, semantic, instance)
-            except SpinepsError as exc:
-                why = exc.reason if exc.path is not None and Path(exc.path) == Path(scan.path) else str(exc)
-                why = f"{type(exc).__name__}: {why}"
-                log.error("[%d/%d] %s failed: %s", i, len(scans), name, one_line(why))
-                summary.failed[name] = one_line(why)
-            except MemoryError:
-                log.error("[%d/%d] %s failed: out of memory", i, len(scans), name)
-                summary.failed[name] = "out of memory"
-            except Exception as exc:  # a bug or a library failure: keep going with the other scans
-                log.error("[%d/%d] %s failed: %s: %s", i, len(scans), name, type(exc).__name__, one_line(str(exc)))
-                log.debug("traceback for %s", name, exc_info=True)
-                summary.failed[name] = f"{type(exc).__name__}: {one_line(str(exc))}"
-            else:
-                summary.processed.append(name)
+            log.info("%s %s", tag, current)
+            _run_one(settings, scan, tag, expected, semantic, instance, summary)
             current = None
     except KeyboardInterrupt:
         summary.seconds = time.perf_counter() - t_start
@@ -202,6 +168,54 @@ def run_participant(settings: "Settings", semantic: Optional["SemanticSegmenter"
     if summary.failed:
         raise ScanFailuresError(summary.failed)
     return summary
+
+
+def _summary_of(settings: "Settings", discovery: Any, total: int) -> ParticipantSummary:
+    """A run's summary before any scan: discovery's skips, and the inputs that cannot be read
+    (meant as input: failed scans)."""
+    summary = ParticipantSummary(total=total)
+    summary.not_selected = {_rel(Path(p), settings.bids_dir): str(why) for p, why in discovery.skipped}
+    for p, why in getattr(discovery, "unusable", ()):
+        rel = _rel(Path(p), settings.bids_dir)
+        summary.not_selected.pop(rel, None)
+        summary.failed[rel] = one_line(f"InputError: {why}")
+        log.error("%s failed: %s", rel, summary.failed[rel])
+    return summary
+
+
+def _run_one(settings: "Settings", scan: Any, tag: str, expected: list[Path],
+             semantic: Optional["SemanticSegmenter"], instance: Optional["InstanceSegmenter"],
+             summary: ParticipantSummary) -> None:
+    """One scan under its lock; its outcome (processed, skipped, failed and why) into ``summary``.
+    A failure is logged and recorded, never raised (``KeyboardInterrupt`` is)."""
+    name = scan.relpath
+    try:
+        with _scan_lock(settings, scan, f"{tag} {name}"):
+            if not settings.overwrite and all(Path(p).is_file() for p in expected):
+                log.info("%s %s: outputs completed by another run meanwhile, skipped", tag, name)
+                summary.skipped_complete.append(name)
+                return
+            _revoke_complete(settings, scan)
+            if settings.input_kind == "semantic-mask":
+                assert instance is not None  # checked by run_participant
+                process_mask(settings, scan, instance)
+            else:
+                assert semantic is not None  # checked by run_participant
+                process_scan(settings, scan, semantic, instance)
+    except SpinepsError as exc:
+        why = exc.reason if exc.path is not None and Path(exc.path) == Path(scan.path) else str(exc)
+        why = f"{type(exc).__name__}: {why}"
+        log.error("%s %s failed: %s", tag, name, one_line(why))
+        summary.failed[name] = one_line(why)
+    except MemoryError:
+        log.error("%s %s failed: out of memory", tag, name)
+        summary.failed[name] = "out of memory"
+    except Exception as exc:  # a bug or a library failure: keep going with the other scans
+        log.error("%s %s failed: %s: %s", tag, name, type(exc).__name__, one_line(str(exc)))
+        log.debug("traceback for %s", name, exc_info=True)
+        summary.failed[name] = f"{type(exc).__name__}: {one_line(str(exc))}"
+    else:
+        summary.processed.append(name)
 
 
 def _scan_lock(settings: "Settings", scan: Any, what: str):  # -> context manager
@@ -353,7 +367,7 @@ def _write_outputs(settings: "Settings", scan: Any, result: "ScanResult", *, hea
         parameters=params, timings=timings, extra=sem_extra or None))
     if inst_path is not None and cent_path is not None:
         inst_source = f"bids::{sem_path.relative_to(out).as_posix()}"
-        inst_extra = {"LevelNaming": _jsonable(result.naming)}
+        inst_extra = {"LevelNaming": jsonable(result.naming)}
         if result.warnings:
             inst_extra["Warnings"] = list(result.warnings)
         write_sidecar(INSTANCE_SIDECAR.path(out, scan), make_sidecar(
@@ -425,7 +439,7 @@ def model_provenance(model: Any) -> dict[str, Any]:
         checksum = f"sha256:{checksum}"
     version = prov.pop("version", None) or prov.get("log_name") or "unversioned"
     return {"name": str(name), "version": str(version), "checksum": str(checksum) if checksum else "n/a",
-            **_jsonable(prov)}
+            **jsonable(prov)}
 
 
 def _centroids_json(result: "ScanResult", scan: Any) -> dict[str, Any]:
@@ -436,25 +450,9 @@ def _centroids_json(result: "ScanResult", scan: Any) -> dict[str, Any]:
                        "of the source image and RAS world coordinates in mm",
         "Source": Path(scan.path).name,
         "CoordinateSystem": "RAS+ scanner world (mm), voxel indices 0-based",
-        "LevelNaming": _jsonable(result.naming),
+        "LevelNaming": jsonable(result.naming),
         "Vertebrae": {
             vertebra_name(int(v)): {"value": int(v), "voxel": c["voxel"], "world": c["world"]}
             for v, c in sorted(result.centroids.items(), key=lambda kv: VERTEBRA_ORDER.index(int(kv[0])))
         },
     }
-
-
-def _jsonable(obj: Any) -> Any:
-    import numpy as np
-
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj

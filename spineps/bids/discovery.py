@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 from ..errors import InputError, NoInputError, NoMatchError, UsageError
+from ..fsutil import is_within
 
 __all__ = [
     "Scan",
@@ -440,7 +441,7 @@ class _LayoutHandle:
                                   "indexer": BIDSLayoutIndexer(validate=False, index_metadata=False)}
         if database_dir is not None:
             database_dir = Path(database_dir).absolute()
-            if _is_within(database_dir, bids_dir):
+            if is_within(database_dir.resolve(), bids_dir.resolve()):
                 raise UsageError("the pybids database folder must not be inside the BIDS dataset", database_dir)
             database_dir.mkdir(parents=True, exist_ok=True)
             self._tmp = Path(tempfile.mkdtemp(prefix="pybids-", dir=database_dir))
@@ -458,14 +459,6 @@ class _LayoutHandle:
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
-
-
-def _is_within(path: Path, root: Path) -> bool:
-    try:
-        path.resolve().relative_to(root.resolve())
-        return True
-    except ValueError:
-        return False
 
 
 def _describe(labels: Sequence[str], prefix: str, limit: int = 20) -> str:
@@ -537,7 +530,7 @@ def discover_scans(
         handle.close()
 
     if not scans:
-        reasons = "; ".join(f"{p.relative_to(bids_dir) if _is_within(p, bids_dir) else p}: {why}"
+        reasons = "; ".join(f"{p.relative_to(bids_dir) if is_within(p.resolve(), bids_dir.resolve()) else p}: {why}"
                             for p, why in skipped)
         raise NoMatchError(f"no usable sagittal T2w scan in {bids_dir}: every selected file was skipped ({reasons})")
     return Discovery(scans, skipped, unusable)

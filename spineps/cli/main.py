@@ -183,7 +183,7 @@ def _participant(settings) -> None:  # type: ignore[no-untyped-def]
 
 
 def _group(settings) -> None:  # type: ignore[no-untyped-def]
-    from spineps.group.collect import run_group
+    from spineps.group.report import run_group
 
     run_group(settings)
 

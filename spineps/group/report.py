@@ -34,10 +34,15 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence, Union
+
+from spineps.errors import NoInputError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from spineps.settings import Settings
 
 __all__ = ["GroupSummary", "ScanRecord", "build_group", "find_scans", "render_html", "GROUP_TSV", "GROUP_JSON",
-           "LEVELS_TSV", "LEVELS_JSON", "REPORT_HTML", "PLOT_MEASURES", "KEY_COLUMNS", "BIDSIGNORE_EXTRA"]
+           "LEVELS_TSV", "LEVELS_JSON", "REPORT_HTML", "PLOT_MEASURES", "KEY_COLUMNS", "run_group"]
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +51,6 @@ GROUP_JSON = "group_T2w.json"
 LEVELS_TSV = "group_T2w_levels.tsv"
 LEVELS_JSON = "group_T2w_levels.json"
 REPORT_HTML = "group_T2w_report.html"
-BIDSIGNORE_EXTRA: tuple[str, ...] = ("group_*", "*_morphometry.tsv", "*_morphometry.json")
 SEMANTIC_SUFFIX = "_desc-spine_dseg.nii.gz"
 INSTANCE_SUFFIX = "_desc-vertebrae_dseg.nii.gz"
 FIGURE_SUFFIX = "_desc-spine_dseg.png"
@@ -489,7 +493,7 @@ def build_group(output_dir: Union[str, Path], *, participant_labels: Optional[It
     html = render_html(records, stats, title=title or f"SPINEPS group report \u2014 {len(records)} scan(s)",
                        output_dir_name=out.resolve().name, software=_software(), threshold=thr, min_scans=mins)
     _write(files["report"], html)
-    write_bidsignore(out, extra=BIDSIGNORE_EXTRA)
+    write_bidsignore(out)
     n_flagged = sum(1 for r in records if (r.qc.get("flags") or r.outliers))
     seconds = time.perf_counter() - t0
     log.info("group: %d scan(s) (%d measured from masks), %d flagged, %d outlier measurement(s); report %s "
@@ -498,3 +502,17 @@ def build_group(output_dir: Union[str, Path], *, participant_labels: Optional[It
     return GroupSummary(out, records, failed, files, n_flagged, len(outs), seconds,
                         {"read": round(t_read, 3), "stats": round(t_stats, 3),
                          "write": round(seconds - t_read - t_stats, 3)})
+
+
+def run_group(settings: "Settings") -> GroupSummary:
+    """The group level of the BIDS-App: tables, outlier flags and the HTML report of
+    :func:`build_group`, from what participant runs left in ``settings.output_dir``."""
+    out = settings.output_dir
+    if not out.is_dir():
+        raise NoInputError("the output folder does not exist: run the participant level first", out)
+    summary = build_group(out, participant_labels=list(settings.participant_labels) or None)
+    log.info("group table: %d scan(s) -> %s; %d flagged; report %s", summary.n_scans, summary.files["table"],
+             summary.n_flagged, summary.files["report"].name)
+    if summary.failed:
+        log.warning("%d scan(s) left out (unreadable outputs): %s", len(summary.failed), ", ".join(summary.failed))
+    return summary

@@ -31,13 +31,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from spineps.postprocess.vertebrae import VertebraCentroids
 
 __all__ = ["Measurements", "measure_scan", "write_measurements", "read_measurements", "morphometry_paths",
-           "MEASURE_DESCRIPTIONS", "BIDSIGNORE_EXTRA", "MORPHOMETRY_SUFFIX", "semantic_structure_name"]
+           "MEASURE_DESCRIPTIONS", "MORPHOMETRY_SUFFIX", "semantic_structure_name"]
 
 log = logging.getLogger(__name__)
 
 MORPHOMETRY_SUFFIX = "_desc-spine_morphometry.tsv"
-#: non-BIDS per-scan files, for ``write_bidsignore(extra=...)``
-BIDSIGNORE_EXTRA: tuple[str, ...] = ("*_morphometry.tsv", "*_morphometry.json")
 
 MEASURE_DESCRIPTIONS: dict[str, dict[str, str]] = {
     "volume_mm3": {"Description": "Volume: voxel count times voxel volume", "Units": "mm^3"},
