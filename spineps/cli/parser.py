@@ -142,6 +142,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="participant: segment scans; group: collect the participant outputs into tables")
     p.add_argument("--version", action=_VersionAction, help="print the version and exit")
 
+    _add_input_arguments(p)
+    _add_resource_arguments(p)
+    _add_model_arguments(p)
+    add_level_naming_arguments(p)
+
+    o = p.add_argument_group("run behaviour")
+    o.add_argument("--overwrite", action="store_true",
+                   help="recompute scans whose outputs are complete (default: skip them)")
+    o.add_argument("--no-n4", "--no_n4", dest="no_n4", action="store_true",
+                   help="skip N4 bias-field correction before the semantic phase")
+    o.add_argument("-v", "--verbose", dest="verbose", action="count", default=0,
+                   help="more log output (-v debug messages; -vv also tracebacks)")
+    return p
+
+
+def _add_input_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("selecting inputs")
     g.add_argument("--participant-label", "--participant_label", dest="participant_label", nargs="+",
                    type=_label("sub-"), metavar="LABEL",
@@ -155,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--skip-bids-validation", "--skip_bids_validation", dest="skip_bids_validation",
                    action="store_true", help="do not validate the input dataset")
 
+
+def _add_resource_arguments(p: argparse.ArgumentParser) -> None:
     r = p.add_argument_group("resources")
     r.add_argument("-w", "--work-dir", "--work_dir", dest="work_dir", type=Path, metavar="DIR",
                    help="folder for intermediate files (the pybids index, removed after indexing); must not "
@@ -169,23 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help=_PRECISION_HELP)
     r.add_argument("--engine", choices=ENGINES, default="auto", help=_ENGINE_HELP)
 
+
+def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     m = p.add_argument_group("models")
     m.add_argument("--semantic-model", "--semantic_model", dest="semantic_model", type=Path, metavar="DIR",
                    help=f"semantic (nnU-Net) model folder (default: ${SEMANTIC_MODEL_ENV}, else the bundled model)")
     m.add_argument("--instance-model", "--instance_model", dest="instance_model", type=Path, metavar="DIR",
                    help=f"instance (cutout U-Net) model folder (default: ${INSTANCE_MODEL_ENV}, "
                         "else the bundled model; without one only the semantic mask is written)")
-
-    add_level_naming_arguments(p)
-
-    o = p.add_argument_group("run behaviour")
-    o.add_argument("--overwrite", action="store_true",
-                   help="recompute scans whose outputs are complete (default: skip them)")
-    o.add_argument("--no-n4", "--no_n4", dest="no_n4", action="store_true",
-                   help="skip N4 bias-field correction before the semantic phase")
-    o.add_argument("-v", "--verbose", dest="verbose", action="count", default=0,
-                   help="more log output (-v debug messages; -vv also tracebacks)")
-    return p
 
 
 def add_level_naming_arguments(p: argparse.ArgumentParser) -> None:

@@ -249,6 +249,32 @@ def read_header(path: PathLike, *, validate: bool = True) -> HeaderInfo:
     return _header_from_image(img, p, validate)
 
 
+def _check_finite(data: np.ndarray, p: Path) -> None:
+    if data.dtype.kind == "f":
+        finite = np.isfinite(data)
+        if not finite.all():
+            n_bad = int(data.size - np.count_nonzero(finite))
+            raise InputError(f"{n_bad} voxel(s) are NaN or infinite", p)
+
+
+def _as_labels(data: np.ndarray, p: Path) -> np.ndarray:
+    """Label data in an integer dtype: booleans as uint8, integral floats in the smallest
+    integer dtype that holds them; ``InputError`` for anything else."""
+    if data.dtype.kind == "b":
+        return data.astype(np.uint8)
+    if data.dtype.kind == "f":
+        if not np.array_equal(data, np.round(data)):
+            raise InputError("label image holds non-integral values", p)
+        try:
+            return data.astype(smallest_int_dtype(data))
+        except ValueError:  # e.g. a scaling slope of 1e19: integral, but no label value
+            raise InputError(f"label values {float(data.min()):g}..{float(data.max()):g} fit no integer type "
+                             "(check the header's scl_slope / scl_inter)", p) from None
+    if data.dtype.kind not in "iu":  # pragma: no cover - excluded by the header check
+        raise InputError(f"unsupported label data type {data.dtype}", p)
+    return data
+
+
 def load_volume(path: PathLike, *, kind: Literal["image", "label"] = "image",
                 max_voxels: int = DEFAULT_MAX_VOXELS) -> Volume:
     """Load a validated 3D NIfTI volume.
@@ -285,25 +311,9 @@ def load_volume(path: PathLike, *, kind: Literal["image", "label"] = "image",
     if data.shape != info.spatial_shape:  # pragma: no cover - nibabel guarantees this
         raise InputError(f"data shape {data.shape} does not match header shape {info.shape}", p)
 
-    if data.dtype.kind == "f":
-        finite = np.isfinite(data)
-        if not finite.all():
-            n_bad = int(data.size - np.count_nonzero(finite))
-            raise InputError(f"{n_bad} voxel(s) are NaN or infinite", p)
-        del finite
+    _check_finite(data, p)
     if kind == "label":
-        if data.dtype.kind == "b":
-            data = data.astype(np.uint8)
-        elif data.dtype.kind == "f":
-            if not np.array_equal(data, np.round(data)):
-                raise InputError("label image holds non-integral values", p)
-            try:
-                data = data.astype(smallest_int_dtype(data))
-            except ValueError:  # e.g. a scaling slope of 1e19: integral, but no label value
-                raise InputError(f"label values {float(data.min()):g}..{float(data.max()):g} fit no integer type "
-                                 "(check the header's scl_slope / scl_inter)", p) from None
-        elif data.dtype.kind not in "iu":  # pragma: no cover - excluded by the header check
-            raise InputError(f"unsupported label data type {data.dtype}", p)
+        data = _as_labels(data, p)
     if not data.dtype.isnative:  # big-endian files: hand out native byte order (torch, cc3d need it)
         data = data.astype(data.dtype.newbyteorder("="))
     data = np.ascontiguousarray(data) if not (data.flags.c_contiguous or data.flags.f_contiguous) else data

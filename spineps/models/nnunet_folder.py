@@ -173,25 +173,38 @@ class LoadedNnUNet:
     num_inputs: int = 1  # input channels (nnU-Net's determine_num_input_channels)
 
 
-def load_nnunet_folder(folder: Path, folds: Optional[Sequence[int]] = None) -> LoadedNnUNet:
-    """Validate and load everything inference needs; all problems -> ``ModelError``."""
-    info = inspect_nnunet_folder(folder, folds)
-    with quiet_stdout(log):
-        from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-        from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    cks = [load_checkpoint(p) for p in info.checkpoints]
-    configuration = cks[0]["init_args"]["configuration"]
-    trainer_name = cks[0]["trainer_name"]
+def _configuration(info: NnUNetFolder, cks: list[dict[str, Any]]) -> str:
+    """The nnU-Net configuration every fold's checkpoint names (and plans.json holds)."""
+    configuration = str(cks[0]["init_args"]["configuration"])
     for p, ck in zip(info.checkpoints[1:], cks[1:]):
         if ck["init_args"]["configuration"] != configuration:
             raise ModelError(f"folds disagree on the configuration ({ck['init_args']['configuration']!r} vs "
                              f"{configuration!r})", p)
-    plans_path = info.path / "plans.json"
     if configuration not in info.plans["configurations"]:
         raise ModelError(f"checkpoint configuration {configuration!r} is not in plans.json "
-                         f"({', '.join(info.plans['configurations'])})", plans_path)
+                         f"({', '.join(info.plans['configurations'])})", info.path / "plans.json")
+    return configuration
+
+
+@dataclass
+class _Network:
+    """A network built from plans.json and dataset.json, with nnU-Net's managers."""
+
+    network: Any
+    plans_manager: Any
+    configuration_manager: Any
+    label_manager: Any
+    n_in: int
+    n_out: int
+    patch: tuple[int, ...]
+
+
+def _build_network(info: NnUNetFolder, configuration: str) -> _Network:
+    """The network of ``configuration`` (weights not loaded)."""
+    with quiet_stdout(log):
+        from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+        from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     try:
         with quiet_stdout(log):
             plans_manager = PlansManager(info.plans)
@@ -207,7 +220,12 @@ def load_nnunet_folder(folder: Path, folds: Optional[Sequence[int]] = None) -> L
         raise
     except Exception as exc:  # malformed plans surface as many exception types inside nnU-Net
         raise ModelError(f"cannot build the network from plans.json/dataset.json "
-                         f"({type(exc).__name__}: {str(exc)[:300]})", plans_path) from None
+                         f"({type(exc).__name__}: {str(exc)[:300]})", info.path / "plans.json") from None
+    return _Network(network, plans_manager, cm, label_manager, int(n_in), int(n_out), patch)
+
+
+def _check_outputs(info: NnUNetFolder, label_manager: Any, n_in: int, n_out: int) -> None:
+    """One input channel, no regions, and every network output mapped by the config's labels."""
     if label_manager.has_regions:
         raise ModelError("region-based nnU-Net models are not supported", info.path / "dataset.json")
     if n_in != 1:
@@ -222,6 +240,16 @@ def load_nnunet_folder(folder: Path, folds: Optional[Sequence[int]] = None) -> L
     if unmapped:
         raise ModelError(f"network output index(es) {unmapped} have no entry in inference_config.json 'labels'",
                          info.path / "inference_config.json")
+
+
+def load_nnunet_folder(folder: Path, folds: Optional[Sequence[int]] = None) -> LoadedNnUNet:
+    """Validate and load everything inference needs; all problems -> ``ModelError``."""
+    info = inspect_nnunet_folder(folder, folds)
+    cks = [load_checkpoint(p) for p in info.checkpoints]
+    configuration = _configuration(info, cks)
+    net = _build_network(info, configuration)
+    _check_outputs(info, net.label_manager, net.n_in, net.n_out)
+    network = net.network
     params = []
     for p, ck in zip(info.checkpoints, cks):
         try:
@@ -234,6 +262,6 @@ def load_nnunet_folder(folder: Path, folds: Optional[Sequence[int]] = None) -> L
     network.eval()
     axes = cks[0].get("inference_allowed_mirroring_axes")
     mirror_axes = tuple(int(a) for a in axes) if isinstance(axes, (list, tuple)) and axes else None
-    return LoadedNnUNet(info, configuration, trainer_name, network, params, plans_manager, cm, label_manager,
-                        n_out, patch, tuple(str(p.relative_to(info.path)) for p in info.checkpoints), mirror_axes,
-                        int(n_in))
+    return LoadedNnUNet(info, configuration, cks[0]["trainer_name"], network, params, net.plans_manager,
+                        net.configuration_manager, net.label_manager, net.n_out, net.patch,
+                        tuple(str(p.relative_to(info.path)) for p in info.checkpoints), mirror_axes, net.n_in)

@@ -70,9 +70,6 @@ class NnUNetSemanticSegmenter:
 
         from spineps.models.precision import resolve_precision
 
-        with quiet_stdout(log):
-            from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-
         self.loaded = loaded
         self.config: ModelConfig = loaded.folder.config
         self.name: str = self.config.log_name
@@ -86,20 +83,8 @@ class NnUNetSemanticSegmenter:
         self.n4 = bool(n4)
         self.n4_settings = n4_settings
         self.cleanup = cleanup
-        on_gpu = self.device.type == "cuda"
-        self.mirroring = bool(self.config.inference_augmentation and on_gpu) if mirroring is None else bool(mirroring)
-        self.step_size = float(self.config.default_step_size if step_size is None else step_size)
-        mirror_axes = getattr(loaded, "mirror_axes", None)
-        if self.mirroring and mirror_axes is None:
-            mirror_axes = (0, 1, 2)
-        with quiet_stdout(log):
-            self.predictor = nnUNetPredictor(tile_step_size=self.step_size, use_gaussian=True,
-                                             use_mirroring=self.mirroring, perform_everything_on_device=on_gpu,
-                                             device=self.device, verbose=False, verbose_preprocessing=False,
-                                             allow_tqdm=False)
-            self.predictor.manual_initialization(loaded.network.to(self.device), loaded.plans_manager,
-                                                 loaded.configuration_manager, loaded.parameters,
-                                                 loaded.folder.dataset_json, loaded.trainer_name, mirror_axes)
+        self.mirroring, self.step_size = self._sliding_window(mirroring, step_size)
+        self.predictor = self._predictor(loaded)
         # precision (spineps.models.precision): "bf16" on CPU = bfloat16 autocast + channels-last
         # weights (the fastest combination in benchmarks/inference_options.py)
         self.precision = resolve_precision(precision or ("bf16" if cpu_bf16 else "fp32"), self.device.type)
@@ -116,16 +101,45 @@ class NnUNetSemanticSegmenter:
             self.set_cpu_bf16(True)
         self.engine = self._set_engine(engine, loaded)
         _warn_if_nnunet_caps_threads()
-        n = loaded.num_outputs
-        lut = np.zeros(max(n, 1), np.uint8)
+        self._lut = self._label_lut(loaded.num_outputs)
+        self._checksum: Optional[str] = None
+        self.timings: dict[str, float] = {}
+
+    def _sliding_window(self, mirroring: Optional[bool], step_size: Optional[float]) -> tuple[bool, float]:
+        """Test-time mirroring (the config's choice on GPU, off on CPU unless asked for) and the
+        tile step of nnU-Net's sliding window."""
+        on_gpu = self.device.type == "cuda"
+        mirror = bool(self.config.inference_augmentation and on_gpu) if mirroring is None else bool(mirroring)
+        return mirror, float(self.config.default_step_size if step_size is None else step_size)
+
+    def _predictor(self, loaded: Any) -> Any:
+        """nnU-Net's predictor, initialised by hand from the loaded folder (no trainer lookup)."""
+        with quiet_stdout(log):
+            from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+        mirror_axes = getattr(loaded, "mirror_axes", None)
+        if self.mirroring and mirror_axes is None:
+            mirror_axes = (0, 1, 2)
+        on_gpu = self.device.type == "cuda"
+        with quiet_stdout(log):
+            predictor = nnUNetPredictor(tile_step_size=self.step_size, use_gaussian=True,
+                                        use_mirroring=self.mirroring, perform_everything_on_device=on_gpu,
+                                        device=self.device, verbose=False, verbose_preprocessing=False,
+                                        allow_tqdm=False)
+            predictor.manual_initialization(loaded.network.to(self.device), loaded.plans_manager,
+                                            loaded.configuration_manager, loaded.parameters,
+                                            loaded.folder.dataset_json, loaded.trainer_name, mirror_axes)
+        return predictor
+
+    def _label_lut(self, n_outputs: int) -> np.ndarray:
+        """Network output index -> community label value (uint8)."""
+        lut = np.zeros(max(n_outputs, 1), np.uint8)
         for idx, value in self.config.labels.items():
             if not 0 <= value <= 255:
                 raise ModelError(f"label value {value} does not fit the uint8 semantic mask",
                                  self.folder / "inference_config.json")
             lut[idx] = value
-        self._lut = lut
-        self._checksum: Optional[str] = None
-        self.timings: dict[str, float] = {}
+        return lut
 
     def _set_engine(self, engine: str, loaded: Any) -> str:
         """``torch`` or ``onnxruntime`` (spineps.models.onnx_engine): the latter replaces the
