@@ -245,7 +245,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 run("onnxruntime", set_net(twins["onnxruntime"]), restore)
             elif opt.startswith("threads"):
                 n = int(opt[len("threads"):])
-                run(f"threads{n}", lambda: torch.set_num_threads(n), restore)
+                run(f"threads{n}", lambda n=n: torch.set_num_threads(n), restore)
             else:
                 raise SystemExit(f"unknown option {opt!r}")
 

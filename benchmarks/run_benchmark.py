@@ -47,16 +47,13 @@ from typing import Any, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # runbench/, also when loaded by path (tests)
 
-from runbench.agreement import agreement, dice_per_label, matched_instance_dice, truth_dice  # noqa: E402
-from runbench.cases import CASES, DEFAULT_WORK, REPO, CaseSpec, PreparedCase, prepare_case  # noqa: E402
-from runbench.probe import PHASES, ForwardTimer, PhaseProbe, install_probe, status_kib  # noqa: E402
-from runbench.report import (format_markdown, format_table, loadavg, machine_info, summarise,  # noqa: E402
+from runbench.agreement import agreement, dice_per_label, matched_instance_dice, truth_dice
+from runbench.cases import CASES, DEFAULT_WORK, REPO, CaseSpec, PreparedCase, prepare_case
+from runbench.probe import PHASES, ForwardTimer, PhaseProbe, install_probe, status_kib
+from runbench.report import (format_markdown, format_table, loadavg, machine_info, summarise,
                              summarise_reference, write_json_atomic)
-from runbench.workers import (reference_instance_folder, resolved_precision, run_ours, run_reference,  # noqa: E402
+from runbench.workers import (reference_instance_folder, resolved_precision, run_ours, run_reference,
                               run_worker, worker_env)
-
-# E402 above: the imports need this script's folder on sys.path first (the script may be loaded
-# by path, e.g. by the tests, not only run from its folder)
 
 __all__ = ["main", "CASES", "DEFAULT_WORK", "PHASES", "CaseSpec", "PhaseProbe", "ForwardTimer", "prepare_case",
            "install_probe", "status_kib", "dice_per_label", "matched_instance_dice", "agreement", "truth_dice",

@@ -167,7 +167,7 @@ def _nifti_entry(path: Path) -> dict[str, Any]:
     import nibabel as nib
     import numpy as np
 
-    img = nib.load(str(path))
+    img: Any = nib.load(str(path))  # an image class of nibabel's choosing
     data = np.ascontiguousarray(np.asanyarray(img.dataobj))
     affine = np.ascontiguousarray(img.affine, dtype=np.float64)
     h = hashlib.sha256()

@@ -109,7 +109,8 @@ def _pid_alive(pid: int) -> bool:
 
 def remove_stale_temps(root: Path) -> list[Path]:
     """Remove temporary files under ``root`` left by processes that no longer run
-    (e.g. a killed job) on this host. Files of live processes, and of other hosts, are left alone. Returns what was removed."""
+    (e.g. a killed job) on this host. Files of live processes, and of other hosts, are left
+    alone. Returns what was removed."""
     removed: list[Path] = []
     root = Path(root)
     if not root.is_dir():

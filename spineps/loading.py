@@ -61,6 +61,8 @@ def load_segmenters(settings: "Settings") -> tuple["SemanticSegmenter", Optional
     sem_choice, ins_choice = resolve_models(settings)
     sem_cfg = semantic_config(sem_choice)
     ins_cfg = instance_config(ins_choice) if ins_choice.folder is not None else None
+    sem_folder = sem_choice.folder
+    assert sem_folder is not None  # semantic_config raised otherwise
     device = _device(settings)
     log.info("semantic model: %s (%s, from %s)", sem_cfg.log_name, sem_choice.folder, sem_choice.source)
     try:
@@ -68,7 +70,7 @@ def load_segmenters(settings: "Settings") -> tuple["SemanticSegmenter", Optional
     except ImportError as exc:
         raise ModelError(f"the nnU-Net semantic segmenter cannot be imported ({exc})", sem_choice.folder) from exc
     semantic = _build(lambda: NnUNetSemanticSegmenter.from_folder(
-        sem_choice.folder, device=device, nprocs=settings.nprocs, n4=settings.n4, precision=settings.precision,
+        sem_folder, device=device, nprocs=settings.nprocs, n4=settings.n4, precision=settings.precision,
         engine=settings.engine), sem_choice)
     instance = None
     if ins_cfg is not None:
@@ -91,13 +93,15 @@ def load_instance_segmenter(settings: "Settings") -> "InstanceSegmenter":
 
 
 def _load_instance(settings: "Settings", choice: ModelChoice, cfg: "ModelConfig", device: str) -> "InstanceSegmenter":
+    folder = choice.folder
+    assert folder is not None  # checked by the callers
     log.info("instance model: %s (%s, from %s)", cfg.log_name, choice.folder, choice.source)
     try:
         from spineps.instance.segmenter import UNetInstanceSegmenter
     except ImportError as exc:
         raise ModelError(f"the instance segmenter cannot be imported ({exc})", choice.folder) from exc
     return _build(lambda: UNetInstanceSegmenter.from_folder(
-        choice.folder, device=device, nprocs=settings.nprocs, precision=settings.precision,
+        folder, device=device, nprocs=settings.nprocs, precision=settings.precision,
         engine=settings.engine), choice)
 
 

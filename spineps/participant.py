@@ -318,7 +318,8 @@ def load_semantic_mask(path: Path) -> Any:  # -> Volume
     known = {lab.value for lab in SEMANTIC} | {0}
     unknown = [int(v) for v in values if int(v) not in known]
     if unknown:
-        shown = ", ".join(str(v) for v in unknown[:12]) + (f", ... ({len(unknown)} in all)" if len(unknown) > 12 else "")
+        shown = ", ".join(str(v) for v in unknown[:12])
+        shown += f", ... ({len(unknown)} in all)" if len(unknown) > 12 else ""
         hint = ""
         if all(1 <= v <= 28 or 100 <= v <= 299 for v in unknown):
             hint = " -- this looks like an instance (vertebra) mask; give the semantic mask"

@@ -29,6 +29,10 @@ from spineps.models.protocols import VertebraPrediction
 __all__ = ["BandSemanticSegmenter", "ComponentInstanceSegmenter", "make_test_segmenters"]
 
 
+def _checksum(text: str) -> str:
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
 def _axis_towards(affine: np.ndarray, world_axis: int) -> int:
     """The array axis whose direction is closest to world axis 0 (x, L-R), 1 (y, P-A) or 2 (z, I-S)."""
     return int(np.argmax(np.abs(np.asarray(affine)[world_axis, :3])))
@@ -71,7 +75,7 @@ class BandSemanticSegmenter:
 
     def provenance(self) -> dict[str, Any]:
         params = f"{self.name}:{self.percentile}:{self.n_bands}"
-        return {"name": self.name, "version": "test", "checksum": "sha256:" + hashlib.sha256(params.encode()).hexdigest(),
+        return {"name": self.name, "version": "test", "checksum": _checksum(params),
                 "note": "test-only segmenter from tests/segmenters.py"}
 
 
@@ -99,7 +103,7 @@ class ComponentInstanceSegmenter:
                                   timings={"test_instance": time.perf_counter() - t0})
 
     def provenance(self) -> dict[str, Any]:
-        return {"name": self.name, "version": "test", "checksum": "sha256:" + hashlib.sha256(self.name.encode()).hexdigest(),
+        return {"name": self.name, "version": "test", "checksum": _checksum(self.name),
                 "note": "test-only segmenter from tests/segmenters.py"}
 
 

@@ -49,7 +49,7 @@ def _tree(out: Path) -> tuple[list[str], list[str]]:
     return [f for f in files if not f.startswith("logs/")], [f for f in files if f.startswith("logs/")]
 
 
-def _validate(path: Path):  # type: ignore[no-untyped-def]
+def _validate(path: Path):
     from spineps.bids.validation import validate_dataset
 
     report = validate_dataset(path, derivative=True)

@@ -98,7 +98,8 @@ def test_check_scan_resources_messages(tmp_path: Path) -> None:
         check_scan_resources(header, tmp_path, environ={MEMORY_LIMIT_ENV: "1"})
     msg = str(info.value)
     assert info.value.exit_code == 75 and info.value.path == path and "\n" not in msg
-    assert "not enough memory" in msg and "15360 voxels" in msg and MEMORY_LIMIT_ENV in msg and "1.0 MB available" in msg
+    assert "not enough memory" in msg and "15360 voxels" in msg
+    assert MEMORY_LIMIT_ENV in msg and "1.0 MB available" in msg
     with pytest.raises(ResourceError, match=f"not enough disk space.*{DISK_LIMIT_ENV}"):
         check_scan_resources(header, tmp_path, environ={DISK_LIMIT_ENV: "0.1"})
 

@@ -69,7 +69,7 @@ def perfect_predictions(inst: np.ndarray, centres, order, cutout_size):
     its centre (``order`` lists the instance ids top to bottom; centre k is order[k])."""
     boxes = cutout_boxes(centres, cutout_size, inst.shape)
     preds = []
-    for k, box in enumerate(boxes):
+    for box in boxes:
         lut = np.zeros(256, np.uint8)
         centre_id = int(inst[box.centre])
         j = order.index(centre_id)
@@ -84,7 +84,7 @@ def perfect_predictions(inst: np.ndarray, centres, order, cutout_size):
 
 def body_centre_of(inst: np.ndarray, sem: np.ndarray, v: int) -> tuple[int, int, int]:
     pts = np.argwhere((inst == v) & (sem == 49))
-    return tuple(int(x) for x in np.round(pts.mean(axis=0)))  # type: ignore[return-value]
+    return tuple(int(x) for x in np.round(pts.mean(axis=0)))
 
 
 def same_partition(a: np.ndarray, b: np.ndarray) -> bool:

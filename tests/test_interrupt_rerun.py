@@ -119,7 +119,7 @@ class ForkedRun:
 
                 runner._install()
                 rc = int(runner.main(argv))
-            except BaseException:  # noqa: BLE001 - report through the exit code only
+            except BaseException:  # report through the exit code only
                 rc = 71
             finally:
                 os._exit(rc)

@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+from spineps.errors import ModelError
+from spineps.geometry.volume import Volume
+from spineps.models.nnunet_folder import inspect_nnunet_folder, load_checkpoint, load_nnunet_folder
+from spineps.semantic.predict import NnUNetSemanticSegmenter
+from spineps.training.semantic import LABEL_ORDER, build_random_model_folder
 
-from spineps.errors import ModelError  # noqa: E402
-from spineps.geometry.volume import Volume  # noqa: E402
-from spineps.models.nnunet_folder import inspect_nnunet_folder, load_checkpoint, load_nnunet_folder  # noqa: E402
-from spineps.semantic.predict import NnUNetSemanticSegmenter  # noqa: E402
-from spineps.training.semantic import LABEL_ORDER, build_random_model_folder  # noqa: E402
+torch = pytest.importorskip("torch")
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ torch = pytest.importorskip("torch")
 
 
 @pytest.fixture
-def threads():  # type: ignore[no-untyped-def]
+def threads():
     n = torch.get_num_threads()
     yield
     torch.set_num_threads(n)
@@ -71,7 +71,7 @@ def _random_semantic(tmp_path: Path, folds: int) -> Path:
                                      patch_rip=(8, 16, 16), features=(2, 4, 4))
 
 
-def _image(shape=(28, 40, 14), seed: int = 1):  # type: ignore[no-untyped-def]
+def _image(shape=(28, 40, 14), seed: int = 1):
     from spineps.geometry.volume import Volume
 
     rng = np.random.default_rng(seed)
@@ -154,7 +154,7 @@ def test_auto_falls_back_to_torch_when_the_export_fails(tmp_path: Path, monkeypa
     from spineps.models.nnunet_folder import load_nnunet_folder
     from spineps.semantic.predict import NnUNetSemanticSegmenter
 
-    def refuse(self, *a, **k):  # type: ignore[no-untyped-def]
+    def refuse(self, *a, **k):
         raise RuntimeError("Exporting the operator 'aten::frobnicate' to ONNX opset version 17 is not supported")
 
     monkeypatch.setattr(onnx_engine.OrtForward, "__init__", refuse)

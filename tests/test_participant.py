@@ -135,7 +135,7 @@ def test_corrupt_scan_fails_alone(ds: BidsFactory, tmp_path: Path, test_models: 
 
 
 class _Exploding(BandSemanticSegmenter):
-    def segment(self, image):  # type: ignore[no-untyped-def]
+    def segment(self, image):
         if image.data.shape == (24, 40, 9):
             raise RuntimeError("boom")
         return super().segment(image)
@@ -193,7 +193,7 @@ def test_sidecars_and_centroids(ds: BidsFactory, tmp_path: Path, test_models: No
     src = nib.load(str(ds.root / "sub-03/ses-a/anat/sub-03_ses-a_acq-sag_T2w.nii.gz"))
     assert np.allclose(img.affine, src.affine) and img.shape == src.shape
     data = np.asarray(img.dataobj)
-    for name, c in cent["Vertebrae"].items():
+    for c in cent["Vertebrae"].values():
         vox = np.round(c["voxel"]).astype(int)
         world = img.affine[:3, :3] @ np.asarray(c["voxel"]) + img.affine[:3, 3]
         assert np.allclose(world, c["world"], atol=1e-2)
@@ -203,7 +203,7 @@ def test_sidecars_and_centroids(ds: BidsFactory, tmp_path: Path, test_models: No
 class _SelfTerminating(BandSemanticSegmenter):
     calls: int = 0
 
-    def segment(self, image):  # type: ignore[no-untyped-def]
+    def segment(self, image):
         type(self).calls += 1
         if type(self).calls == 2:
             os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler's time limit would
@@ -294,13 +294,13 @@ def test_load_segmenters_dispatch(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
     class FakeSemantic:
         @classmethod
-        def from_folder(cls, folder, **kw):  # type: ignore[no-untyped-def]
+        def from_folder(cls, folder, **kw):
             calls.append(("semantic", Path(folder), kw))
             return BandSemanticSegmenter()
 
     class FakeInstance:
         @classmethod
-        def from_folder(cls, folder, **kw):  # type: ignore[no-untyped-def]
+        def from_folder(cls, folder, **kw):
             calls.append(("instance", Path(folder), kw))
             return ComponentInstanceSegmenter()
 
@@ -333,7 +333,7 @@ def test_load_segmenters_dispatch(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
     class Crashing:
         @classmethod
-        def from_folder(cls, folder, **kw):  # type: ignore[no-untyped-def]
+        def from_folder(cls, folder, **kw):
             raise KeyError("network_weights")
 
     monkeypatch.setitem(sys.modules, "spineps.semantic.predict",
@@ -341,4 +341,28 @@ def test_load_segmenters_dispatch(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     s = _settings(tmp_path, "--semantic-model", str(sem_dir), "--device", "cpu")
     with pytest.raises(ModelError) as exc:
         loading.load_segmenters(s)
-    assert exc.value.exit_code == 78 and str(sem_dir.resolve()) in str(exc.value) and "network_weights" in str(exc.value)
+    assert exc.value.exit_code == 78 and str(sem_dir.resolve()) in str(exc.value)
+    assert "network_weights" in str(exc.value)
+
+
+@pytest.mark.slow
+def test_load_segmenters_builds_the_real_segmenters(tmp_path: Path) -> None:
+    """The real loaders on the tiny random-weight folders the tests build (seconds), not fakes:
+    the options of the run reach both segmenters."""
+    torch = pytest.importorskip("torch")
+    from spineps.instance.segmenter import UNetInstanceSegmenter
+    from spineps.semantic.predict import NnUNetSemanticSegmenter
+    from tests.tiny_models import build_tiny_model_folders
+
+    sem_dir, ins_dir = build_tiny_model_folders(tmp_path / "models")
+    threads = torch.get_num_threads()
+    try:
+        s = _settings(tmp_path, "--semantic-model", str(sem_dir), "--instance-model", str(ins_dir), "--device", "cpu",
+                      "--nprocs", "1", "--no-n4", "--precision", "fp32", "--engine", "torch")
+        sem, ins = loading.load_segmenters(s)
+    finally:
+        torch.set_num_threads(threads)
+    assert isinstance(sem, NnUNetSemanticSegmenter) and isinstance(ins, UNetInstanceSegmenter)
+    assert (sem.device.type, sem.n4, sem.nprocs, sem.precision, sem.engine) == ("cpu", False, 1, "fp32", "torch")
+    assert (ins.device, ins.nprocs, ins.precision, ins.engine) == ("cpu", 1, "fp32", "torch")
+    assert sem.provenance()["checksum"].startswith("sha256:") and ins.provenance()["checksum"].startswith("sha256:")

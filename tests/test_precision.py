@@ -35,7 +35,7 @@ def test_resolution_per_cpu_and_device(monkeypatch: pytest.MonkeyPatch) -> None:
         prec.resolve_precision("fp8", "cpu")
 
 
-def test_precision_option_and_settings(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_precision_option_and_settings(tmp_path) -> None:
     from spineps.settings import Settings
 
     (tmp_path / "bids").mkdir()

@@ -3,18 +3,17 @@ inputs), the model-grid round trip, device handling."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+from spineps.errors import UsageError
+from spineps.geometry.volume import Volume
+from spineps.models.device import resolve_device
+from spineps.semantic.predict import NnUNetSemanticSegmenter
+from spineps.training.semantic import build_random_model_folder
 
-from spineps.errors import UsageError  # noqa: E402
-from spineps.geometry.volume import Volume  # noqa: E402
-from spineps.models.device import resolve_device  # noqa: E402
-from spineps.semantic.predict import NnUNetSemanticSegmenter  # noqa: E402
-from spineps.training.semantic import build_random_model_folder  # noqa: E402
+torch = pytest.importorskip("torch")
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,13 @@ from typing import Any, Optional, Sequence
 SPLIT_ENDPLATES = (52, 53)
 ENDPLATE = 62
 
+def _image(path: str) -> Any:
+    """The NIfTI image at ``path`` (an image class of nibabel's choosing)."""
+    import nibabel as nib
+
+    return nib.load(path)
+
+
 def dice_per_label(a: Any, b: Any, labels: Optional[Sequence[int]] = None) -> dict[int, Optional[float]]:
     """Dice of every label (except 0) present in either array (or of ``labels``); None where
     a label is absent from both."""
@@ -65,11 +72,10 @@ def matched_instance_dice(ours: Any, ref: Any) -> dict[str, Any]:
 
 def agreement(ours_sem: str, ref_sem: str, ours_inst: Optional[str], ref_inst: Optional[str]) -> dict[str, Any]:
     """Dice per label of the two tools' outputs (on the input grid), and the voxel agreement."""
-    import nibabel as nib
     import numpy as np
 
     def load(p: str) -> Any:
-        return np.asanyarray(nib.load(p).dataobj)
+        return np.asanyarray(_image(p).dataobj)
 
     a, b = load(ours_sem), load(ref_sem)
     out: dict[str, Any] = {"semantic_dice": dice_per_label(a, b),
@@ -89,11 +95,10 @@ def truth_dice(mask: str, truth: str) -> dict[str, Any]:
     """Dice per semantic label against the phantom's ground truth. The truth has one endplate
     class (62, before the superior/inferior split); the outputs split it into 52 / 53, which are
     compared as one class with the truth's 62."""
-    import nibabel as nib
     import numpy as np
 
-    m = np.asanyarray(nib.load(mask).dataobj).astype(np.int64)
-    t = np.asanyarray(nib.load(truth).dataobj).astype(np.int64)
+    m = np.asanyarray(_image(mask).dataobj).astype(np.int64)
+    t = np.asanyarray(_image(truth).dataobj).astype(np.int64)
     m = np.where(np.isin(m, SPLIT_ENDPLATES), ENDPLATE, m)
     d = dice_per_label(m, t, labels=[int(v) for v in np.unique(t) if v])
     vals = [v for v in d.values() if v is not None]

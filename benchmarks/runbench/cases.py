@@ -72,7 +72,7 @@ def prepare_case(spec: CaseSpec, work: Path) -> Optional[PreparedCase]:
     (bids / "dataset_description.json").write_text(json.dumps({"Name": f"spineps benchmark {spec.name}",
                                                                "BIDSVersion": "1.9.0"}))
     if spec.fov is None:
-        shutil.copyfile(spec.path, image)  # a copy outside the repository (never committed)
+        shutil.copyfile(Path(str(spec.path)), image)  # a copy outside the repository (never committed)
     else:
         from spineps.synth.anatomy import PhantomSpec, make_phantom
         from spineps.synth.render import render_t2w

@@ -15,12 +15,12 @@ from typing import Any, Callable, Optional, Sequence
 from runbench.cases import REPO
 from runbench.probe import PHASES
 
-def _median(xs: Sequence[float]) -> Optional[float]:
-    xs = [x for x in xs if x is not None]
-    return round(float(statistics.median(xs)), 3) if xs else None
+def _median(xs: Sequence[Optional[float]]) -> Optional[float]:
+    vals = [x for x in xs if x is not None]
+    return round(float(statistics.median(vals)), 3) if vals else None
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    sec = {k: _median([r["seconds"][k] for r in runs]) for k in runs[0]["seconds"]}
+    sec: dict[str, Any] = {k: _median([r["seconds"][k] for r in runs]) for k in runs[0]["seconds"]}
     phases = {p: {"s": _median([r["phases"][p]["s"] for r in runs]),
                   "peak_mib": _median([r["phases"][p]["peak_mib"] for r in runs])} for p in PHASES}
     scan = sec["scan"] or 0.0

@@ -48,6 +48,9 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
                         n4=bool(cfg.get("n4", True)), precision=str(cfg.get("precision", "auto")),
                         engine=str(cfg.get("engine", "auto")), version="benchmark")
     t0 = time.perf_counter()
+    # the benchmark reads the networks of our two segmenters (not part of the protocols)
+    semantic: Any
+    instance: Any
     semantic, instance = load_segmenters(settings)
     t_models = time.perf_counter() - t0
     cuda = str(getattr(semantic, "device", "cpu")).startswith("cuda")
@@ -113,7 +116,8 @@ def _image_shape(bids: Path) -> tuple[int, ...]:
     import nibabel as nib
 
     img = next(bids.rglob("*_T2w.nii.gz"))
-    return tuple(int(s) for s in nib.load(str(img)).shape)
+    image: Any = nib.load(str(img))  # an image class of nibabel's choosing
+    return tuple(int(s) for s in image.shape)
 
 def _spawn(cmd: list[str], result_file: Path, env: Optional[dict[str, str]] = None, cwd: Optional[Path] = None,
            timeout: float = 7200.0) -> dict[str, Any]:

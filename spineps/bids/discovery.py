@@ -285,10 +285,10 @@ def slice_orientation(affine, shape: Sequence[int], sidecar: Optional[Mapping[st
     text = sidecar.get("ImageOrientationText")
     if isinstance(text, str) and text.strip():
         main = text.strip().split(">")[0].strip().lower()
-        plane = {"sag": "sagittal", "tra": "axial", "ax": "axial", "cor": "coronal"}.get(main[:3]) or \
+        named = {"sag": "sagittal", "tra": "axial", "ax": "axial", "cor": "coronal"}.get(main[:3]) or \
             {"ax": "axial"}.get(main[:2])
-        if plane:
-            return Orientation(plane, "ImageOrientationText", f"ImageOrientationText {text!r}")
+        if named:
+            return Orientation(named, "ImageOrientationText", f"ImageOrientationText {text!r}")
     fov = spacing * np.asarray(shape[:3], dtype=float)
     fov_order = np.argsort(fov)
     if fov[fov_order[0]] < FOV_RATIO * fov[fov_order[1]]:
@@ -386,7 +386,7 @@ def _read_header(path: Path) -> tuple[Any, tuple[int, ...], Optional[int]]:
     except OSError as exc:
         raise InputError(f"cannot read the image header: {exc.strerror or exc}", path) from exc
     try:
-        img = nib.load(str(path))
+        img: Any = nib.load(str(path))  # an image class of nibabel's choosing
         shape = tuple(int(n) for n in img.shape)
         affine = img.affine
     except Exception as exc:  # nibabel raises many types for broken files

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import NoReturn, Optional, Sequence
+from typing import Any, Callable, NoReturn, Optional, Sequence
 
 from spineps.cli.argtypes import nonneg_int as _nonneg_int
 from spineps.cli.argtypes import positive_int as _positive_int
@@ -85,7 +85,7 @@ created (also a failed write); 75 temporary failure (memory, disk); 78 no usable
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser that raises ``UsageError`` (exit 64) instead of exiting with 2."""
 
-    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         raise UsageError(f"{self.prog}: {message} (see --help)")
 
 
@@ -103,7 +103,8 @@ class _VersionAction(argparse.Action):
                  default: str = argparse.SUPPRESS, help: Optional[str] = None) -> None:
         super().__init__(option_strings=option_strings, dest=dest, default=default, nargs=0, help=help)
 
-    def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[no-untyped-def]
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: Optional[str] = None) -> None:
         import sys
 
         parser._print_message(_version_string() + "\n", sys.stdout)
@@ -112,7 +113,7 @@ class _VersionAction(argparse.Action):
 
 
 
-def _label(prefix: str):  # type: ignore[no-untyped-def]
+def _label(prefix: str) -> Callable[[str], str]:
     """Accept labels with or without their ``sub-``/``ses-`` prefix; return them bare."""
 
     def parse(text: str) -> str:

@@ -39,7 +39,7 @@ import numpy as np
 
 from spineps.errors import InputError, OutputError, one_line
 from spineps.fsutil import atomic_path
-from spineps.geometry.volume import Volume
+from spineps.geometry.volume import Volume, float3, int3, str3
 
 __all__ = [
     "HeaderInfo",
@@ -89,13 +89,13 @@ class HeaderInfo:
 
     @property
     def spatial_shape(self) -> tuple[int, int, int]:
-        return tuple(int(s) for s in (tuple(self.shape) + (1, 1, 1))[:3])  # type: ignore[return-value]
+        return int3((tuple(self.shape) + (1, 1, 1))[:3])
 
     @property
     def spacing(self) -> tuple[float, float, float]:
         """Voxel size (mm) along the three spatial axes, from the affine (as ``Volume.spacing``)."""
         norms = np.sqrt((np.asarray(self.affine)[:3, :3] ** 2).sum(axis=0))
-        return tuple(float(s) for s in norms)  # type: ignore[return-value]
+        return float3(norms)
 
     @property
     def n_voxels(self) -> int:
@@ -108,7 +108,7 @@ class HeaderInfo:
     def axcodes(self) -> tuple[str, str, str]:
         import nibabel as nib
 
-        return tuple(nib.aff2axcodes(self.affine))  # type: ignore[return-value]
+        return str3(nib.aff2axcodes(self.affine))
 
 
 def _describe(exc: BaseException) -> str:
@@ -173,7 +173,7 @@ def _raw_pixdim(path: Path, header_cls) -> Optional[tuple[float, float, float]]:
     try:
         with ImageOpener(str(path), "rb") as fh:
             raw = header_cls.from_fileobj(fh, check=False)
-        return tuple(float(z) for z in raw["pixdim"][1:4])  # type: ignore[return-value]
+        return float3(raw["pixdim"][1:4])
     except Exception:  # pragma: no cover - the header was readable a moment ago
         return None
 
@@ -208,9 +208,8 @@ def _header_from_image(img, path: Path, validate: bool) -> HeaderInfo:
                          f"{MIN_AXIS_VOXELS} voxels", path)
     if dtype.kind not in "biuf":
         raise InputError(f"unsupported voxel data type {dtype}", path)
-    pix = _raw_pixdim(path, type(hdr))
-    if pix is None:
-        pix = zooms[:3]
+    stored = _raw_pixdim(path, type(hdr))
+    pix = tuple(zooms[:3]) if stored is None else stored
     if not all(np.isfinite(z) and z > 0 for z in pix):
         raise InputError(f"invalid voxel spacing in header (pixdim {pix}): must be finite and positive", path)
     if scaled and not (np.isfinite(slope) and np.isfinite(inter)):

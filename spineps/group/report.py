@@ -268,8 +268,9 @@ def _wide_columns(inst_cols: list[tuple[str, str, str]], key_cols: list[tuple[st
         "n_vertebrae": {"Description": "Number of vertebrae in the instance mask"},
     }
     for lab in SEMANTIC:
-        cols[f"vol_{lab.abbreviation}"] = {"Description": f"Volume of the '{lab.name}' class (value {lab.value}) in the "
-                                                          "desc-spine mask", "Units": "mm^3"}
+        cols[f"vol_{lab.abbreviation}"] = {
+            "Description": f"Volume of the '{lab.name}' class (value {lab.value}) in the desc-spine mask",
+            "Units": "mm^3"}
     for col, level, structure in inst_cols:
         what = {"vertebra": f"vertebra {level}", "disc": f"the {level} disc",
                 "endplate": f"the endplates at the {level} disc"}[structure]
@@ -283,12 +284,18 @@ def _wide_columns(inst_cols: list[tuple[str, str, str]], key_cols: list[tuple[st
     return cols
 
 
+def _flags_of(r: ScanRecord) -> list[str]:
+    """The scan's QC flags, with ``outlier`` where a measurement is a cohort outlier."""
+    flags = list((r.qc or {}).get("flags") or [])
+    if r.outliers and "outlier" not in flags:
+        flags.append("outlier")
+    return flags
+
+
 def _qc_cells(r: ScanRecord, has_inst: bool) -> dict[str, str]:
     """The naming-confidence, QC and outlier cells of one scan's row."""
     qc = r.qc or {}
-    flags = list(qc.get("flags") or [])
-    if r.outliers and "outlier" not in flags:
-        flags.append("outlier")
+    flags = _flags_of(r)
     conf = r.naming.get("confidence")
     return {
         "naming_confidence": _fmt(float(conf)) if isinstance(conf, (int, float)) else "n/a",
@@ -353,7 +360,7 @@ def _write(path: Path, text: str) -> None:
 def _template(name: str) -> str:
     from importlib import resources
 
-    return resources.files("spineps.group").joinpath("templates", name).read_text(encoding="utf-8")
+    return (resources.files("spineps.group") / "templates" / name).read_text(encoding="utf-8")
 
 
 def _r(x: Optional[float], nd: int = 2) -> Optional[float]:
@@ -382,9 +389,7 @@ def _scan_blob(r: ScanRecord, kidx: dict[tuple[str, str, str], int]) -> dict[str
         if i is not None:
             vec[i] = _r(v, 2)
     qc = r.qc or {}
-    flags = list(qc.get("flags") or [])
-    if r.outliers and "outlier" not in flags:
-        flags.append("outlier")
+    flags = _flags_of(r)
     conf = r.naming.get("confidence")
     return {
         "n": r.bids_name, "sub": r.subject, "ses": r.session, "fig": r.figure,
@@ -436,9 +441,9 @@ def render_html(records: Sequence[ScanRecord], stats: dict, *, title: str, outpu
 # ------------------------------------------------------------------------------ main
 def _software() -> str:
     try:
-        from spineps import __version__ as v  # type: ignore[attr-defined]
+        from spineps import __version__ as v
     except Exception:  # pragma: no cover - version is optional here
-        v = None
+        return "spineps"
     return f"spineps {v}" if v else "spineps"
 
 
@@ -489,7 +494,8 @@ def _write_levels(path: Path, json_path: Path, records: Sequence[ScanRecord], st
         for level, structure, measure, v in sorted(r.values, key=lambda t: (order.get(t[0], 999), t[1], t[2])):
             st = stats.get((level, structure, measure))
             z = (v - st.median) / st.scale if st is not None and math.isfinite(v) and st.n >= mins else None
-            lines.append("\t".join([r.bids_name, level, structure, measure, _fmt(v), _fmt(None if z is None else round(z, 3)),
+            lines.append("\t".join([r.bids_name, level, structure, measure, _fmt(v),
+                                    _fmt(None if z is None else round(z, 3)),
                                     "n/a" if z is None else str(int(abs(z) > thr))]))
     _write(path, "\n".join(lines) + "\n")
     write_json_atomic(json_path, {

@@ -24,6 +24,8 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 from scipy import ndimage
 
+from spineps.geometry.volume import int3
+
 __all__ = [
     "CutoutBox",
     "body_centres",
@@ -119,7 +121,8 @@ def _body_cuts(comp: np.ndarray, axis: int, ref: float, factor: float, piece_rat
     return cuts
 
 
-def split_merged_bodies(labels: np.ndarray, n: int, *, axis: int, ref_height: "float | Sequence[float]",
+def split_merged_bodies(labels: np.ndarray, n: int, *, axis: int,
+                        ref_height: "float | Sequence[float] | np.ndarray",
                         factor: float = 1.6, waist_factor: float = 1.25, piece_ratio: float = 0.65,
                         min_size: int = 1) -> tuple[np.ndarray, int]:
     """Split bodies the semantic phase merged. A component longer than ``waist_factor *
@@ -200,8 +203,8 @@ def _reference_heights(labels: np.ndarray, n: int, axis: int, default_h: float) 
     refs = np.full(n, default_h)
     if n >= 3:
         for i in range(n):
-            others = np.argsort(np.abs(mids - mids[i]))
-            others = [j for j in others if j != i][:4]
+            by_distance = np.argsort(np.abs(mids - mids[i]))
+            others = [j for j in by_distance if j != i][:4]
             refs[i] = float(np.median(heights[others]))
     return np.clip(refs, 0.5 * default_h, 1.5 * default_h)
 
@@ -239,6 +242,7 @@ def body_centres(semantic: np.ndarray, *, spacing: Sequence[float] = (1.0, 1.0, 
     pad = [(max(s.start - 2, 0), min(s.stop + 2, n)) for s, n in zip(sl, body.shape)]
     sub = body[tuple(slice(a, b) for a, b in pad)]
     work = _erode_in_plane(sub, spacing, erosion, lr_axis) if erosion > 0 else sub
+    labels: np.ndarray
     labels, n = cc3d.connected_components(work.astype(np.uint8), connectivity=6, return_N=True)
     if n == 0:
         return []
@@ -271,8 +275,8 @@ def cutout_boxes(centres: Sequence[Sequence[int]], cutout_size: Sequence[int],
                 a = b = min(max(st, 0), int(n))
             src.append(slice(a, b))
             dst.append(slice(a - st, a - st + (b - a)))
-        boxes.append(CutoutBox(tuple(int(x) for x in c), tuple(start), tuple(int(s) for s in cutout_size),  # type: ignore[arg-type]
-                               tuple(src), tuple(dst)))  # type: ignore[arg-type]
+        boxes.append(CutoutBox(int3(c), int3(start), int3(cutout_size), (src[0], src[1], src[2]),
+                               (dst[0], dst[1], dst[2])))
     return boxes
 
 

@@ -86,8 +86,8 @@ def _intersection(a: Candidate, b: Candidate) -> int:
     hi = np.minimum(a.stop, b.stop)
     if np.any(hi <= lo):
         return 0
-    sa = tuple(slice(int(l - s), int(h - s)) for l, h, s in zip(lo, hi, a.start))
-    sb = tuple(slice(int(l - s), int(h - s)) for l, h, s in zip(lo, hi, b.start))
+    sa = tuple(slice(int(lo_ - s), int(h - s)) for lo_, h, s in zip(lo, hi, a.start))
+    sb = tuple(slice(int(lo_ - s), int(h - s)) for lo_, h, s in zip(lo, hi, b.start))
     return int(np.count_nonzero(a.mask[sa] & b.mask[sb]))
 
 
@@ -180,7 +180,7 @@ def _number_top_to_bottom(out: np.ndarray, next_id: int, axis: int, written: lis
     """Instances renumbered 1..N by their mean index along ``axis`` (``written`` follows)."""
     shape = out.shape
     ids = np.arange(1, next_id)
-    idx = np.indices(shape, sparse=True)[axis].reshape(-1)
+    idx: np.ndarray = np.indices(shape, sparse=True)[axis].reshape(-1)
     counts = np.bincount(out.ravel(), minlength=next_id)[1:]
     # mean index along the axis per instance, slice by slice (no full-volume copy per label)
     pos = np.zeros(next_id, dtype=np.float64)
@@ -237,7 +237,8 @@ def merge_cutout_predictions(predictions: Sequence[np.ndarray], boxes: Sequence[
         free = consensus & (region == 0)
         n_free = int(free.sum())
         if n_free < duplicate_fraction * total:
-            log.debug("dropping a group of %d prediction(s): %d of %d voxels already taken", n_mem, total - n_free, total)
+            log.debug("dropping a group of %d prediction(s): %d of %d voxels already taken", n_mem,
+                      total - n_free, total)
             continue
         if n_free < min_voxels:
             continue

@@ -15,16 +15,19 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
 
 from spineps.errors import ModelError
 from spineps.geometry.volume import Volume
 from spineps.labels import INSTANCE_PARTS
-from spineps.models.device import resolve_device
+from spineps.models.device import resolve_device, to_memory_format
 from spineps.models.folder import ModelConfig, folder_checksum, read_model_config
 from spineps.models.protocols import VertebraPrediction
+
+if TYPE_CHECKING:  # pragma: no cover
+    from spineps.models.onnx_engine import OrtForward
 
 __all__ = ["UNetInstanceSegmenter", "ModelGridResult", "find_weights"]
 
@@ -93,10 +96,10 @@ class UNetInstanceSegmenter:
                                                       >= CHANNELS_LAST_MIN_VOXELS)
         self.channels_last = bool(channels_last)
         if self.channels_last:
-            self.network = self.network.to(memory_format=torch.channels_last_3d)
+            self.network = to_memory_format(self.network, torch.channels_last_3d)
         self.batch_size = int(batch_size) if batch_size else (8 if self.device.startswith("cuda") else 2)
         self._checksum: Optional[str] = None
-        self._ort = None
+        self._ort: Optional[OrtForward] = None
         self.engine = self._set_engine(engine)
 
     def _set_engine(self, engine: str) -> str:
@@ -112,7 +115,7 @@ class UNetInstanceSegmenter:
         if not wants_onnxruntime(engine, self.device, self.precision, self.config.path):
             return "torch"
         if self.channels_last:  # the session takes plain contiguous float32 input
-            self.network = self.network.to(memory_format=torch.contiguous_format)
+            self.network = to_memory_format(self.network, torch.contiguous_format)
             self.channels_last = False
         shape = (self.in_channels, *[int(v) for v in self.config.cutout_size])
         self._ort = install_or_fall_back(self.network, shape, self.nprocs or torch.get_num_threads(),
@@ -248,6 +251,10 @@ class UNetInstanceSegmenter:
         timings = dict(res.timings)
         timings["instance_network_total"] = time.perf_counter() - t0
         return VertebraPrediction(vertebrae=vert, warnings=list(res.warnings), timings=timings)
+
+    def predict_vertebrae(self, semantic: Volume) -> Volume:
+        """Only the vertebra mask of :meth:`segment`."""
+        return self.segment(semantic).vertebrae
 
 
 def _vertical_axis(codes: Sequence[str]) -> int:

@@ -447,7 +447,6 @@ def _size_ll(names: tuple[int, ...], feats: np.ndarray, ok: np.ndarray) -> tuple
 def _score(c: _Candidate, active: dict[str, Any], feats: np.ndarray, ok: np.ndarray, use_size: bool,
            size_weight: float = 1.0) -> None:
     parts: dict[str, float] = {"prior": _VARIANT_LOG_PRIOR[c.variant]}
-    n = len(c.names)
     if "anchor" in active:
         parts["anchor"] = 0.0 if c.names[0] == active["anchor"] else -_PENALTY["anchor"]
     if "top" in active:
@@ -514,7 +513,7 @@ def _standalone(scorer: _Scorer, available: dict[str, Any], have_size: bool) -> 
     standalone: dict[str, _Candidate] = {}
     for key in ("sacrum", "c2", "ribs"):
         if key in available:
-            act = {key: available[key]}
+            act: dict[str, Any] = {key: available[key]}
             if key in ("sacrum", "c2") and "ribs" in available:
                 act["ribs"] = available["ribs"]  # ribs decide the variant only
             standalone[key] = scorer.run(act, False)[0]

@@ -233,7 +233,8 @@ class _Grid:
         return -0.5 * m * step, 0.5 * m * step
 
     def touches_border(self, idx: np.ndarray) -> bool:
-        return bool(len(idx) and (np.any(idx.min(axis=0) <= 0) or np.any(idx.max(axis=0) >= np.asarray(self.shape) - 1)))
+        return bool(len(idx) and (np.any(idx.min(axis=0) <= 0)
+                                  or np.any(idx.max(axis=0) >= np.asarray(self.shape) - 1)))
 
 
 def _ordered(ids) -> list[int]:
@@ -434,7 +435,10 @@ def _heights(m: _Masks, arr: np.ndarray, value: int, slc, frame: Frame, level: s
     depth_span = ymax - ymin + sy
     hw = max(_STRIP_HALF_FRACTION * depth_span, 0.75 * sy)
     zmax = float(np.abs(pts[:, 2]).max()) + 2.0 * grid.step_along(frame.R[:, 2])
-    test = (lambda vals: vals == value)
+
+    def test(vals: np.ndarray) -> np.ndarray:
+        return vals == value
+
     res: dict[str, float] = {}
     for name, f in STRIPS.items():
         yc = ymin - 0.5 * sy + f * depth_span

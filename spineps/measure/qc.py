@@ -97,7 +97,7 @@ def _gaps(found: list[int]) -> list[str]:
         ok = {next_vertebra(a)} | _VARIANT_NEXT.get(a, set())
         if b in ok:
             continue
-        missing = []
+        missing: list[str] = []
         cur = next_vertebra(a)
         while cur is not None and cur != b and len(missing) < 30:
             missing.append(vertebra_name(cur))
@@ -219,7 +219,7 @@ def _value(name: str) -> int:
 def _border_levels(inst: np.ndarray, found: list[int]) -> set[str]:
     """Names of the vertebrae (and the discs below them) touching the image border."""
     faces = [inst[0], inst[-1], inst[:, 0], inst[:, -1], inst[:, :, 0], inst[:, :, -1]]
-    on = set()
+    on: set[int] = set()
     for f in faces:
         on.update(int(v) for v in np.unique(f))
     out = set()

@@ -136,7 +136,8 @@ def measure_scan(semantic: Volume, instance: Optional[Volume], naming: Optional[
             values.extend(by_level.pop(name, []))
         for rest in by_level.values():
             values.extend(rest)
-        unknown = [v for v in ins_vol if v not in VERTEBRA_VALUES and not (100 < v < 300 and (v % 100) in VERTEBRA_VALUES)]
+        unknown = [v for v in ins_vol
+                   if v not in VERTEBRA_VALUES and not (100 < v < 300 and (v % 100) in VERTEBRA_VALUES)]
         for v in unknown:
             log.warning("instance value %d is not in the label registry: not measured", v)
     qc = assess(semantic, instance, naming, structure_volumes, morph.truncated, morph.spatial_order)
@@ -180,8 +181,8 @@ def write_measurements(m: Measurements, tsv_path: Union[str, Path]) -> tuple[Pat
         "level": {"Description": "Vertebra (e.g. L1), disc level (e.g. L1/L2: the disc below L1 and the structures at "
                                  "its height) or 'all' for whole-mask class volumes"},
         "structure": {"Description": "vertebra, body, disc, endplate, canal, cord, or a semantic class name"},
-        "measure": {"Description": "What was measured (see Measures)", "Levels": {k: MEASURE_DESCRIPTIONS[k]["Description"]
-                                                                            for k in used if k in MEASURE_DESCRIPTIONS}},
+        "measure": {"Description": "What was measured (see Measures)",
+                    "Levels": {k: MEASURE_DESCRIPTIONS[k]["Description"] for k in used if k in MEASURE_DESCRIPTIONS}},
         "value": {"Description": "The value, in the units of the measure (Measures); n/a where not measurable "
                                  "(e.g. cut by the field of view)"},
         "Measures": {k: MEASURE_DESCRIPTIONS.get(k, {}) for k in used},

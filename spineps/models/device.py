@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from spineps.errors import UsageError
 
-__all__ = ["DEVICES", "resolve_device"]
+__all__ = ["DEVICES", "resolve_device", "to_memory_format"]
 
 #: the choices of ``--device``
 DEVICES = ("auto", "cpu", "cuda")
@@ -27,3 +29,9 @@ def resolve_device(device: str = "auto") -> str:
     if device == "auto":
         return "cuda" if has_cuda else "cpu"
     return device
+
+
+def to_memory_format(module: Any, memory_format: Any) -> Any:
+    """``module.to(memory_format=memory_format)`` (e.g. ``torch.channels_last_3d``): what torch
+    does for modules, though its type stubs list no ``memory_format`` for ``Module.to``."""
+    return module.to(memory_format=memory_format)

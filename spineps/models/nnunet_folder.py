@@ -104,13 +104,13 @@ def _numpy_safe_globals() -> list:
     out: list = [np.dtype, np.ndarray, np.bool_, np.float16, np.float32, np.float64, np.int8, np.int16, np.int32,
                  np.int64, np.uint8, np.uint16, np.uint32, np.uint64]
     try:
-        from numpy.core.multiarray import _reconstruct, scalar  # type: ignore[attr-defined]
+        from numpy.core.multiarray import _reconstruct, scalar
 
         out += [_reconstruct, scalar]
     except ImportError:  # pragma: no cover - numpy layout differs
         pass
     try:
-        from numpy._core.multiarray import _reconstruct as r2, scalar as s2  # type: ignore[attr-defined]
+        from numpy._core.multiarray import _reconstruct as r2, scalar as s2
 
         out += [r2, s2]
     except ImportError:  # pragma: no cover

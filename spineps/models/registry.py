@@ -55,7 +55,7 @@ def bundled_model_dir(name: str) -> Optional[Path]:
     from importlib import resources
 
     try:
-        base = resources.files("spineps").joinpath("data", "models", name)
+        base = resources.files("spineps") / "data" / "models" / name
     except (ModuleNotFoundError, FileNotFoundError):  # pragma: no cover
         return None
     path = Path(str(base))

@@ -28,17 +28,20 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
 from spineps.errors import InputError, ModelError
 from spineps.geometry.volume import Volume
 from spineps.logging_setup import quiet_stdout
-from spineps.models.device import resolve_device
+from spineps.models.device import resolve_device, to_memory_format
 from spineps.models.folder import ModelConfig, folder_checksum
 from spineps.semantic.cleanup import CleanupSettings, clean_semantic
 from spineps.semantic.preprocess import N4Settings, preprocess_image
+
+if TYPE_CHECKING:  # pragma: no cover
+    from spineps.models.onnx_engine import OrtForward
 
 __all__ = ["NnUNetSemanticSegmenter"]
 
@@ -94,9 +97,9 @@ class NnUNetSemanticSegmenter:
         # into the network before predicting (copy_ keeps this layout)
         self.channels_last = False if channels_last is None else bool(channels_last)
         if self.channels_last and isinstance(self.predictor.network, torch.nn.Module):
-            self.predictor.network.to(memory_format=torch.channels_last_3d)
+            to_memory_format(self.predictor.network, torch.channels_last_3d)
         self.cpu_bf16 = False
-        self._ort = None
+        self._ort: Optional[OrtForward] = None
         if self.precision == "bf16":
             self.set_cpu_bf16(True)
         self.engine = self._set_engine(engine, loaded)

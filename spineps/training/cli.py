@@ -211,7 +211,7 @@ def _run_export_cutouts(args: argparse.Namespace) -> int:
     orientation = args.orientation or orientation
     spacing = tuple(args.spacing) if args.spacing else spacing
     size = tuple(args.cutout_size) if args.cutout_size else size
-    pairs: list[tuple[Path, Path]] = [tuple(p) for p in (args.pair or [])]  # type: ignore[misc]
+    pairs: list[tuple[Path, Path]] = [(Path(p[0]), Path(p[1])) for p in (args.pair or [])]
     if args.derivatives_dir is not None:
         if not args.derivatives_dir.is_dir():
             raise NoInputError("derivatives folder does not exist", args.derivatives_dir)

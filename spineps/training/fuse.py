@@ -367,7 +367,7 @@ def write_fusion(result: FusionResult, path: Union[str, Path], *, extra: Optiona
                  ) -> tuple[Path, Path]:
     """Write the fused mask (atomically, uint8) and its JSON sidecar (same name, ``.json``).
     Returns both paths."""
-    from spineps import __version__ as version  # noqa: F401  (package version for provenance)
+    from spineps import __version__ as version  # the package version, for provenance
     from spineps.fsutil import write_json_atomic
     from spineps.geometry.io import save_volume
 
