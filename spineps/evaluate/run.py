@@ -42,8 +42,8 @@ from spineps.evaluate.matching import (Overlap, level_naming, match_instances, o
 from spineps.evaluate.metrics import BOTH_EMPTY, PRED_EMPTY, REF_EMPTY, Score, dice, joint_bbox, surface_distances
 from spineps.evaluate.stats import ComparisonRow, MetricRow, SummaryRow, compare_methods, summarize
 from spineps.fsutil import write_json_atomic, write_text_atomic
-from spineps.labels import (BODY, DISC, ENDPLATE, ENDPLATE_INF, ENDPLATE_SUP, SEMANTIC, SEMANTIC_BY_VALUE,
-                            VERTEBRA_PARTS, VERTEBRA_VALUES)
+from spineps.labels import (BODY, DISC, ENDPLATE, ENDPLATE_INF, ENDPLATE_SUP, INSTANCE_PARTS, SEMANTIC,
+                            SEMANTIC_BY_VALUE, VERTEBRA_PARTS, VERTEBRA_VALUES)
 
 __all__ = [
     "SPINE",
@@ -78,7 +78,7 @@ _MASK_RE = re.compile(
     r"^(?P<stem>.+?)(?:_mod-[A-Za-z0-9]+)?_(?:desc|seg)-(?P<desc>spine|vert|vertebrae)_(?:dseg|msk)\.nii(?:\.gz)?$")
 
 #: the vertebra classes that must all be annotated for the grouped ``vertebra`` structure
-VERTEBRA_GROUP_REQUIRED: frozenset[int] = frozenset(range(41, 50))
+VERTEBRA_GROUP_REQUIRED: frozenset[int] = frozenset(INSTANCE_PARTS)
 _ENDPLATES = (ENDPLATE_SUP, ENDPLATE_INF, ENDPLATE)
 _ALL_SEMANTIC: frozenset[int] = frozenset(SEMANTIC_BY_VALUE)
 _VERTEBRA_IDS = tuple(sorted(VERTEBRA_VALUES))

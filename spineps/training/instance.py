@@ -33,6 +33,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from spineps.labels import INSTANCE_PARTS
+
 __all__ = ["TrainConfig", "Case", "make_case", "sample_cutout", "augment", "train", "main", "FLIP_PAIRS",
            "flip_lr", "evaluate_instances", "model_config_dict", "build_random_instance_folder"]
 
@@ -40,7 +42,7 @@ log = logging.getLogger("spineps.training.instance")
 
 #: left/right label pairs swapped by a left-right flip
 FLIP_PAIRS = ((43, 44), (45, 46), (47, 48))
-VERT_PARTS = tuple(range(41, 50))
+VERT_PARTS = INSTANCE_PARTS  # the nine substructures a vertebra instance covers (41..49)
 
 
 @dataclass
