@@ -73,7 +73,8 @@ def main(argv=None) -> int:
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
     }
     rows = [("scans", res["scans"]), ("group run (morphometry present)", f"{t_group:.2f} s"),
-            ("  read / stats / write", f"{g.timings['read']:.2f} / {g.timings['stats']:.2f} / {g.timings['write']:.2f} s"),
+            ("  read / stats / write",
+             f"{g.timings['read']:.2f} / {g.timings['stats']:.2f} / {g.timings['write']:.2f} s"),
             ("group run (measured from masks)", f"{t_masks:.2f} s ({res['per_scan_from_masks_ms']} ms/scan)"),
             ("report HTML", f"{res['report_html_kb']} kB"), ("group_T2w.tsv", f"{res['group_tsv_kb']} kB"),
             ("group_T2w_levels.tsv", f"{res['levels_tsv_kb']} kB"),

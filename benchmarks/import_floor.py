@@ -28,9 +28,9 @@ STEPS: tuple[tuple[str, str], ...] = (
     ("torch._dynamo (imported by nnU-Net's predictor module)", "import torch._dynamo"),
     ("nnU-Net predictor (pre-processing stack: pandas, scikit-image, blosc2 ...)",
      "import nnunetv2.inference.predict_from_raw_data"),
-    ("spineps participant + registry", "import spineps.participant, spineps.models.registry"),
+    ("spineps participant + loading", "import spineps.participant, spineps.loading"),
     ("both bundled models loaded",
-     "from spineps.models.registry import load_segmenters\n"
+     "from spineps.loading import load_segmenters\n"
      "from spineps.settings import Settings\n"
      "from pathlib import Path\n"
      "s = Settings(bids_dir=Path('.'), output_dir=Path('.'), analysis_level='participant', nprocs=2, "

@@ -121,7 +121,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "inference_options.json")
     args = ap.parse_args(argv)
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    load_start = rb._loadavg()
+    load_start = rb.loadavg()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         os.environ.setdefault(k, "/tmp/nnunet-unused")
@@ -245,7 +245,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 run("onnxruntime", set_net(twins["onnxruntime"]), restore)
             elif opt.startswith("threads"):
                 n = int(opt[len("threads"):])
-                run(f"threads{n}", lambda: torch.set_num_threads(n), restore)
+                run(f"threads{n}", lambda n=n: torch.set_num_threads(n), restore)
             else:
                 raise SystemExit(f"unknown option {opt!r}")
 
@@ -265,11 +265,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cmd = "python benchmarks/inference_options.py " + shlex.join(sys.argv[1:] if argv is None else list(argv))
     report = {"command": cmd,
               "started_utc": started, "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "machine": rb.machine_info(args.threads), "loadavg_start": load_start, "loadavg_end": rb._loadavg(),
+              "machine": rb.machine_info(args.threads), "loadavg_start": load_start, "loadavg_end": rb.loadavg(),
               "torch": torch.__version__, "model": str(args.model), "case": args.case,
               "model_grid": list(grid.shape), "block": list(block.shape), "patch_pir": patch,
               "network": results, "option_setup": export_info, "n4": n4_results}
-    rb._write_json_atomic(args.json, report)
+    rb.write_json_atomic(args.json, report)
     print(json.dumps({"network": results, "n4": n4_results}, indent=1))
     return 0
 

@@ -143,8 +143,8 @@ def main(argv=None) -> int:
         rows.append({"what": f"bundled cutout forward, batch {batch}, ONNX Runtime", "channels_last_3d": False,
                      "size": list(cfg.cutout_size), **r, "seconds_per_cutout": r["seconds"] / batch})
     r = _run(_whole_spine, {"model": str(args.model), "threads": args.threads, "seed": args.seed})
-    rows.append({"what": "whole spine predict_vertebrae (phantom C2..sacrum)", "channels_last_3d": r.pop("channels_last"),
-                 **r})
+    rows.append({"what": "whole spine predict_vertebrae (phantom C2..sacrum)",
+                 "channels_last_3d": r.pop("channels_last"), **r})
     if args.official:
         for cl in (False, True):
             r = _run(_cutout_forward, {"weights": None, "dim": 16, "in_channels": 10, "size": [248, 304, 64],

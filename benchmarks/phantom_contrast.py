@@ -16,7 +16,6 @@ even index), domain-randomised phantoms (odd index), and each real set.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

@@ -42,9 +42,9 @@ VARIANTS = {"fp32": ("fp32", "torch"), "fp32_onnxruntime": ("fp32", "auto"), "bf
 def run_case(bids: Path, out: Path, precision: str, engine: str, threads: int) -> dict[str, Any]:
     import torch
 
-    from run_benchmark import ForwardTimer  # noqa: E402  (benchmarks/ on sys.path)
+    from runbench.probe import ForwardTimer  # benchmarks/ is on sys.path
     from spineps import participant
-    from spineps.models.registry import load_segmenters
+    from spineps.loading import load_segmenters
     from spineps.settings import Settings
 
     settings = Settings(bids_dir=bids, output_dir=out, analysis_level="participant", skip_bids_validation=True,
@@ -65,7 +65,7 @@ def compare(a_dir: Path, b_dir: Path) -> dict[str, Any]:
     import nibabel as nib
     import numpy as np
 
-    from run_benchmark import dice_per_label  # noqa: E402
+    from runbench.agreement import dice_per_label
 
     sem_a = next(a_dir.rglob("*_desc-spine_dseg.nii.gz"))
     sem_b = b_dir / sem_a.relative_to(a_dir)
@@ -97,7 +97,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
-    from run_benchmark import CASES, DEFAULT_WORK, machine_info, prepare_case  # noqa: E402
+    from runbench.cases import CASES, DEFAULT_WORK, prepare_case
+    from runbench.report import machine_info
 
     args.work = args.work or DEFAULT_WORK
 

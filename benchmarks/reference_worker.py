@@ -3,8 +3,8 @@
 Runs INSIDE the reference's virtual environment (``benchmarks/reference_venv.sh``), started
 by ``run_benchmark.py`` with a working directory outside this repository, so ``spineps``
 here is the reference package, not ours. From this repository it imports only the
-measuring helpers of ``run_benchmark.py`` (its own folder is first on ``sys.path``; that
-module imports nothing but the standard library at import time).
+measuring helpers of ``runbench.probe`` (its own folder is first on ``sys.path``; that
+package imports nothing but the standard library at import time).
 
     /tmp/spineps-ref-venv/bin/python benchmarks/reference_worker.py CONFIG.json RESULT.json
 
@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from run_benchmark import ForwardTimer, _status_kib  # this script's folder: the same hooks and counters as ours
+from runbench.probe import ForwardTimer, status_kib  # this script's folder: the same hooks and counters as ours
 
 
 def main(cfg_path: str, result_path: str) -> int:
@@ -79,7 +79,7 @@ def main(cfg_path: str, result_path: str) -> int:
                     "forward_semantic": fwd.get("semantic"), "forward_instance": fwd.get("instance"),
                     "forward_total": round(sum(fwd.values()), 3) if fwd else None},
         "forward_calls": {k: t.calls for k, t in timers.items()},
-        "peak_rss_mib_in_process": round(_status_kib("VmHWM") / 1024, 1),
+        "peak_rss_mib_in_process": round(status_kib("VmHWM") / 1024, 1),
         "outputs": {"semantic": str(sem_out[0]) if sem_out else None,
                     "instance": str(vert_out[0]) if vert_out else None},
         "version": version("spineps"),

@@ -35,9 +35,9 @@ FEATURES = [32, 64, 128, 256, 320, 320]
 
 
 def _hwm_mib() -> float:
-    from run_benchmark import _status_kib  # noqa: E402  (benchmarks/ on sys.path)
+    from runbench.probe import status_kib  # benchmarks/ is on sys.path
 
-    return _status_kib("VmHWM") / 1024.0
+    return status_kib("VmHWM") / 1024.0
 
 
 def _network() -> Any:
@@ -98,18 +98,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = ap.parse_args(argv)
     sys.path.insert(0, str(REPO / "benchmarks"))
     from instance_speed import _run  # a fresh spawned process per measurement
-    from run_benchmark import _loadavg, _write_json_atomic, machine_info
+    from runbench.report import loadavg, machine_info, write_json_atomic
 
     report: dict[str, Any] = {"started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                              "machine": machine_info(args.threads), "loadavg_start": _loadavg(),
+                              "machine": machine_info(args.threads), "loadavg_start": loadavg(),
                               "patch": list(PATCH), "features": FEATURES, "strides": STRIDES, "results": []}
     for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
         r = _run(_measure, {"variant": variant, "threads": args.threads, "repeats": args.repeats})
         report["results"].append(r)
         print(json.dumps(r), flush=True)
-    report["loadavg_end"] = _loadavg()
+    report["loadavg_end"] = loadavg()
     report["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    _write_json_atomic(args.json, report)
+    write_json_atomic(args.json, report)
     print(f"{'variant':12s} {'forward s':>10s} {'setup s':>8s} {'peak MiB':>9s}")
     for r in report["results"]:
         print(f"{r['variant']:12s} {r['forward_s']:10.2f} {r['setup_s']:8.2f} {r['peak_rss_mib']:9.0f}")

@@ -18,11 +18,17 @@ __all__ = [
     "InputError",
     "NoInputError",
     "OutputError",
-    "IOFailure",
     "ResourceError",
     "ModelError",
     "ScanFailuresError",
+    "one_line",
 ]
+
+
+def one_line(text: str) -> str:
+    """``text`` with every run of white space (line breaks included) made one space: error
+    messages stay one line on stderr and in summaries."""
+    return " ".join(str(text).split())
 
 
 class SpinepsError(Exception):
@@ -74,12 +80,6 @@ class OutputError(SpinepsError):
     """An output cannot be created (EX_CANTCREAT)."""
 
     exit_code = 73
-
-
-class IOFailure(SpinepsError):
-    """Reading or writing failed midway (EX_IOERR)."""
-
-    exit_code = 74
 
 
 class ResourceError(SpinepsError):

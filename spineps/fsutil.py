@@ -2,12 +2,16 @@
 and renamed into place, so an interrupted run never leaves a half-written file under a name
 that a rerun would trust. Temporary names are unique per process and call, so parallel
 participant runs into one output folder never share one.
+
+Also the small path and JSON helpers every layer uses: ``is_within`` (is a path inside a
+folder) and ``jsonable`` (numpy scalars and arrays, paths, tuples and sets made JSON values).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import socket
@@ -17,12 +21,44 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 __all__ = ["atomic_path", "write_text_atomic", "write_json_atomic", "remove_stale_temps", "exclusive_lock",
-           "remove_stale_locks", "TEMP_PREFIX"]
+           "remove_stale_locks", "TEMP_PREFIX", "is_within", "jsonable"]
 
 log = logging.getLogger(__name__)
 
 TEMP_PREFIX = ".spineps-tmp-"
 _TEMP_RE = re.compile(r"^\.spineps-tmp-(.+?)-(\d+)-[0-9a-f]{12}-")
+
+
+def is_within(path: Path, root: Path) -> bool:
+    """Whether ``path`` is ``root`` or lies below it (compared as given: resolve both first
+    where links matter)."""
+    try:
+        Path(path).relative_to(root)
+        return True
+    except ValueError:
+        return False
+
+
+def jsonable(obj: Any, ndigits: Optional[int] = None) -> Any:
+    """``obj`` with numpy scalars and arrays, paths, tuples and sets made JSON values (dict keys
+    made strings). With ``ndigits``, floats are rounded to that many digits and NaN becomes
+    None (``null``)."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v, ndigits) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [jsonable(v, ndigits) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if type(obj).__module__ == "numpy":
+        import numpy as np
+
+        if isinstance(obj, np.ndarray):
+            return jsonable(obj.tolist(), ndigits)
+        if isinstance(obj, np.generic):
+            obj = obj.item()
+    if ndigits is not None and isinstance(obj, float):
+        return None if math.isnan(obj) else round(obj, ndigits)
+    return obj
 
 
 def _host() -> str:
@@ -73,7 +109,8 @@ def _pid_alive(pid: int) -> bool:
 
 def remove_stale_temps(root: Path) -> list[Path]:
     """Remove temporary files under ``root`` left by processes that no longer run
-    (e.g. a killed job) on this host. Files of live processes, and of other hosts, are left alone. Returns what was removed."""
+    (e.g. a killed job) on this host. Files of live processes, and of other hosts, are left
+    alone. Returns what was removed."""
     removed: list[Path] = []
     root = Path(root)
     if not root.is_dir():

@@ -24,6 +24,8 @@ __all__ = [
     "SEMANTIC",
     "SEMANTIC_BY_VALUE",
     "VERTEBRA_PARTS",
+    "INSTANCE_PARTS",
+    "ENDPLATES",
     "BODY",
     "ARCUS",
     "SPINOUS",
@@ -114,6 +116,12 @@ VERTEBRA_PARTS: frozenset[int] = frozenset(
     {ARCUS, SPINOUS, COSTAL_L, COSTAL_R, SUP_ART_L, SUP_ART_R, INF_ART_L, INF_ART_R, BODY, ENDPLATE,
      ENDPLATE_SUP, ENDPLATE_INF}
 )
+#: the nine substructures a vertebra instance covers (41..49; its endplates take the value of
+#: their disc level, 200 + X)
+INSTANCE_PARTS: tuple[int, ...] = (ARCUS, SPINOUS, COSTAL_L, COSTAL_R, SUP_ART_L, SUP_ART_R, INF_ART_L, INF_ART_R,
+                                   BODY)
+#: endplate values: after the superior/inferior split (52/53) and as predicted (62)
+ENDPLATES: tuple[int, ...] = (ENDPLATE_SUP, ENDPLATE_INF, ENDPLATE)
 
 # --- instance ("vertebrae") mask -----------------------------------------------------
 _VERTEBRA_NAMES: dict[int, str] = {
@@ -237,7 +245,7 @@ def resolve_label(token: object) -> int:
 
 #: semantic value -> instance-network input channel (spec section 3 default ``mapping``)
 DEFAULT_INSTANCE_MAPPING: dict[int, int] = {
-    **{v: v - 40 for v in range(41, 50)},
+    **{v: v - 40 for v in INSTANCE_PARTS},
     50: 9,
     51: 9,
     26: 0,

@@ -6,12 +6,14 @@ id, so parallel participant runs never share one). Library modules only use
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
-__all__ = ["setup_logging", "teardown_logging", "file_handlers", "LOGGER_NAME"]
+__all__ = ["setup_logging", "teardown_logging", "file_handlers", "quiet_stdout", "LOGGER_NAME"]
 
 LOGGER_NAME = "spineps"
 _FORMAT_STDERR = "%(asctime)s %(levelname)-7s %(message)s"
@@ -66,3 +68,17 @@ def teardown_logging() -> None:
             h.close()
         except Exception:  # pragma: no cover - best effort
             pass
+
+
+@contextlib.contextmanager
+def quiet_stdout(log: logging.Logger, who: str = "nnU-Net") -> Iterator[None]:
+    """Keep a library's prints (nnU-Net's, e.g. about unset ``nnUNet_*`` paths at import) off
+    our stdout; what it printed goes to ``log`` at debug level."""
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            yield
+    finally:
+        text = buf.getvalue().strip()
+        if text:
+            log.debug("%s said: %s", who, text[:2000])

@@ -17,10 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from spineps.errors import BIDSValidationError, ResourceError, ScanFailuresError, SpinepsError
+from spineps.errors import BIDSValidationError, ResourceError, ScanFailuresError, SpinepsError, one_line
+from spineps.fsutil import jsonable
 
 if TYPE_CHECKING:  # pragma: no cover
-    from spineps.pipeline import InstanceSegmenter, ScanResult, SemanticSegmenter
+    from spineps.models.protocols import InstanceSegmenter, SemanticSegmenter
+    from spineps.pipeline import NamingOptions, ScanResult
     from spineps.settings import Settings
 
 __all__ = ["ParticipantSummary", "check_inputs", "run_participant", "process_scan", "process_mask",
@@ -40,6 +42,7 @@ class ParticipantSummary:
     failed: dict[str, str] = field(default_factory=dict)
     not_selected: dict[str, str] = field(default_factory=dict)  # discovery's skips: path -> reason
     seconds: float = 0.0
+    temporary: set[str] = field(default_factory=set)  # failed scans that only lacked memory or disk
 
     def lines(self) -> list[str]:
         out = [f"{self.total} scan(s): {len(self.processed)} processed, {len(self.skipped_complete)} skipped "
@@ -108,13 +111,10 @@ def _prepare_output_dir(settings: "Settings") -> None:
 
     remove_stale_temps(settings.output_dir)
     remove_stale_locks(settings.logs_dir / "locks")
-    from spineps.group.collect import BIDSIGNORE_EXTRA
-    from spineps.measure.scan import BIDSIGNORE_EXTRA as MEASURE_BIDSIGNORE
-
     write_dataset_description(settings.output_dir, bids_dir=settings.bids_dir, version=settings.version,
                               container=settings.container_info(), source_name=_source_name(settings))
     write_lookup_tables(settings.output_dir)
-    write_bidsignore(settings.output_dir, extra=(*BIDSIGNORE_EXTRA, *MEASURE_BIDSIGNORE))
+    write_bidsignore(settings.output_dir)
 
 
 def _source_name(settings: "Settings") -> str:
@@ -141,57 +141,21 @@ def run_participant(settings: "Settings", semantic: Optional["SemanticSegmenter"
     if discovery is None:
         discovery = check_inputs(settings)
     scans = list(discovery.scans)
-    summary = ParticipantSummary(total=len(scans))
-    summary.not_selected = {_rel(Path(p), settings.bids_dir): str(why) for p, why in discovery.skipped}
-    for p, why in getattr(discovery, "unusable", ()):  # meant as input but unreadable: a failed scan
-        rel = _rel(Path(p), settings.bids_dir)
-        summary.not_selected.pop(rel, None)
-        summary.failed[rel] = _one_line(f"InputError: {why}")
-        log.error("%s failed: %s", rel, summary.failed[rel])
+    summary = _summary_of(settings, discovery, len(scans))
     _prepare_output_dir(settings)
     log.info("%d scan(s) selected", len(scans))
-
     current: Optional[str] = None
-    temporary: set[str] = set()  # scans that failed for lack of memory or disk
     try:
         for i, scan in enumerate(scans, start=1):
-            name = scan.relpath
-            current = name
+            current = scan.relpath
+            tag = f"[{i}/{len(scans)}]"
             expected = expected_outputs(settings.output_dir, scan, with_instances=instance is not None)
             if not settings.overwrite and all(Path(p).is_file() for p in expected):
-                log.info("[%d/%d] %s: outputs complete, skipped (use --overwrite to recompute)", i, len(scans), name)
-                summary.skipped_complete.append(name)
+                log.info("%s %s: outputs complete, skipped (use --overwrite to recompute)", tag, current)
+                summary.skipped_complete.append(current)
                 continue
-            log.info("[%d/%d] %s", i, len(scans), name)
-            try:
-                with _scan_lock(settings, scan, f"[{i}/{len(scans)}] {name}"):
-                    if not settings.overwrite and all(Path(p).is_file() for p in expected):
-                        log.info("[%d/%d] %s: outputs completed by another run meanwhile, skipped", i, len(scans),
-                                 name)
-                        summary.skipped_complete.append(name)
-                        continue
-                    _revoke_complete(settings, scan)
-                    if from_masks:
-                        process_mask(settings, scan, instance)
-                    else:
-                        process_scan(settings, scan, semantic, instance)
-            except SpinepsError as exc:
-                if isinstance(exc, ResourceError):
-                    temporary.add(name)
-                why = exc.reason if exc.path is not None and Path(exc.path) == Path(scan.path) else str(exc)
-                why = f"{type(exc).__name__}: {why}"
-                log.error("[%d/%d] %s failed: %s", i, len(scans), name, _one_line(why))
-                summary.failed[name] = _one_line(why)
-            except MemoryError:
-                temporary.add(name)
-                log.error("[%d/%d] %s failed: out of memory", i, len(scans), name)
-                summary.failed[name] = "out of memory"
-            except Exception as exc:  # a bug or a library failure: keep going with the other scans
-                log.error("[%d/%d] %s failed: %s: %s", i, len(scans), name, type(exc).__name__, _one_line(str(exc)))
-                log.debug("traceback for %s", name, exc_info=True)
-                summary.failed[name] = f"{type(exc).__name__}: {_one_line(str(exc))}"
-            else:
-                summary.processed.append(name)
+            log.info("%s %s", tag, current)
+            _run_one(settings, scan, tag, expected, semantic, instance, summary)
             current = None
     except KeyboardInterrupt:
         summary.seconds = time.perf_counter() - t_start
@@ -203,8 +167,59 @@ def run_participant(settings: "Settings", semantic: Optional["SemanticSegmenter"
     for line in summary.lines():
         log.info("summary: %s", line.strip())
     if summary.failed:
-        raise ScanFailuresError(summary.failed, temporary=set(summary.failed) <= temporary)
+        raise ScanFailuresError(summary.failed, temporary=set(summary.failed) <= summary.temporary)
     return summary
+
+
+def _summary_of(settings: "Settings", discovery: Any, total: int) -> ParticipantSummary:
+    """A run's summary before any scan: discovery's skips, and the inputs that cannot be read
+    (meant as input: failed scans)."""
+    summary = ParticipantSummary(total=total)
+    summary.not_selected = {_rel(Path(p), settings.bids_dir): str(why) for p, why in discovery.skipped}
+    for p, why in getattr(discovery, "unusable", ()):
+        rel = _rel(Path(p), settings.bids_dir)
+        summary.not_selected.pop(rel, None)
+        summary.failed[rel] = one_line(f"InputError: {why}")
+        log.error("%s failed: %s", rel, summary.failed[rel])
+    return summary
+
+
+def _run_one(settings: "Settings", scan: Any, tag: str, expected: list[Path],
+             semantic: Optional["SemanticSegmenter"], instance: Optional["InstanceSegmenter"],
+             summary: ParticipantSummary) -> None:
+    """One scan under its lock; its outcome (processed, skipped, failed and why) into ``summary``.
+    A failure is logged and recorded, never raised (``KeyboardInterrupt`` is)."""
+    name = scan.relpath
+    try:
+        with _scan_lock(settings, scan, f"{tag} {name}"):
+            if not settings.overwrite and all(Path(p).is_file() for p in expected):
+                log.info("%s %s: outputs completed by another run meanwhile, skipped", tag, name)
+                summary.skipped_complete.append(name)
+                return
+            _revoke_complete(settings, scan)
+            if settings.input_kind == "semantic-mask":
+                assert instance is not None  # checked by run_participant
+                process_mask(settings, scan, instance)
+            else:
+                assert semantic is not None  # checked by run_participant
+                process_scan(settings, scan, semantic, instance)
+    except SpinepsError as exc:
+        if isinstance(exc, ResourceError):
+            summary.temporary.add(name)
+        why = exc.reason if exc.path is not None and Path(exc.path) == Path(scan.path) else str(exc)
+        why = f"{type(exc).__name__}: {why}"
+        log.error("%s %s failed: %s", tag, name, one_line(why))
+        summary.failed[name] = one_line(why)
+    except MemoryError:
+        summary.temporary.add(name)
+        log.error("%s %s failed: out of memory", tag, name)
+        summary.failed[name] = "out of memory"
+    except Exception as exc:  # a bug or a library failure: keep going with the other scans
+        log.error("%s %s failed: %s: %s", tag, name, type(exc).__name__, one_line(str(exc)))
+        log.debug("traceback for %s", name, exc_info=True)
+        summary.failed[name] = f"{type(exc).__name__}: {one_line(str(exc))}"
+    else:
+        summary.processed.append(name)
 
 
 def _scan_lock(settings: "Settings", scan: Any, what: str):  # -> context manager
@@ -237,8 +252,10 @@ def _revoke_complete(settings: "Settings", scan: Any) -> None:
             raise OutputError(f"cannot remove an old sidecar: {exc.strerror or exc}", path) from exc
 
 
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
+def _naming_options(settings: "Settings") -> "NamingOptions":
+    from spineps.pipeline import NamingOptions
+
+    return NamingOptions(rule=settings.level_rule, top_vertebra=settings.top_vertebra)
 
 
 def process_scan(settings: "Settings", scan: Any, semantic: "SemanticSegmenter",
@@ -255,7 +272,7 @@ def process_scan(settings: "Settings", scan: Any, semantic: "SemanticSegmenter",
     _check_not_constant(image, scan.path)
     t_load = time.perf_counter() - t0
     log.debug("loaded %s", image)
-    result = segment_scan(image, semantic, instance)
+    result = segment_scan(image, semantic, instance, _naming_options(settings))
     models = {"semantic": model_provenance(semantic)}
     if instance is not None:
         models["instance"] = model_provenance(instance)
@@ -279,7 +296,7 @@ def process_mask(settings: "Settings", scan: Any, instance: "InstanceSegmenter")
     check_scan_resources(header, settings.output_dir)
     semantic = load_semantic_mask(scan.path)
     t_load = time.perf_counter() - t0
-    result = segment_from_semantic(semantic, instance)
+    result = segment_from_semantic(semantic, instance, _naming_options(settings))
     _write_outputs(settings, scan, result, header=header, image=None, t_load=t_load,
                    models={"instance": model_provenance(instance)},
                    semantic_description="Semantic segmentation of the spine, post-processed by the instance phase "
@@ -305,7 +322,8 @@ def load_semantic_mask(path: Path) -> Any:  # -> Volume
     known = {lab.value for lab in SEMANTIC} | {0}
     unknown = [int(v) for v in values if int(v) not in known]
     if unknown:
-        shown = ", ".join(str(v) for v in unknown[:12]) + (f", ... ({len(unknown)} in all)" if len(unknown) > 12 else "")
+        shown = ", ".join(str(v) for v in unknown[:12])
+        shown += f", ... ({len(unknown)} in all)" if len(unknown) > 12 else ""
         hint = ""
         if all(1 <= v <= 28 or 100 <= v <= 299 for v in unknown):
             hint = " -- this looks like an instance (vertebra) mask; give the semantic mask"
@@ -354,7 +372,7 @@ def _write_outputs(settings: "Settings", scan: Any, result: "ScanResult", *, hea
         parameters=params, timings=timings, extra=sem_extra or None))
     if inst_path is not None and cent_path is not None:
         inst_source = f"bids::{sem_path.relative_to(out).as_posix()}"
-        inst_extra = {"LevelNaming": _jsonable(result.naming)}
+        inst_extra = {"LevelNaming": jsonable(result.naming)}
         if result.warnings:
             inst_extra["Warnings"] = list(result.warnings)
         write_sidecar(INSTANCE_SIDECAR.path(out, scan), make_sidecar(
@@ -380,25 +398,28 @@ def _check_not_constant(image: Any, path: Path) -> None:
 
 def _write_measurements_and_figure(out: Path, scan: Any, result: "ScanResult", image: Any,
                                    sem_path: Path) -> dict[str, float]:
-    """Per-scan morphometry (``_desc-spine_morphometry.tsv`` + ``.json``) and the QC figure
-    (``FIGURE``), written after the masks and before the sidecars that mark the scan complete.
-    They are derived from the masks: a failure is logged and the scan still completes (the
-    group level measures scans without morphometry from their masks)."""
+    """Per-scan morphometry (``_desc-spine_morphometry.tsv`` + ``.json``, measured by the
+    pipeline) and the QC figure (``FIGURE``), written after the masks and before the sidecars
+    that mark the scan complete. They are derived from the masks: a failure is logged and the
+    scan still completes (the group level measures scans without morphometry from their masks)."""
     from spineps.bids.derivatives import FIGURE
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     try:
-        from spineps.measure.scan import measure_scan, morphometry_paths, write_measurements
+        from spineps.measure.scan import morphometry_paths, write_measurements
 
-        m = measure_scan(result.semantic, result.instance, result.naming)
-        write_measurements(m, morphometry_paths(sem_path)[0])
-        for flag in m.qc.flags:
+        if result.measurements is None:
+            raise RuntimeError(result.measure_error or "not measured")
+        write_measurements(result.measurements, morphometry_paths(sem_path)[0])
+        for flag in result.measurements.qc.flags:
             log.info("%s: QC flag %s", scan.relpath, flag)
     except Exception as exc:  # measurements are optional outputs: never fail the scan for them
-        log.warning("%s: measurements not written: %s: %s", scan.relpath, type(exc).__name__, _one_line(str(exc)))
+        why = result.measure_error if result.measurements is None and result.measure_error else \
+            f"{type(exc).__name__}: {one_line(str(exc))}"
+        log.warning("%s: measurements not written: %s", scan.relpath, why)
         log.debug("traceback", exc_info=True)
-    timings["measure"] = round(time.perf_counter() - t0, 3)
+    timings["measure_write"] = round(time.perf_counter() - t0, 3)
     t0 = time.perf_counter()
     try:
         from spineps.measure.figures import write_figure
@@ -406,7 +427,7 @@ def _write_measurements_and_figure(out: Path, scan: Any, result: "ScanResult", i
         write_figure(result.semantic, result.instance, FIGURE.path(out, scan), image=image,
                      title=Path(scan.relpath).name)
     except Exception as exc:
-        log.warning("%s: figure not written: %s: %s", scan.relpath, type(exc).__name__, _one_line(str(exc)))
+        log.warning("%s: figure not written: %s: %s", scan.relpath, type(exc).__name__, one_line(str(exc)))
         log.debug("traceback", exc_info=True)
     timings["figure"] = round(time.perf_counter() - t0, 3)
     return timings
@@ -414,16 +435,16 @@ def _write_measurements_and_figure(out: Path, scan: Any, result: "ScanResult", i
 
 def model_provenance(model: Any) -> dict[str, Any]:
     """A segmenter's ``provenance()`` with the keys every sidecar needs first: ``name``,
-    ``version`` and ``checksum`` (``sha256:<hex>``; also read from ``checksum_sha256`` or
-    ``sha256``); the rest is kept as it is."""
+    ``version`` and ``checksum`` (``sha256:<hex>``; a bare hex digest gets the prefix); the
+    rest is kept as it is."""
     prov = dict(model.provenance() or {})
     name = prov.pop("name", None) or getattr(model, "name", None) or type(model).__name__
-    checksum = prov.pop("checksum", None) or prov.pop("checksum_sha256", None) or prov.pop("sha256", None)
+    checksum = prov.pop("checksum", None)
     if checksum and ":" not in str(checksum):
         checksum = f"sha256:{checksum}"
     version = prov.pop("version", None) or prov.get("log_name") or "unversioned"
     return {"name": str(name), "version": str(version), "checksum": str(checksum) if checksum else "n/a",
-            **_jsonable(prov)}
+            **jsonable(prov)}
 
 
 def _centroids_json(result: "ScanResult", scan: Any) -> dict[str, Any]:
@@ -434,25 +455,9 @@ def _centroids_json(result: "ScanResult", scan: Any) -> dict[str, Any]:
                        "of the source image and RAS world coordinates in mm",
         "Source": Path(scan.path).name,
         "CoordinateSystem": "RAS+ scanner world (mm), voxel indices 0-based",
-        "LevelNaming": _jsonable(result.naming),
+        "LevelNaming": jsonable(result.naming),
         "Vertebrae": {
             vertebra_name(int(v)): {"value": int(v), "voxel": c["voxel"], "world": c["world"]}
             for v, c in sorted(result.centroids.items(), key=lambda kv: VERTEBRA_ORDER.index(int(kv[0])))
         },
     }
-
-
-def _jsonable(obj: Any) -> Any:
-    import numpy as np
-
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj

@@ -1,16 +1,21 @@
-"""The one place where the stages chain: ``segment_scan`` (image -> masks) and
-``segment_from_semantic`` (an existing semantic mask -> instances; the instance phase needs
-no image).
+"""The one place where the stages chain: ``segment_scan`` (image -> masks and measurements)
+and ``segment_from_semantic`` (an existing semantic mask -> the same; the instance phase
+needs no image).
 
-The stages are objects that follow two small protocols, so the CLI, the tests and the
-benchmarks can plug in any model that follows the model-folder contract:
+Stages, each called once per scan with what it needs:
 
-- ``SemanticSegmenter.segment(image) -> Volume``: the semantic mask (community label
-  values) on the exact grid of ``image`` (pre-processing, inference, clean-up and the way
-  back onto the input grid happen inside).
-- ``InstanceSegmenter.segment(semantic) -> InstanceOutput``: vertebra instances with level
-  names, discs (100+X) and endplates (200+X), and the post-processed semantic mask, all on
-  the grid of ``semantic``.
+1. the semantic phase (``SemanticSegmenter.segment``, see ``spineps.models.protocols``):
+   the semantic mask on the image's grid;
+2. the instance phase (``InstanceSegmenter.segment``): anonymous vertebrae 1..N on that grid;
+3. ``postprocess`` on the spine's box (both masks cut to the bounding box of the semantic
+   labels plus two voxels; ``crop_to_spine``): consistency of the two masks
+   (``postprocess.consistency``), the vertebral-body centroids (computed here, once, and
+   handed to the later stages), discs and endplates (``postprocess.discs``), level names
+   (``labeling.levels``), and the way back onto the full grid;
+4. measurements and QC (``measure.scan.measure_scan``) on the final masks, with the same
+   centroids.
+
+The result (``ScanResult``) is what ``spineps.participant`` writes.
 """
 
 from __future__ import annotations
@@ -18,53 +23,60 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
+from spineps.errors import one_line
 from spineps.geometry.volume import Volume
-from spineps.labels import BODY, VERTEBRA_VALUES
+from spineps.labels import BODY, SACRUM
+from spineps.models.protocols import InstanceSegmenter, SemanticSegmenter, VertebraPrediction
+
+if TYPE_CHECKING:  # pragma: no cover
+    from spineps.geometry.cropping import Crop
+    from spineps.measure.scan import Measurements
+    from spineps.postprocess.vertebrae import VertebraCentroids
 
 __all__ = [
     "SemanticSegmenter",
     "InstanceSegmenter",
-    "InstanceOutput",
+    "VertebraPrediction",
+    "NamingOptions",
+    "Postprocessed",
     "ScanResult",
     "segment_scan",
     "segment_from_semantic",
-    "body_centroids",
+    "crop_to_spine",
+    "postprocess",
+    "centroids_json",
 ]
 
 log = logging.getLogger(__name__)
 
+#: voxels of background kept around the spine's box (the level naming's "cut by the border"
+#: tests see the borders of the full volume)
+SPINE_BOX_MARGIN = 2
 
-@runtime_checkable
-class SemanticSegmenter(Protocol):
-    name: str
 
-    def segment(self, image: Volume) -> Volume: ...
+@dataclass(frozen=True)
+class NamingOptions:
+    """How the vertebrae are named (``--level-rule``, ``--top-vertebra``)."""
 
-    def provenance(self) -> dict[str, Any]: ...
+    rule: str = "auto"  # one of spineps.labels.LEVEL_RULES
+    top_vertebra: Optional[str] = None  # "the top-most vertebra in view is ..." (overrides the rule)
 
 
 @dataclass
-class InstanceOutput:
-    """What the instance phase hands back, on the semantic mask's grid."""
+class Postprocessed:
+    """The masks after post-processing and naming, on the grid they came on."""
 
-    semantic: Volume  # post-processed semantic mask (endplates split, consistent with instances)
+    semantic: Volume  # endplates split 52/53, consistent with the instances voxel for voxel
     instance: Volume  # vertebrae 1..28, discs 100+X, endplates 200+X
-    naming: dict[str, Any] = field(default_factory=dict)  # e.g. {"rule": "sacrum", "levels": ["T12", ...]}
-    timings: dict[str, float] = field(default_factory=dict)
+    centroids: "VertebraCentroids"  # of the named vertebrae, on this grid
+    sacrum_centroid: Optional[np.ndarray]  # voxel indices on this grid, None without sacrum
+    naming: dict[str, Any]  # LevelNaming.as_dict()
     warnings: list[str] = field(default_factory=list)
-
-
-@runtime_checkable
-class InstanceSegmenter(Protocol):
-    name: str
-
-    def segment(self, semantic: Volume) -> InstanceOutput: ...
-
-    def provenance(self) -> dict[str, Any]: ...
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -76,47 +88,133 @@ class ScanResult:
     timings: dict[str, float]
     warnings: list[str]
     provenance: dict[str, Any]
+    measurements: Optional["Measurements"] = None
+    measure_error: Optional[str] = None  # why the measurements failed (the masks stand)
 
 
-def body_centroids(semantic: Volume, instance: Volume) -> dict[int, dict[str, list[float]]]:
-    """Centre of mass of each vertebra's body voxels (falls back to the whole vertebra where
-    it has no body voxel), in voxel indices and RAS world millimetres (one bincount pass per
-    mask, ``postprocess.discs.label_centroids``)."""
-    from spineps.postprocess.discs import label_centroids
+def crop_to_spine(semantic: Volume, vertebrae: Volume) -> tuple[Volume, Volume, Optional["Crop"]]:
+    """Both masks cut to the bounding box of the semantic labels plus ``SPINE_BOX_MARGIN``
+    voxels, so every label keeps background around it unless it touches the volume border.
+    Returns the crops and the ``Crop`` to undo it (None when the box is the whole volume or
+    empty). Saves time and memory of the post-processing on large fields of view (whole
+    spine: ~60 % of the voxels are outside the box)."""
+    from spineps.geometry.cropping import bbox_of, crop_to_bbox
+
+    box = bbox_of(np.asarray(semantic.data) > 0, SPINE_BOX_MARGIN)
+    if box is None or all(sl.stop - sl.start == n for sl, n in zip(box, semantic.shape)):
+        return semantic, vertebrae, None
+    sem_c, crop = crop_to_bbox(semantic, box)
+    vert_c, _ = crop_to_bbox(vertebrae, box)
+    log.debug("post-processing on the spine's box %s of %s", sem_c.shape, semantic.shape)
+    return sem_c, vert_c, crop
+
+
+def _consistent(semantic: Volume, vertebrae: Volume) -> tuple[Volume, Volume, list[str]]:
+    from spineps.postprocess.consistency import ConsistencyStats, make_consistent
+
+    stats = ConsistencyStats()
+    sem, vert = make_consistent(semantic, vertebrae, stats=stats)
+    warnings = [] if not stats.surplus_to_sacrum else [
+        f"{stats.surplus_to_sacrum} vertebra-like instance(s) below the 25th from the top were taken as sacral "
+        "segments; check the level names of the lower spine"]
+    return sem, vert, warnings
+
+
+def _sacrum_centroid(semantic: Volume, instance: Volume) -> Optional[np.ndarray]:
+    """Centre of the sacrum's body voxels (of all its voxels where it has none), or None."""
+    from spineps.postprocess.vertebrae import label_centroids
 
     inst = np.asarray(instance.data)
-    ids = sorted(int(v) for v in np.unique(inst) if int(v) in VERTEBRA_VALUES)
-    if not ids:
-        return {}
-    whole, _ = label_centroids(inst, ids)
-    body, n_body = label_centroids(np.where(np.asarray(semantic.data) == BODY, inst, 0), ids)
+    if not (inst == SACRUM).any():
+        return None
+    whole, _ = label_centroids(inst, [SACRUM])
+    body, n_body = label_centroids(np.where(np.asarray(semantic.data) == BODY, inst, 0), [SACRUM])
+    return np.asarray(body[0] if n_body[0] > 0 else whole[0])
+
+
+def postprocess(semantic: Volume, vertebrae: Volume, naming: NamingOptions = NamingOptions()) -> Postprocessed:
+    """Consistency, centroids, discs and endplates, level names: the stages after the instance
+    phase, on the spine's box, with the result put back onto the full grid."""
+    from spineps.geometry.cropping import uncrop
+    from spineps.labeling.levels import apply_naming, name_levels
+    from spineps.postprocess.discs import assign_discs_and_endplates
+    from spineps.postprocess.vertebrae import check_same_grid, vertebra_centroids
+
+    check_same_grid(semantic, vertebrae)
+    sem, vert, crop = crop_to_spine(semantic, vertebrae)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    sem, vert, warnings = _consistent(sem, vert)
+    centroids = vertebra_centroids(sem, vert)  # once per scan: discs, naming and measurements use them
+    sem, inst = assign_discs_and_endplates(sem, vert, centroids=centroids)
+    timings["instance_postprocess"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    levels = name_levels(sem, inst, rule=naming.rule, anchor=naming.top_vertebra, centroids=centroids)
+    named = apply_naming(inst, levels)
+    timings["instance_naming"] = time.perf_counter() - t0
+    named_centroids = centroids.renamed(levels.mapping)
+    sacrum = _sacrum_centroid(sem, named)
+    if crop is not None:
+        sem, named = uncrop(sem, crop), uncrop(named, crop)
+        named_centroids = named_centroids.shifted(crop.offset)
+        sacrum = None if sacrum is None else sacrum + np.asarray(crop.offset, dtype=float)
+    return Postprocessed(sem, named, named_centroids, sacrum, levels.as_dict(),
+                         warnings + list(levels.warnings), timings)
+
+
+def centroids_json(post: Postprocessed) -> dict[int, dict[str, list[float]]]:
+    """Vertebra value -> body centre in voxel indices and RAS world millimetres (rounded)."""
+    affine = post.instance.affine
+    rows = list(zip(post.centroids.ids, post.centroids.body))
+    if post.sacrum_centroid is not None:
+        rows.append((SACRUM, post.sacrum_centroid))
     out: dict[int, dict[str, list[float]]] = {}
-    for k, v in enumerate(ids):
-        vox = body[k] if n_body[k] > 0 else whole[k]
-        world = instance.affine[:3, :3] @ vox + instance.affine[:3, 3]
-        out[v] = {"voxel": [round(float(x), 3) for x in vox], "world": [round(float(x), 3) for x in world]}
+    for v, vox in sorted(rows, key=lambda r: r[0]):
+        world = affine[:3, :3] @ vox + affine[:3, 3]
+        out[int(v)] = {"voxel": [round(float(x), 3) for x in vox], "world": [round(float(x), 3) for x in world]}
     return out
 
 
-def segment_from_semantic(semantic: Volume, instance_model: InstanceSegmenter) -> ScanResult:
-    """Instance phase + post-processing + level naming on an existing semantic mask."""
+def _measure(result: ScanResult, centroids: Optional["VertebraCentroids"]) -> None:
+    """Measurements and QC into ``result``. They are derived from the masks: a failure is
+    recorded in ``measure_error`` (and logged by the caller), the masks stand."""
+    from spineps.measure.scan import measure_scan
+
     t0 = time.perf_counter()
-    out = instance_model.segment(semantic)
-    timings = {"instance_total": time.perf_counter() - t0, **out.timings}
-    return ScanResult(
-        semantic=out.semantic,
-        instance=out.instance,
-        centroids=body_centroids(out.semantic, out.instance),
-        naming=out.naming,
-        timings=timings,
-        warnings=list(out.warnings),
-        provenance={"instance_model": instance_model.provenance()},
-    )
+    try:
+        result.measurements = measure_scan(result.semantic, result.instance, result.naming, centroids=centroids)
+    except Exception as exc:  # derived outputs never fail a scan
+        result.measure_error = f"{type(exc).__name__}: {one_line(str(exc))}"
+        log.debug("measurement traceback", exc_info=True)
+    result.timings["measure"] = time.perf_counter() - t0
 
 
-def segment_scan(image: Volume, semantic_model: SemanticSegmenter,
-                 instance_model: Optional[InstanceSegmenter]) -> ScanResult:
-    """Semantic phase, then (when an instance model is given) the instance phase."""
+def _instances(semantic: Volume, instance_model: InstanceSegmenter, naming: NamingOptions) -> tuple[ScanResult,
+                                                                                                      Postprocessed]:
+    t0 = time.perf_counter()
+    pred = instance_model.segment(semantic)
+    post = postprocess(semantic, pred.vertebrae, naming)
+    timings = {"instance_total": time.perf_counter() - t0, **pred.timings, **post.timings}
+    result = ScanResult(semantic=post.semantic, instance=post.instance, centroids=centroids_json(post),
+                        naming=post.naming, timings=timings, warnings=list(pred.warnings) + post.warnings,
+                        provenance={"instance_model": instance_model.provenance()})
+    return result, post
+
+
+def segment_from_semantic(semantic: Volume, instance_model: InstanceSegmenter,
+                          naming: NamingOptions = NamingOptions(), *, measure: bool = True) -> ScanResult:
+    """Instance phase, post-processing, level naming and (``measure``) measurements on an
+    existing semantic mask."""
+    result, post = _instances(semantic, instance_model, naming)
+    if measure:
+        _measure(result, post.centroids)
+    return result
+
+
+def segment_scan(image: Volume, semantic_model: SemanticSegmenter, instance_model: Optional[InstanceSegmenter],
+                 naming: NamingOptions = NamingOptions(), *, measure: bool = True) -> ScanResult:
+    """Semantic phase, then (when an instance model is given) the stages of
+    :func:`segment_from_semantic`; measurements of what there is (``measure``)."""
     t0 = time.perf_counter()
     log.info("semantic phase (%s) on %s", semantic_model.name, image)
     semantic = semantic_model.segment(image)
@@ -124,10 +222,14 @@ def segment_scan(image: Volume, semantic_model: SemanticSegmenter,
         raise RuntimeError(f"semantic model {semantic_model.name} returned a mask off the input grid")
     t_sem = time.perf_counter() - t0
     prov = {"semantic_model": semantic_model.provenance()}
+    post: Optional[Postprocessed] = None
     if instance_model is None:
-        return ScanResult(semantic, None, {}, {}, {"semantic_total": t_sem}, [], prov)
-    log.info("instance phase (%s)", instance_model.name)
-    result = segment_from_semantic(semantic, instance_model)
-    result.timings = {"semantic_total": t_sem, **result.timings}
-    result.provenance = {**prov, **result.provenance}
+        result = ScanResult(semantic, None, {}, {}, {"semantic_total": t_sem}, [], prov)
+    else:
+        log.info("instance phase (%s)", instance_model.name)
+        result, post = _instances(semantic, instance_model, naming)
+        result.timings = {"semantic_total": t_sem, **result.timings}
+        result.provenance = {**prov, **result.provenance}
+    if measure:
+        _measure(result, None if post is None else post.centroids)
     return result

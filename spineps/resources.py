@@ -101,11 +101,11 @@ def estimate_scan(shape: Sequence[int], spacing: Sequence[float],
     for s in shape[:3]:
         n *= max(int(s), 1)
     vol_in = 1.0
-    for s in spacing[:3]:
-        vol_in *= abs(float(s))
+    for sp in spacing[:3]:
+        vol_in *= abs(float(sp))
     vol_model = 1.0
-    for s in model_spacing[:3]:
-        vol_model *= float(s)
+    for sp in model_spacing[:3]:
+        vol_model *= float(sp)
     n_model = max(n, int(n * vol_in / vol_model)) if vol_model > 0 else n
     memory = n * IMAGE_BYTES_PER_VOXEL + n_model * MODEL_BYTES_PER_VOXEL
     disk = n * OUTPUT_BYTES_PER_VOXEL + OUTPUT_FIXED_BYTES

@@ -9,7 +9,6 @@ outputs (``logs/<run id>_settings.json``) and referenced from the sidecars.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from dataclasses import asdict, dataclass, field, replace
@@ -18,14 +17,17 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from spineps.errors import NoInputError, UnknownAnalysisLevelError, UsageError
+from spineps.fsutil import is_within
 
-__all__ = ["Settings", "available_cpus", "make_run_id"]
+__all__ = ["Settings", "available_cpus", "make_run_id", "DEFAULT_MASK_PATTERN"]
 
 ANALYSIS_LEVELS = ("participant", "group")
 SEMANTIC_MODEL_ENV = "SPINEPS_SEMANTIC_MODEL"
 INSTANCE_MODEL_ENV = "SPINEPS_INSTANCE_MODEL"
 CONTAINER_TYPE_ENV = "SPINEPS_CONTAINER_TYPE"
 CONTAINER_TAG_ENV = "SPINEPS_CONTAINER_TAG"
+#: the semantic masks ``spineps instance`` reads by default (a previous run's outputs)
+DEFAULT_MASK_PATTERN = "sub-*/**/*_desc-spine_dseg.nii*"
 
 
 def available_cpus() -> int:
@@ -40,14 +42,6 @@ def make_run_id(analysis_level: str, now: Optional[datetime] = None, pid: Option
     """A name unique to this process and moment, e.g. ``participant_20261126T221500Z_pid4242``."""
     now = now or datetime.now(timezone.utc)
     return f"{analysis_level}_{now.strftime('%Y%m%dT%H%M%S')}{now.microsecond // 1000:03d}Z_pid{pid or os.getpid()}"
-
-
-def _is_within(path: Path, root: Path) -> bool:
-    try:
-        path.relative_to(root)
-        return True
-    except ValueError:
-        return False
 
 
 def _resolve(path: Path) -> Path:
@@ -95,87 +89,14 @@ class Settings:
         """Build from a namespace of :func:`spineps.cli.parser.build_parser` and the
         environment. Raises ``UnknownAnalysisLevelError`` (17), ``NoInputError`` (66) for a
         missing ``bids_dir`` and ``UsageError`` (64) for folders that break the rules."""
-        from spineps import __version__
-
         environ = os.environ if environ is None else environ
         level = str(ns.analysis_level)
         if level not in ANALYSIS_LEVELS:
             raise UnknownAnalysisLevelError(
                 f"unknown analysis level {level!r}; choose one of {', '.join(ANALYSIS_LEVELS)}")
-
-        bids_dir = _resolve(ns.bids_dir)
-        output_dir = _resolve(ns.output_dir)
-        # the group level reads only participant outputs: the raw dataset may be gone
-        if level == "participant" and not bids_dir.is_dir():
-            raise NoInputError("the BIDS dataset folder does not exist", bids_dir)
-        if level == "group" and not output_dir.is_dir():
-            raise NoInputError("the output folder does not exist: run the participant level first", output_dir)
-        if _is_within(output_dir, bids_dir) and not _is_within(output_dir, bids_dir / "derivatives"):
-            raise UsageError(
-                f"output_dir {output_dir} is {'the same as' if output_dir == bids_dir else 'inside'} bids_dir "
-                f"{bids_dir}; choose a folder outside it, or under {bids_dir / 'derivatives'}")
-        if output_dir == bids_dir / "derivatives":
-            raise UsageError(f"output_dir must be a folder under {output_dir}, not that folder itself")
-
-        work_dir = _resolve(ns.work_dir) if getattr(ns, "work_dir", None) else None
-        if work_dir is not None and _is_within(work_dir, bids_dir):
-            raise UsageError(f"work dir {work_dir} lies inside bids_dir {bids_dir}; the input dataset is never "
-                             "written to: choose a folder outside it")
-
-        filt = getattr(ns, "bids_filter_file", None)
-        filter_file = _resolve(filt) if filt else None
-        if filter_file is not None and not filter_file.is_file():
-            raise UsageError(f"--bids-filter-file {filter_file} does not exist")
-
-        nprocs = int(ns.nprocs) if getattr(ns, "nprocs", None) else available_cpus()
-        omp = int(ns.omp_nthreads) if getattr(ns, "omp_nthreads", None) else nprocs
-
-        def model(flag: Optional[Path], env_name: str) -> tuple[Optional[Path], str]:
-            if flag:
-                return _resolve(flag), "flag"
-            value = environ.get(env_name, "").strip()
-            if value:
-                return _resolve(Path(value)), "env"
-            return None, "bundled"
-
-        sem, sem_src = model(getattr(ns, "semantic_model", None), SEMANTIC_MODEL_ENV)
-        ins, ins_src = model(getattr(ns, "instance_model", None), INSTANCE_MODEL_ENV)
-
-        precision = str(getattr(ns, "precision", None) or "auto")
-        engine = str(getattr(ns, "engine", None) or "auto")
-        _check_engine(engine, precision, str(getattr(ns, "device", "auto") or "auto"))
-
-        def dedup(labels: Optional[list[str]]) -> tuple[str, ...]:
-            return tuple(dict.fromkeys(labels or ()))
-
-        return cls(
-            bids_dir=bids_dir,
-            output_dir=output_dir,
-            analysis_level=level,
-            participant_labels=dedup(getattr(ns, "participant_label", None)),
-            session_labels=dedup(getattr(ns, "session_label", None)),
-            bids_filter_file=filter_file,
-            skip_bids_validation=bool(getattr(ns, "skip_bids_validation", False)),
-            work_dir=work_dir,
-            nprocs=nprocs,
-            omp_nthreads=omp,
-            device=str(getattr(ns, "device", "auto") or "auto"),
-            semantic_model=sem,
-            instance_model=ins,
-            semantic_model_source=sem_src,
-            instance_model_source=ins_src,
-            overwrite=bool(getattr(ns, "overwrite", False)),
-            n4=not bool(getattr(ns, "no_n4", False)),
-            precision=precision,
-            engine=engine,
-            level_rule=str(getattr(ns, "level_rule", None) or "auto"),
-            top_vertebra=getattr(ns, "top_vertebra", None) or None,
-            verbosity=int(getattr(ns, "verbose", 0) or 0),
-            run_id=make_run_id(level),
-            version=__version__,
-            container_type=environ.get(CONTAINER_TYPE_ENV) or None,
-            container_tag=environ.get(CONTAINER_TAG_ENV) or None,
-        )
+        bids_dir, output_dir = _resolve(ns.bids_dir), _resolve(ns.output_dir)
+        _check_dataset_folders(level, bids_dir, output_dir)
+        return cls._build(bids_dir, output_dir, level, _options(ns), environ)
 
     @classmethod
     def from_instance_args(cls, ns: Any, environ: Optional[Mapping[str, str]] = None) -> "Settings":
@@ -183,26 +104,53 @@ class Settings:
         semantic masks. Raises ``NoInputError`` (66) for a missing ``MASKS_DIR`` and
         ``UsageError`` (64) when ``OUTPUT_DIR`` is that folder or lies inside it (the outputs
         would overwrite or be taken for input masks)."""
-        from spineps.bids.masks import DEFAULT_MASK_PATTERN
-
         environ = os.environ if environ is None else environ
-        masks_dir = _resolve(ns.masks_dir)
-        output_dir = _resolve(ns.output_dir)
+        masks_dir, output_dir = _resolve(ns.masks_dir), _resolve(ns.output_dir)
         if not masks_dir.is_dir():
             raise NoInputError("the folder of semantic masks does not exist", masks_dir)
-        if _is_within(output_dir, masks_dir):
+        if is_within(output_dir, masks_dir):
             raise UsageError(f"output_dir {output_dir} is {'the same as' if output_dir == masks_dir else 'inside'} "
                              f"the masks folder {masks_dir}: its outputs would replace or be read as input masks; "
                              "choose a folder outside it")
-        ns = argparse.Namespace(**{**vars(ns), "bids_dir": masks_dir, "output_dir": output_dir,
-                                   "analysis_level": "participant", "skip_bids_validation": True,
-                                   "bids_filter_file": None, "semantic_model": None, "no_n4": True})
-        base = cls.from_args(ns, environ={k: v for k, v in environ.items() if k != SEMANTIC_MODEL_ENV})
-        pattern = str(getattr(ns, "pattern", None) or DEFAULT_MASK_PATTERN)
+        # no image: no BIDS validation, no filter file, no semantic model, no N4
+        opts = {**_options(ns), "skip_bids_validation": True, "bids_filter_file": None, "semantic_model": None,
+                "no_n4": True}
+        base = cls._build(masks_dir, output_dir, "participant", opts,
+                          {k: v for k, v in environ.items() if k != SEMANTIC_MODEL_ENV})
+        pattern = str(opts["pattern"] or DEFAULT_MASK_PATTERN)
         if Path(pattern).is_absolute() or ".." in Path(pattern).parts:
             raise UsageError(f"--pattern {pattern!r} must be relative to the masks folder, without '..'")
         return replace(base, input_kind="semantic-mask", mask_pattern=pattern, semantic_model_source="none",
                        n4=False)
+
+    @classmethod
+    def _build(cls, bids_dir: Path, output_dir: Path, level: str, opts: Mapping[str, Any],
+               environ: Mapping[str, str]) -> "Settings":
+        """The settings of checked folders and the options read from a namespace (``_options``)."""
+        from spineps import __version__
+
+        work_dir = _work_dir(opts["work_dir"], bids_dir)
+        filter_file = _filter_file(opts["bids_filter_file"])
+        nprocs = int(opts["nprocs"]) if opts["nprocs"] else available_cpus()
+        sem, sem_src = _model_folder(opts["semantic_model"], environ.get(SEMANTIC_MODEL_ENV, ""))
+        ins, ins_src = _model_folder(opts["instance_model"], environ.get(INSTANCE_MODEL_ENV, ""))
+        device = str(opts["device"] or "auto")
+        precision = str(opts["precision"] or "auto")
+        engine = str(opts["engine"] or "auto")
+        _check_engine(engine, precision, device)
+        return cls(
+            bids_dir=bids_dir, output_dir=output_dir, analysis_level=level,
+            participant_labels=_dedup(opts["participant_label"]), session_labels=_dedup(opts["session_label"]),
+            bids_filter_file=filter_file, skip_bids_validation=bool(opts["skip_bids_validation"]), work_dir=work_dir,
+            nprocs=nprocs, omp_nthreads=int(opts["omp_nthreads"]) if opts["omp_nthreads"] else nprocs,
+            device=device, semantic_model=sem, instance_model=ins, semantic_model_source=sem_src,
+            instance_model_source=ins_src, overwrite=bool(opts["overwrite"]), n4=not bool(opts["no_n4"]),
+            precision=precision, engine=engine, level_rule=str(opts["level_rule"] or "auto"),
+            top_vertebra=opts["top_vertebra"] or None, verbosity=int(opts["verbose"] or 0),
+            run_id=make_run_id(level), version=__version__,
+            container_type=environ.get(CONTAINER_TYPE_ENV) or None,
+            container_tag=environ.get(CONTAINER_TAG_ENV) or None,
+        )
 
     # ---------------------------------------------------------------- derived paths
     @property
@@ -254,6 +202,66 @@ class Settings:
         if self.top_vertebra:
             out["top_vertebra"] = self.top_vertebra
         return out
+
+
+#: the options a command-line namespace may carry, with the value of an option it lacks (the
+#: ``instance`` subcommand has no BIDS options, the BIDS-App no ``--pattern``)
+_OPTIONS: dict[str, Any] = {
+    "participant_label": None, "session_label": None, "bids_filter_file": None, "skip_bids_validation": False,
+    "work_dir": None, "nprocs": None, "omp_nthreads": None, "device": "auto", "semantic_model": None,
+    "instance_model": None, "overwrite": False, "no_n4": False, "precision": None, "engine": None,
+    "level_rule": None, "top_vertebra": None, "verbose": 0, "pattern": None,
+}
+
+
+def _options(ns: Any) -> dict[str, Any]:
+    """Every option of ``_OPTIONS`` read from a parsed namespace (the default where it has none)."""
+    return {name: getattr(ns, name, default) for name, default in _OPTIONS.items()}
+
+
+def _check_dataset_folders(level: str, bids_dir: Path, output_dir: Path) -> None:
+    """The folder rules of the BIDS-Apps contract: the input exists (participant level; the
+    group level reads only participant outputs, the raw dataset may be gone), the outputs
+    never go into it (except under ``bids_dir/derivatives/<name>/``)."""
+    if level == "participant" and not bids_dir.is_dir():
+        raise NoInputError("the BIDS dataset folder does not exist", bids_dir)
+    if level == "group" and not output_dir.is_dir():
+        raise NoInputError("the output folder does not exist: run the participant level first", output_dir)
+    if is_within(output_dir, bids_dir) and not is_within(output_dir, bids_dir / "derivatives"):
+        raise UsageError(
+            f"output_dir {output_dir} is {'the same as' if output_dir == bids_dir else 'inside'} bids_dir "
+            f"{bids_dir}; choose a folder outside it, or under {bids_dir / 'derivatives'}")
+    if output_dir == bids_dir / "derivatives":
+        raise UsageError(f"output_dir must be a folder under {output_dir}, not that folder itself")
+
+
+def _work_dir(given: Any, bids_dir: Path) -> Optional[Path]:
+    work_dir = _resolve(given) if given else None
+    if work_dir is not None and is_within(work_dir, bids_dir):
+        raise UsageError(f"work dir {work_dir} lies inside bids_dir {bids_dir}; the input dataset is never "
+                         "written to: choose a folder outside it")
+    return work_dir
+
+
+def _filter_file(given: Any) -> Optional[Path]:
+    filter_file = _resolve(given) if given else None
+    if filter_file is not None and not filter_file.is_file():
+        raise UsageError(f"--bids-filter-file {filter_file} does not exist")
+    return filter_file
+
+
+def _model_folder(flag: Optional[Path], env_value: str) -> tuple[Optional[Path], str]:
+    """A model folder and where it came from: the flag, else the environment variable, else
+    ``(None, "bundled")`` (``spineps.models.registry`` adds the bundled folder)."""
+    if flag:
+        return _resolve(flag), "flag"
+    if env_value.strip():
+        return _resolve(Path(env_value.strip())), "env"
+    return None, "bundled"
+
+
+def _dedup(labels: Optional[list[str]]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(labels or ()))
 
 
 def _check_engine(engine: str, precision: str, device: str) -> None:

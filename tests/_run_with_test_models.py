@@ -17,23 +17,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from spineps.bids import derivatives  # noqa: E402
-from spineps.cli.main import main  # noqa: E402
-from spineps.models import registry  # noqa: E402
-from tests.segmenters import make_test_segmenters  # noqa: E402
+from spineps.bids import derivatives
+from spineps.cli.main import main
+from spineps import loading
+from tests.segmenters import make_test_segmenters
 
 
-def _load(settings):  # type: ignore[no-untyped-def]
+def _load(settings):
     return make_test_segmenters(settings, delay_s=float(os.environ.get("SPINEPS_TEST_DELAY", "0")))
 
 
 def _install() -> None:
-    registry.load_segmenters = _load
+    loading.load_segmenters = _load
     delay = float(os.environ.get("SPINEPS_TEST_SIDECAR_DELAY", "0"))
     if delay > 0:
         write = derivatives.write_sidecar
 
-        def slow_write(path, data):  # type: ignore[no-untyped-def]
+        def slow_write(path, data):
             time.sleep(delay)
             return write(path, data)
 

@@ -20,7 +20,7 @@ from spineps.geometry.volume import Volume
 try:
     from tests.measure_phantoms import make_column
 except ImportError:  # run from tests/ directly
-    from measure_phantoms import make_column  # type: ignore[no-redef]
+    from measure_phantoms import make_column
 
 __all__ = ["Template", "make_templates", "write_scan", "make_cohort"]
 
@@ -35,9 +35,10 @@ class Template:
 
 def make_templates(n: int = 6, *, spacing=(1.2, 1.2, 3.0), defects: bool = True) -> list[Template]:
     """``n`` normal variants (sizes drawn with a fixed seed, spread like adult cohorts: body and
-    disc heights about 6-10 %, canal about 10 %, so measurement noise stays below the cohort spread) plus, with ``defects``, one
-    with a missing vertebra (a gap), one with a collapsed (short) body and one with a
-    disc left out of the instance mask (semantic/instance disagreement)."""
+    disc heights about 6-10 %, canal about 10 %, so measurement noise stays below the cohort
+    spread) plus, with ``defects``, one with a missing vertebra (a gap), one with a collapsed
+    (short) body and one with a disc left out of the instance mask (semantic/instance
+    disagreement)."""
     rng = np.random.default_rng(7)
     out = []
     levels = (19, 20, 21, 22, 23)
@@ -47,8 +48,9 @@ def make_templates(n: int = 6, *, spacing=(1.2, 1.2, 3.0), defects: bool = True)
                          spine_tilt_deg=float(rng.uniform(5, 20)), grid_oblique_deg=float(rng.uniform(0, 12)),
                          canal_axes=(float(rng.normal(10, 1.0)), float(rng.normal(7, 0.8))),
                          cord_radius=float(rng.normal(4.0, 0.4)))
-        out.append(Template(ph.semantic, ph.instance, {"rule": "sacrum", "confidence": round(min(0.99, 0.8 + 0.02 * i), 2),
-                                                       "levels": ["T12", "L1", "L2", "L3", "L4"]}))
+        naming = {"rule": "sacrum", "confidence": round(min(0.99, 0.8 + 0.02 * i), 2),
+                  "levels": ["T12", "L1", "L2", "L3", "L4"]}
+        out.append(Template(ph.semantic, ph.instance, naming))
     if defects:
         ph = make_column(levels=levels, spacing=spacing)
         inst = np.asarray(ph.instance.data).copy()

@@ -43,7 +43,7 @@ def make_column(*, levels=(20, 21, 22, 23), spacing=(0.7, 0.7, 2.5), spine_tilt_
     and the spine axis tilted by ``spine_tilt_deg`` (about R, then a third of it about A)."""
     # local frame of the spine: x right, y anterior, z superior
     R_sp = rotation((0, 1, 0), spine_tilt_deg / 3) @ rotation((1, 0, 0), spine_tilt_deg)
-    ex, ey, ez = R_sp[:, 0], R_sp[:, 1], R_sp[:, 2]
+    ez = R_sp[:, 2]
     step = 0.5 * (body_h_post + body_h_ant) + disc_h  # centre to centre along the axis
     n = len(levels)
     zs = [(n - 1 - i) * step for i in range(n)]  # top first
@@ -109,7 +109,8 @@ def make_column(*, levels=(20, 21, 22, 23), spacing=(0.7, 0.7, 2.5), spine_tilt_
         disc = (r <= 1.0) & (np.abs(z - zmid) <= disc_h / 2) & (sem == 0)
         sem[disc] = DISC
         ins[disc] = 100 + v
-        truth["disc"][v] = {"height_middle_mm": disc_h, "volume_mm3": math.pi * disc_radius[0] * disc_radius[1] * disc_h}
+        truth["disc"][v] = {"height_middle_mm": disc_h,
+                            "volume_mm3": math.pi * disc_radius[0] * disc_radius[1] * disc_h}
     # canal with the cord
     canal = ((x / canal_axes[0]) ** 2 + ((y - canal_y) / canal_axes[1]) ** 2 <= 1.0) & \
             (z <= zs[0] + step * 0.9) & (z >= zs[-1] - step * 0.9)

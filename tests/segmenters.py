@@ -6,9 +6,10 @@ default: tests plug them in by monkeypatching ``spineps.models.registry.load_seg
 - :class:`BandSemanticSegmenter`: voxels brighter than a percentile form the "spine"; it is
   cut into bands along the world S-I axis, alternately vertebral body (49) and disc (100),
   and its most posterior quarter is spinal canal (61).
-- :class:`ComponentInstanceSegmenter`: connected components of the body voxels become
-  vertebrae, numbered bottom-up from L5 (24, 23, ...); each disc component gets 100 + the
-  value of the vertebra just above it.
+- :class:`ComponentInstanceSegmenter`: connected components of the body voxels become the
+  anonymous vertebrae 1..N, numbered top to bottom (at most 24). Everything after the
+  instance phase -- consistency, discs and endplates, level names, measurements -- is the
+  real code of ``spineps.pipeline``.
 """
 
 from __future__ import annotations
@@ -22,10 +23,14 @@ import cc3d
 import numpy as np
 
 from spineps.geometry.volume import Volume
-from spineps.labels import BODY, CANAL, DISC, vertebra_name
-from spineps.pipeline import InstanceOutput
+from spineps.labels import BODY, CANAL, DISC
+from spineps.models.protocols import VertebraPrediction
 
 __all__ = ["BandSemanticSegmenter", "ComponentInstanceSegmenter", "make_test_segmenters"]
+
+
+def _checksum(text: str) -> str:
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
 def _axis_towards(affine: np.ndarray, world_axis: int) -> int:
@@ -70,7 +75,7 @@ class BandSemanticSegmenter:
 
     def provenance(self) -> dict[str, Any]:
         params = f"{self.name}:{self.percentile}:{self.n_bands}"
-        return {"name": self.name, "version": "test", "checksum": "sha256:" + hashlib.sha256(params.encode()).hexdigest(),
+        return {"name": self.name, "version": "test", "checksum": _checksum(params),
                 "note": "test-only segmenter from tests/segmenters.py"}
 
 
@@ -78,49 +83,27 @@ class BandSemanticSegmenter:
 class ComponentInstanceSegmenter:
     name: str = "test-components"
 
-    def segment(self, semantic: Volume) -> InstanceOutput:
+    def segment(self, semantic: Volume) -> VertebraPrediction:
         t0 = time.perf_counter()
         sem = np.asarray(semantic.data)
         z_ax = _axis_towards(semantic.affine, 2)
         sign = np.sign(semantic.affine[2, z_ax])
+        lab = cc3d.connected_components((sem == BODY).astype(np.uint8), connectivity=6)
+        n = int(lab.max())
         inst = np.zeros(sem.shape, dtype=np.uint16)
-
-        def components(mask: np.ndarray) -> tuple[np.ndarray, list[tuple[int, float]]]:
-            lab = cc3d.connected_components(mask.astype(np.uint8), connectivity=6)
-            n = int(lab.max())
-            if n == 0:
-                return lab, []
+        if n:
             idx = np.indices(sem.shape)[z_ax]
             sums = np.bincount(lab.ravel(), weights=idx.ravel(), minlength=n + 1)
             counts = np.bincount(lab.ravel(), minlength=n + 1)
-            # world height (larger = more superior) of each component's centre
-            return lab, [(i, float(sign * sums[i] / counts[i])) for i in range(1, n + 1)]
-
-        body_lab, bodies = components(sem == BODY)
-        bodies.sort(key=lambda t: t[1])  # bottom first
-        bodies = bodies[:24]
-        heights: list[tuple[float, int]] = []
-        for k, (comp, h) in enumerate(bodies):
-            value = 24 - k  # L5, L4, ... upwards
-            inst[body_lab == comp] = value
-            heights.append((h, value))
-        disc_lab, discs = components(sem == DISC)
-        for comp, h in discs:
-            above = [(bh, v) for bh, v in heights if bh > h]
-            if above:
-                _, v = min(above)  # the lowest vertebra above the disc
-                inst[disc_lab == comp] = 100 + v
-        levels = [vertebra_name(v) for _, v in sorted(heights, reverse=True)]
-        return InstanceOutput(
-            semantic=semantic,
-            instance=semantic.with_data(inst),
-            naming={"rule": "test-bottom-up-from-L5", "levels": levels},
-            timings={"test_instance": time.perf_counter() - t0},
-            warnings=[],
-        )
+            # world height (larger = more superior) of each component's centre; the top one is 1
+            height = [(float(sign * sums[i] / counts[i]), i) for i in range(1, n + 1)]
+            for k, (_h, comp) in enumerate(sorted(height, reverse=True)[:24], start=1):
+                inst[lab == comp] = k
+        return VertebraPrediction(vertebrae=semantic.with_data(inst),
+                                  timings={"test_instance": time.perf_counter() - t0})
 
     def provenance(self) -> dict[str, Any]:
-        return {"name": self.name, "version": "test", "checksum": "sha256:" + hashlib.sha256(self.name.encode()).hexdigest(),
+        return {"name": self.name, "version": "test", "checksum": _checksum(self.name),
                 "note": "test-only segmenter from tests/segmenters.py"}
 
 

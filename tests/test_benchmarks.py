@@ -18,7 +18,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load_module(name: str, path: Path):  # type: ignore[no-untyped-def]
+def _load_module(name: str, path: Path):
     spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
@@ -209,7 +209,7 @@ def test_worker_environment_does_not_cap_nnunet_threads(monkeypatch: pytest.Monk
     """nnU-Net runs its sliding window with at most ``nnUNet_def_n_proc`` threads: the
     benchmark workers must not inherit a small value (it made our forward passes 1.5x slower)."""
     monkeypatch.setenv("nnUNet_def_n_proc", "1")
-    env = rb._worker_env(2)
+    env = rb.worker_env(2)
     assert "nnUNet_def_n_proc" not in env and "nnUNet_n_proc_DA" not in env
     assert env["OMP_NUM_THREADS"] == "2"
 
@@ -233,3 +233,22 @@ def test_semantic_segmenter_warns_when_nnunet_caps_its_threads(monkeypatch: pyte
         assert "nnUNet_def_n_proc" not in caplog.text
     finally:
         torch.set_num_threads(threads)
+
+
+def test_truth_dice_compares_split_endplates_with_the_truth_endplates(tmp_path: Path) -> None:
+    """The phantom truth has one endplate class (62); the outputs split it into 52 / 53."""
+    import nibabel as nib
+
+    truth = np.zeros((6, 6, 4), np.uint8)
+    truth[0:2] = 49
+    truth[2] = 62
+    truth[3] = 100
+    mask = truth.copy()
+    mask[2, :3] = 52
+    mask[2, 3:] = 53
+    paths = []
+    for name, data in (("mask", mask), ("truth", truth)):
+        paths.append(str(tmp_path / f"{name}.nii.gz"))
+        nib.save(nib.Nifti1Image(data, np.eye(4)), paths[-1])
+    got = rb.truth_dice(*paths)
+    assert got["dice"] == {49: 1.0, 62: 1.0, 100: 1.0} and got["mean"] == 1.0

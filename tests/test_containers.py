@@ -5,7 +5,6 @@ output, work and /tmp folders), and 8 participant processes into one output fold
 
 from __future__ import annotations
 
-import fnmatch
 import importlib.util
 import json
 import os
@@ -184,7 +183,7 @@ def test_lock_pins_every_runtime_dependency() -> None:
     assert cpu["torch"] == f"{repo_torch}+cpu"
 
 
-def _load_torch_pins():  # type: ignore[no-untyped-def]
+def _load_torch_pins():
     spec = importlib.util.spec_from_file_location("torch_pins", REPO / "containers" / "torch_pins.py")
     module = importlib.util.module_from_spec(spec)
     assert spec.loader is not None
@@ -231,10 +230,12 @@ def test_dockerignore_keeps_what_the_dockerfile_copies(dockerfile: str) -> None:
     for src in sources:
         path = REPO / src
         assert path.exists(), f"COPY source {src} does not exist"
-        files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+        files = [path] if path.is_file() else [p for p in path.rglob("*")
+                                               if p.is_file() and "__pycache__" not in p.parts]
         for f in files[:200]:
             rel = f.relative_to(REPO).as_posix()
-            assert not dockerignore_excludes(rel, patterns), f"{rel} is copied by the Dockerfile but .dockerignore drops it"
+            assert not dockerignore_excludes(rel, patterns), \
+                f"{rel} is copied by the Dockerfile but .dockerignore drops it"
     for rel in (".venv/bin/python", ".git/HEAD", "tests/test_cli.py", "spineps/__pycache__/x.cpython-311.pyc",
                 "notes/x.md", "work/x"):
         assert dockerignore_excludes(rel, patterns), f"{rel} would be sent in the build context"
@@ -264,7 +265,7 @@ def test_singularity_definition_runs_the_docker_image(dockerfile: str) -> None:
     header, sections = singularity_sections(SINGULARITY.read_text())
     assert header["Bootstrap"] in ("docker", "docker-daemon")
     image = re.search(r'IMAGE="\$\{IMAGE:-([^}]+)\}"', BUILD_SCRIPT.read_text()).group(1)
-    assert f'-t "$IMAGE:latest"' in BUILD_SCRIPT.read_text()
+    assert '-t "$IMAGE:latest"' in BUILD_SCRIPT.read_text()
     assert header["From"] == f"{image}:latest"
     assert {"runscript", "environment", "test", "labels"} <= set(sections)
     run = sections["runscript"]

@@ -19,6 +19,7 @@ from spineps.bids.derivatives import expected_outputs
 from spineps.bids.discovery import Scan
 from spineps.cli.main import main
 from spineps.fsutil import TEMP_PREFIX
+from spineps import loading
 from spineps.models import registry
 from tests.bids_factory import BidsFactory, standard_dataset
 from tests.segmenters import make_test_segmenters
@@ -48,7 +49,7 @@ def _tree(out: Path) -> tuple[list[str], list[str]]:
     return [f for f in files if not f.startswith("logs/")], [f for f in files if f.startswith("logs/")]
 
 
-def _validate(path: Path):  # type: ignore[no-untyped-def]
+def _validate(path: Path):
     from spineps.bids.validation import validate_dataset
 
     report = validate_dataset(path, derivative=True)
@@ -59,7 +60,7 @@ def _validate(path: Path):  # type: ignore[no-untyped-def]
 
 @pytest.fixture
 def test_models(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(registry, "load_segmenters", lambda settings: make_test_segmenters(settings))
+    monkeypatch.setattr(loading, "load_segmenters", lambda settings: make_test_segmenters(settings))
 
 
 def test_participant_then_group_exact_tree_and_valid(tmp_path: Path, test_models: None) -> None:

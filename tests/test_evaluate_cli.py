@@ -215,7 +215,8 @@ def test_parser_is_pure_and_names():
     q = argparse.ArgumentParser()
     q.add_argument("-v", action="count")
     cli.add_arguments(q)  # an existing -v is left alone
-    assert parse_mask_name("sub-01_ses-1_acq-sag_run-2_desc-spine_dseg.nii.gz") == ("sub-01_ses-1_acq-sag_run-2", "spine")
+    assert parse_mask_name("sub-01_ses-1_acq-sag_run-2_desc-spine_dseg.nii.gz") == ("sub-01_ses-1_acq-sag_run-2",
+                                                                                  "spine")
     assert parse_mask_name("sub-01_desc-vert_dseg.nii.gz") == ("sub-01", "vertebrae")
     assert parse_mask_name("sub-01_acq-sag_mod-T2w_seg-vert_msk.nii.gz") == ("sub-01_acq-sag", "vertebrae")
     assert parse_mask_name("sub-01_acq-sag_T2w.nii.gz") is None

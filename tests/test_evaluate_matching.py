@@ -133,7 +133,7 @@ def _bruteforce(ref: np.ndarray, pred: np.ndarray) -> tuple[int, int, int, float
     psets = {int(v): set(map(tuple, np.argwhere(pred == v))) for v in np.unique(pred) if v}
     ious = []
     used_p = set()
-    for r, rs in rsets.items():
+    for rs in rsets.values():
         for p, ps in psets.items():
             iou = len(rs & ps) / len(rs | ps)
             assert iou != 0.5

@@ -67,8 +67,10 @@ def test_comparison_pairs_by_scan_and_skips_undefined():
 
 
 def test_both_empty_in_both_is_dropped_but_one_sided_is_kept():
-    a = [MetricRow("A", "s1", "sacrum", "dice", 1.0, BOTH_EMPTY), MetricRow("A", "s2", "sacrum", "dice", 1.0, BOTH_EMPTY)]
-    b = [MetricRow("B", "s1", "sacrum", "dice", 1.0, BOTH_EMPTY), MetricRow("B", "s2", "sacrum", "dice", 0.0, "ref_empty")]
+    a = [MetricRow("A", "s1", "sacrum", "dice", 1.0, BOTH_EMPTY),
+         MetricRow("A", "s2", "sacrum", "dice", 1.0, BOTH_EMPTY)]
+    b = [MetricRow("B", "s1", "sacrum", "dice", 1.0, BOTH_EMPTY),
+         MetricRow("B", "s2", "sacrum", "dice", 0.0, "ref_empty")]
     c = compare_methods(a + b, "A", "B")[0]
     assert c.n_pairs == 1 and c.better == "A"
 

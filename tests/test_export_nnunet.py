@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 
 import numpy as np
@@ -63,7 +62,7 @@ def test_export_full_labels_passes_nnunet_checks(phantoms, tmp_path, monkeypatch
     back = np.zeros(256, np.uint8)
     for i, v in ds["spineps"]["index_to_value"].items():
         back[int(i)] = v
-    for pair, (sem, img) in zip(pairs, [*phantoms[:3], phantoms[3]]):
+    for pair, (sem, _img) in zip(pairs, [*phantoms[:3], phantoms[3]]):
         lab = load_volume(folder / "labelsTr" / f"{pair.name}.nii.gz", kind="label")
         im = load_volume(folder / "imagesTr" / f"{pair.name}_0000.nii.gz")
         ref, _ = to_orientation(sem, ("P", "I", "R"))

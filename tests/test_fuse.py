@@ -11,7 +11,7 @@ from spineps.errors import InputError, UsageError
 from spineps.geometry.io import load_volume, save_volume
 from spineps.geometry.volume import Volume
 from spineps.training.fuse import (LabelSource, cranio_caudal_axis, fill_endplate_gaps, fuse_sources,
-                                   parse_mapping, parse_source_spec, sha256_of, write_fusion)
+                                   parse_mapping, parse_source_spec, sha256_of)
 
 
 @pytest.fixture(scope="module")

@@ -71,7 +71,8 @@ def test_group_tables(cohort) -> None:
     gap = [r for r in rows if "gap" in r["qc_flags"]]
     assert gap and all("L2 missing" in r["qc_gaps"] for r in gap)
     assert any("missing_disc" in r["qc_flags"] and "inconsistent" in r["qc_flags"] for r in rows)
-    collapsed = [r for r in rows if r["L3_body_height_middle_mm"] != "n/a" and float(r["L3_body_height_middle_mm"]) < 18]
+    collapsed = [r for r in rows
+                 if r["L3_body_height_middle_mm"] != "n/a" and float(r["L3_body_height_middle_mm"]) < 18]
     assert collapsed and all("outlier" in r["qc_flags"] and "L3 body" in r["outliers"] for r in collapsed)
     clean = [r for r in rows if r["qc_flags"] == "none"]
     assert clean and by[clean[0]["bids_name"]]["n_outliers"] == "0"

@@ -13,7 +13,7 @@ from spineps.bids.derivatives import expected_outputs
 from spineps.bids.discovery import Scan
 from spineps.cli.main import main
 from spineps.fsutil import TEMP_PREFIX
-from spineps.models import registry
+from spineps import loading
 from tests.hostile_corpus import CASES, GOOD_SCAN, TABLE_BEGIN, TABLE_END, HostileCase, build_dataset, render_table
 from tests.segmenters import make_test_segmenters
 
@@ -22,7 +22,7 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "hostile-inputs.md"
 
 @pytest.fixture
 def test_models(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(registry, "load_segmenters", lambda settings: make_test_segmenters(settings))
+    monkeypatch.setattr(loading, "load_segmenters", lambda settings: make_test_segmenters(settings))
 
 
 def _logs(out: Path) -> str:

@@ -13,11 +13,11 @@ from typing import Callable
 
 import pytest
 
-torch = pytest.importorskip("torch")
+from spineps.cli.main import main
+from spineps.models import registry
+from tests.bids_factory import BidsFactory
 
-from spineps.cli.main import main  # noqa: E402
-from spineps.models import registry  # noqa: E402
-from tests.bids_factory import BidsFactory  # noqa: E402
+torch = pytest.importorskip("torch")
 
 
 @pytest.fixture(scope="module")

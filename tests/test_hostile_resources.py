@@ -17,7 +17,7 @@ from spineps.bids.discovery import Scan
 from spineps.cli.main import main
 from spineps.errors import InputError, ResourceError
 from spineps.geometry.io import read_header
-from spineps.models import registry
+from spineps import loading
 from spineps.resources import (DISK_LIMIT_ENV, MEMORY_LIMIT_ENV, available_memory_bytes, check_scan_resources,
                                estimate_scan, free_disk_bytes)
 from tests.bids_factory import BidsFactory, phantom_data, write_nifti
@@ -28,7 +28,7 @@ MB = 1024 * 1024
 
 @pytest.fixture
 def test_models(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(registry, "load_segmenters", lambda settings: make_test_segmenters(settings))
+    monkeypatch.setattr(loading, "load_segmenters", lambda settings: make_test_segmenters(settings))
 
 
 def test_estimate_scales_with_voxels_and_model_resolution() -> None:
@@ -98,7 +98,8 @@ def test_check_scan_resources_messages(tmp_path: Path) -> None:
         check_scan_resources(header, tmp_path, environ={MEMORY_LIMIT_ENV: "1"})
     msg = str(info.value)
     assert info.value.exit_code == 75 and info.value.path == path and "\n" not in msg
-    assert "not enough memory" in msg and "15360 voxels" in msg and MEMORY_LIMIT_ENV in msg and "1.0 MB available" in msg
+    assert "not enough memory" in msg and "15360 voxels" in msg
+    assert MEMORY_LIMIT_ENV in msg and "1.0 MB available" in msg
     with pytest.raises(ResourceError, match=f"not enough disk space.*{DISK_LIMIT_ENV}"):
         check_scan_resources(header, tmp_path, environ={DISK_LIMIT_ENV: "0.1"})
 

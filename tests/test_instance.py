@@ -69,7 +69,7 @@ def perfect_predictions(inst: np.ndarray, centres, order, cutout_size):
     its centre (``order`` lists the instance ids top to bottom; centre k is order[k])."""
     boxes = cutout_boxes(centres, cutout_size, inst.shape)
     preds = []
-    for k, box in enumerate(boxes):
+    for box in boxes:
         lut = np.zeros(256, np.uint8)
         centre_id = int(inst[box.centre])
         j = order.index(centre_id)
@@ -84,7 +84,7 @@ def perfect_predictions(inst: np.ndarray, centres, order, cutout_size):
 
 def body_centre_of(inst: np.ndarray, sem: np.ndarray, v: int) -> tuple[int, int, int]:
     pts = np.argwhere((inst == v) & (sem == 49))
-    return tuple(int(x) for x in np.round(pts.mean(axis=0)))  # type: ignore[return-value]
+    return tuple(int(x) for x in np.round(pts.mean(axis=0)))
 
 
 def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
@@ -502,26 +502,31 @@ def test_segmenter_predicts_on_the_input_grid(tmp_path):
     assert vol.axcodes == ("P", "I", "R")
     # present it in RAS order: the result must come back on exactly that grid
     ras, _ = to_orientation(vol, ("R", "A", "S"))
-    out = seg.predict_vertebrae(ras)
+    pred = seg.segment(ras)
+    out = pred.vertebrae
     assert out.same_grid(ras) and out.data.dtype == np.uint16
     assert not out.data[~np.isin(ras.data, np.arange(41, 50))].any()
+    assert {"instance_forward", "instance_merge", "instance_network_total"} <= set(pred.timings)
     prov = seg.provenance()
-    assert prov["network"] == {"dim": 8, "in_channels": 10} and len(prov["sha256"]) == 64
+    assert prov["network"] == {"dim": 8, "in_channels": 10} and prov["checksum"].startswith("sha256:")
+    assert len(prov["checksum"]) == len("sha256:") + 64
     assert prov["device"] == "cpu" and prov["half_precision"] is False
 
 
-def test_segment_chains_postprocessing_and_naming(tmp_path):
-    """The whole chain runs on the input grid (untrained weights: structure, not accuracy)."""
+def test_pipeline_chains_postprocessing_and_naming(tmp_path):
+    """The instance phase, then the pipeline's post-processing, naming and measurements, on
+    the input grid (untrained weights: structure, not accuracy)."""
     from spineps.instance.segmenter import UNetInstanceSegmenter
-    from spineps.pipeline import InstanceOutput
+    from spineps.pipeline import segment_from_semantic
 
     seg = UNetInstanceSegmenter.from_folder(_folder(tmp_path), device="cpu", nprocs=1)
     vol = _toy_volume()
-    out = seg.segment(vol)
-    assert isinstance(out, InstanceOutput)
-    assert out.instance.same_grid(vol) and out.semantic.same_grid(vol)
+    out = segment_from_semantic(vol, seg)
+    assert out.instance is not None and out.instance.same_grid(vol) and out.semantic.same_grid(vol)
     assert "rule" in out.naming and "levels" in out.naming
-    assert {"instance_forward", "instance_merge", "instance_postprocess", "instance_naming"} <= set(out.timings)
+    assert {"instance_forward", "instance_merge", "instance_postprocess", "instance_naming", "measure"} <= set(
+        out.timings)
+    assert out.measurements is not None and out.measure_error is None
 
 
 def test_merge_drops_an_unconfirmed_fragment_but_keeps_a_real_single():

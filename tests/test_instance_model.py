@@ -54,7 +54,7 @@ def test_bundled_model_finds_every_vertebra_once(segmenter, case):
     from spineps.training.instance import evaluate_instances
 
     ph, sem, inst = _phantom(HELD_OUT[case])
-    pred = segmenter.predict_vertebrae(sem)
+    pred = segmenter.segment(sem).vertebrae
     assert pred.same_grid(sem)
     parts = np.isin(sem.data, np.arange(41, 50))
     ref = np.where(parts & (inst.data >= 1) & (inst.data <= 28) & (inst.data != 26), inst.data, 0)

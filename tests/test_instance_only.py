@@ -127,7 +127,7 @@ def test_rerun_skips_complete_masks(instance_run: tuple[Path, Path, int], caplog
 # ---------------------------------------------------------------------------------------
 # bad masks: named, skipped, the others finished, exit 1
 
-def _save(path: Path, data: np.ndarray, like: Path, dtype=np.uint8) -> None:  # type: ignore[no-untyped-def]
+def _save(path: Path, data: np.ndarray, like: Path, dtype=np.uint8) -> None:
     img = nib.load(str(like))
     path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(nib.Nifti1Image(data.astype(dtype), img.affine), str(path))

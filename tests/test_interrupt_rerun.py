@@ -29,7 +29,7 @@ import pytest
 
 from spineps.cli.main import main
 from spineps.fsutil import TEMP_PREFIX
-from spineps.models import registry
+from spineps import loading
 from tests.bids_factory import BidsFactory
 from tests.segmenters import make_test_segmenters
 
@@ -43,7 +43,7 @@ VOLATILE = {"Timings", "RunId", "SettingsFile"}
 
 @pytest.fixture
 def test_models(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(registry, "load_segmenters", lambda settings: make_test_segmenters(settings))
+    monkeypatch.setattr(loading, "load_segmenters", lambda settings: make_test_segmenters(settings))
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -119,7 +119,7 @@ class ForkedRun:
 
                 runner._install()
                 rc = int(runner.main(argv))
-            except BaseException:  # noqa: BLE001 - report through the exit code only
+            except BaseException:  # report through the exit code only
                 rc = 71
             finally:
                 os._exit(rc)

@@ -20,6 +20,7 @@ from spineps.cli.main import main
 from spineps.cli.parser import build_parser
 from spineps.errors import ModelError
 from spineps.fsutil import TEMP_PREFIX
+from spineps import loading
 from spineps.models import registry
 from spineps.settings import Settings
 from tests.bids_factory import BidsFactory, phantom_data
@@ -37,7 +38,7 @@ def ds(tmp_path: Path) -> BidsFactory:
 
 @pytest.fixture
 def test_models(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(registry, "load_segmenters", lambda settings: make_test_segmenters(settings))
+    monkeypatch.setattr(loading, "load_segmenters", lambda settings: make_test_segmenters(settings))
 
 
 def _run(ds: BidsFactory, out: Path, *extra: str) -> int:
@@ -134,7 +135,7 @@ def test_corrupt_scan_fails_alone(ds: BidsFactory, tmp_path: Path, test_models: 
 
 
 class _Exploding(BandSemanticSegmenter):
-    def segment(self, image):  # type: ignore[no-untyped-def]
+    def segment(self, image):
         if image.data.shape == (24, 40, 9):
             raise RuntimeError("boom")
         return super().segment(image)
@@ -143,7 +144,7 @@ class _Exploding(BandSemanticSegmenter):
 def test_unexpected_error_in_one_scan(ds: BidsFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                       capsys: pytest.CaptureFixture[str]) -> None:
     ds.add("05", acq="sag", shape=(24, 40, 9))
-    monkeypatch.setattr(registry, "load_segmenters", lambda s: (_Exploding(), ComponentInstanceSegmenter()))
+    monkeypatch.setattr(loading, "load_segmenters", lambda s: (_Exploding(), ComponentInstanceSegmenter()))
     out = tmp_path / "out"
     assert _run(ds, out) == 1
     err = capsys.readouterr().err
@@ -155,7 +156,7 @@ def test_unexpected_error_in_one_scan(ds: BidsFactory, tmp_path: Path, monkeypat
 
 def test_semantic_only_without_instance_model(ds: BidsFactory, tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(registry, "load_segmenters", lambda s: make_test_segmenters(s, with_instance=False))
+    monkeypatch.setattr(loading, "load_segmenters", lambda s: make_test_segmenters(s, with_instance=False))
     out = tmp_path / "out"
     assert _run(ds, out) == 0
     names = sorted(p.name for p in _outputs(out))
@@ -182,7 +183,8 @@ def test_sidecars_and_centroids(ds: BidsFactory, tmp_path: Path, test_models: No
     assert inst["Models"]["instance"]["Name"] == "test-components"
     assert sem["Parameters"]["n4"] is False and sem["Parameters"]["SettingsFile"].startswith("logs/")
     assert {"load", "semantic_total", "write"} <= set(sem["Timings"])
-    assert inst["LevelNaming"]["rule"] == "test-bottom-up-from-L5"
+    # named by the real level naming on the fake instances (the fake numbers them 1..N only)
+    assert inst["LevelNaming"]["rule"] and inst["LevelNaming"]["levels"]
     cent = json.loads((anat / "sub-03_ses-a_acq-sag_desc-vertebrae_centroids.json").read_text())
     assert list(cent["Vertebrae"]) == inst["LevelNaming"]["levels"]
     import nibabel as nib
@@ -191,7 +193,7 @@ def test_sidecars_and_centroids(ds: BidsFactory, tmp_path: Path, test_models: No
     src = nib.load(str(ds.root / "sub-03/ses-a/anat/sub-03_ses-a_acq-sag_T2w.nii.gz"))
     assert np.allclose(img.affine, src.affine) and img.shape == src.shape
     data = np.asarray(img.dataobj)
-    for name, c in cent["Vertebrae"].items():
+    for c in cent["Vertebrae"].values():
         vox = np.round(c["voxel"]).astype(int)
         world = img.affine[:3, :3] @ np.asarray(c["voxel"]) + img.affine[:3, 3]
         assert np.allclose(world, c["world"], atol=1e-2)
@@ -201,7 +203,7 @@ def test_sidecars_and_centroids(ds: BidsFactory, tmp_path: Path, test_models: No
 class _SelfTerminating(BandSemanticSegmenter):
     calls: int = 0
 
-    def segment(self, image):  # type: ignore[no-untyped-def]
+    def segment(self, image):
         type(self).calls += 1
         if type(self).calls == 2:
             os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler's time limit would
@@ -211,7 +213,7 @@ class _SelfTerminating(BandSemanticSegmenter):
 def test_sigterm_abandons_the_current_scan(ds: BidsFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     _SelfTerminating.calls = 0
-    monkeypatch.setattr(registry, "load_segmenters", lambda s: (_SelfTerminating(), ComponentInstanceSegmenter()))
+    monkeypatch.setattr(loading, "load_segmenters", lambda s: (_SelfTerminating(), ComponentInstanceSegmenter()))
     out = tmp_path / "out"
     previous = signal.getsignal(signal.SIGTERM)
     assert _run(ds, out) == 143
@@ -223,25 +225,25 @@ def test_sigterm_abandons_the_current_scan(ds: BidsFactory, tmp_path: Path, monk
     assert not any(n.startswith("sub-02") for n in names)
     assert not list(out.rglob(f"{TEMP_PREFIX}*"))
     # a rerun finishes the rest and skips what was done
-    monkeypatch.setattr(registry, "load_segmenters", lambda s: make_test_segmenters(s))
+    monkeypatch.setattr(loading, "load_segmenters", lambda s: make_test_segmenters(s))
     assert _run(ds, out) == 0
     assert "2 processed, 1 skipped" in _last_log(out)
 
 
-def test_model_provenance_normalises_checksum_keys() -> None:
+def test_model_provenance_puts_name_version_checksum_first() -> None:
     from spineps.participant import model_provenance
 
     class A:
         name = "a"
 
-        def provenance(self):  # type: ignore[no-untyped-def]
-            return {"name": "nn", "checksum_sha256": "ab12", "folds": (0, 1)}
+        def provenance(self) -> dict:
+            return {"name": "nn", "checksum": "ab12", "folds": (0, 1)}
 
     class B:
         name = "b"
 
-        def provenance(self):  # type: ignore[no-untyped-def]
-            return {"sha256": "cd34", "log_name": "inst-v1"}
+        def provenance(self) -> dict:
+            return {"checksum": "sha256:cd34", "log_name": "inst-v1"}
 
     assert model_provenance(A()) == {"name": "nn", "version": "unversioned", "checksum": "sha256:ab12",
                                      "folds": [0, 1]}
@@ -292,13 +294,13 @@ def test_load_segmenters_dispatch(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
     class FakeSemantic:
         @classmethod
-        def from_folder(cls, folder, **kw):  # type: ignore[no-untyped-def]
+        def from_folder(cls, folder, **kw):
             calls.append(("semantic", Path(folder), kw))
             return BandSemanticSegmenter()
 
     class FakeInstance:
         @classmethod
-        def from_folder(cls, folder, **kw):  # type: ignore[no-untyped-def]
+        def from_folder(cls, folder, **kw):
             calls.append(("instance", Path(folder), kw))
             return ComponentInstanceSegmenter()
 
@@ -314,29 +316,53 @@ def test_load_segmenters_dispatch(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     try:
         s = _settings(tmp_path, "--semantic-model", str(sem_dir), "--instance-model", str(ins_dir), "--device", "cpu",
                       "--nprocs", "2", "--omp-nthreads", "1", "--no-n4")
-        sem, ins = registry.load_segmenters(s)
+        sem, ins = loading.load_segmenters(s)
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
     assert isinstance(sem, BandSemanticSegmenter) and isinstance(ins, ComponentInstanceSegmenter)
     assert calls == [("semantic", sem_dir.resolve(), {"device": "cpu", "nprocs": 2, "n4": False, "precision": "auto",
                                                       "engine": "auto"}),
-                     ("instance", ins_dir.resolve(), {"device": "cpu", "nprocs": 2, "level_rule": "auto",
-                                                     "top_vertebra": None, "precision": "auto", "engine": "auto"})]
+                     ("instance", ins_dir.resolve(), {"device": "cpu", "nprocs": 2, "precision": "auto",
+                                                     "engine": "auto"})]
 
     # a folder of the wrong type for its phase, and a loader that crashes: ModelError naming the folder
     s = _settings(tmp_path, "--semantic-model", str(sem_dir), "--instance-model", str(sem_dir), "--device", "cpu")
     with pytest.raises(ModelError, match="unet"):
-        registry.load_segmenters(s)
+        loading.load_segmenters(s)
 
     class Crashing:
         @classmethod
-        def from_folder(cls, folder, **kw):  # type: ignore[no-untyped-def]
+        def from_folder(cls, folder, **kw):
             raise KeyError("network_weights")
 
     monkeypatch.setitem(sys.modules, "spineps.semantic.predict",
                         types.SimpleNamespace(NnUNetSemanticSegmenter=Crashing))
     s = _settings(tmp_path, "--semantic-model", str(sem_dir), "--device", "cpu")
     with pytest.raises(ModelError) as exc:
-        registry.load_segmenters(s)
-    assert exc.value.exit_code == 78 and str(sem_dir.resolve()) in str(exc.value) and "network_weights" in str(exc.value)
+        loading.load_segmenters(s)
+    assert exc.value.exit_code == 78 and str(sem_dir.resolve()) in str(exc.value)
+    assert "network_weights" in str(exc.value)
+
+
+@pytest.mark.slow
+def test_load_segmenters_builds_the_real_segmenters(tmp_path: Path) -> None:
+    """The real loaders on the tiny random-weight folders the tests build (seconds), not fakes:
+    the options of the run reach both segmenters."""
+    torch = pytest.importorskip("torch")
+    from spineps.instance.segmenter import UNetInstanceSegmenter
+    from spineps.semantic.predict import NnUNetSemanticSegmenter
+    from tests.tiny_models import build_tiny_model_folders
+
+    sem_dir, ins_dir = build_tiny_model_folders(tmp_path / "models")
+    threads = torch.get_num_threads()
+    try:
+        s = _settings(tmp_path, "--semantic-model", str(sem_dir), "--instance-model", str(ins_dir), "--device", "cpu",
+                      "--nprocs", "1", "--no-n4", "--precision", "fp32", "--engine", "torch")
+        sem, ins = loading.load_segmenters(s)
+    finally:
+        torch.set_num_threads(threads)
+    assert isinstance(sem, NnUNetSemanticSegmenter) and isinstance(ins, UNetInstanceSegmenter)
+    assert (sem.device.type, sem.n4, sem.nprocs, sem.precision, sem.engine) == ("cpu", False, 1, "fp32", "torch")
+    assert (ins.device, ins.nprocs, ins.precision, ins.engine) == ("cpu", 1, "fp32", "torch")
+    assert sem.provenance()["checksum"].startswith("sha256:") and ins.provenance()["checksum"].startswith("sha256:")

@@ -3,17 +3,17 @@ inputs), the model-grid round trip, device handling."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+from spineps.errors import UsageError
+from spineps.geometry.volume import Volume
+from spineps.models.device import resolve_device
+from spineps.semantic.predict import NnUNetSemanticSegmenter
+from spineps.training.semantic import build_random_model_folder
 
-from spineps.errors import ModelError  # noqa: E402
-from spineps.geometry.volume import Volume  # noqa: E402
-from spineps.semantic.predict import NnUNetSemanticSegmenter, resolve_device  # noqa: E402
-from spineps.training.semantic import build_random_model_folder  # noqa: E402
+torch = pytest.importorskip("torch")
 
 
 @pytest.fixture(scope="module")
@@ -89,14 +89,19 @@ def test_constant_image_gives_an_empty_mask(seg):
     assert not seg.segment(img).data.any()
 
 
-def test_device_resolution():
-    assert resolve_device("cpu").type == "cpu"
-    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+def test_device_resolution(seg):
+    """One device resolution for the CLI and both segmenters (``spineps.models.device``)."""
+    assert resolve_device("cpu") == "cpu" and seg.device.type == "cpu"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
-        with pytest.raises(ModelError, match="CUDA"):
-            resolve_device("cuda")
-    with pytest.raises(ModelError):
-        resolve_device("nonsense-device")
+        for device in ("cuda", "cuda:1"):
+            with pytest.raises(UsageError, match="CUDA"):
+                resolve_device(device)
+        with pytest.raises(UsageError, match="CUDA"):
+            NnUNetSemanticSegmenter(seg.loaded, device="cuda", nprocs=1, n4=False)
+    for bad in ("nonsense-device", "cuda:x"):
+        with pytest.raises(UsageError):
+            resolve_device(bad)
 
 
 def test_n4_timing_is_measured(seg):

@@ -234,7 +234,8 @@ def test_array_and_group_job_match_a_local_run(cluster: LocalSlurm, tiny_models:
                           timeout=300).returncode == 0
 
     tasks = cluster.tasks(array)
-    assert {i: r["JobState"] for i, r in tasks.items()} == {i: "COMPLETED" for i in (1, 2, 3, 4)}, _diagnose(cluster, out)
+    states = {i: r["JobState"] for i, r in tasks.items()}
+    assert states == {i: "COMPLETED" for i in (1, 2, 3, 4)}, _diagnose(cluster, out)
     assert all(r["ExitCode"] == "0:0" for r in tasks.values())
     assert _job(cluster, group)["JobState"] == "COMPLETED", _diagnose(cluster, out)
     # --max-parallel 2 on a node with room for 4: never more than 2 at once, and the rest waited for it

@@ -124,7 +124,8 @@ def test_discs_between_consecutive_bodies(lumbar):
         assert z_ep.max() > zc > z_ep.min()
 
 
-def _plane_labels(ph, name: str, offset_mm: float = 0.0, half: float = 45.0, step: float = 0.5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _plane_labels(ph, name: str, offset_mm: float = 0.0, half: float = 45.0,
+                  step: float = 0.5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Semantic labels on the plane through the body centre of ``name`` normal to its axis."""
     c = np.array(ph.meta["body_centres_world"][name])
     R = np.array(ph.meta["body_frames_world"][name])
@@ -380,7 +381,8 @@ def test_demo_dataset(tmp_path):
     rd = json.loads((out / "derivatives" / "reference" / "dataset_description.json").read_text())
     assert rd["DatasetType"] == "derivative" and rd["GeneratedBy"]
     assert not list(out.rglob(".spineps-tmp-*"))
-    validator = shutil.which("bids-validator-deno") or str(Path(__file__).resolve().parents[1] / ".venv" / "bin" / "bids-validator-deno")
+    validator = shutil.which("bids-validator-deno") or str(
+        Path(__file__).resolve().parents[1] / ".venv" / "bin" / "bids-validator-deno")
     if Path(validator).exists():
         r = subprocess.run([validator, str(out), "--ignoreWarnings"], capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stdout[-2000:]

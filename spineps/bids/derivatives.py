@@ -48,7 +48,6 @@ __all__ = [
     "derivative_name",
     "derivative_dir",
     "derivative_path",
-    "output_path",
     "expected_outputs",
     "dataset_description",
     "write_dataset_description",
@@ -107,6 +106,9 @@ BIDSIGNORE_LINES: tuple[str, ...] = (
     "*.log",
     "*_centroids.json",
     "group/",
+    "group_*",  # the group level's tables and report
+    "*_morphometry.tsv",  # per-scan measurements (spineps.measure.scan)
+    "*_morphometry.json",
 )
 
 
@@ -139,10 +141,6 @@ def derivative_dir(output_dir: Union[str, Path], scan: Scan) -> Path:
 def derivative_path(output_dir: Union[str, Path], scan: Scan, desc: str, suffix: str = "dseg",
                     extension: str = ".nii.gz") -> Path:
     return derivative_dir(output_dir, scan) / derivative_name(scan, desc, suffix, extension)
-
-
-def output_path(output_dir: Union[str, Path], scan: Scan, kind: OutputKind) -> Path:
-    return kind.path(output_dir, scan)
 
 
 def expected_outputs(output_dir: Union[str, Path], scan: Scan, *, with_instances: bool = True) -> list[Path]:

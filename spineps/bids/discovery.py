@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 from ..errors import InputError, NoInputError, NoMatchError, UsageError
+from ..fsutil import is_within
 
 __all__ = [
     "Scan",
@@ -284,10 +285,10 @@ def slice_orientation(affine, shape: Sequence[int], sidecar: Optional[Mapping[st
     text = sidecar.get("ImageOrientationText")
     if isinstance(text, str) and text.strip():
         main = text.strip().split(">")[0].strip().lower()
-        plane = {"sag": "sagittal", "tra": "axial", "ax": "axial", "cor": "coronal"}.get(main[:3]) or \
+        named = {"sag": "sagittal", "tra": "axial", "ax": "axial", "cor": "coronal"}.get(main[:3]) or \
             {"ax": "axial"}.get(main[:2])
-        if plane:
-            return Orientation(plane, "ImageOrientationText", f"ImageOrientationText {text!r}")
+        if named:
+            return Orientation(named, "ImageOrientationText", f"ImageOrientationText {text!r}")
     fov = spacing * np.asarray(shape[:3], dtype=float)
     fov_order = np.argsort(fov)
     if fov[fov_order[0]] < FOV_RATIO * fov[fov_order[1]]:
@@ -385,7 +386,7 @@ def _read_header(path: Path) -> tuple[Any, tuple[int, ...], Optional[int]]:
     except OSError as exc:
         raise InputError(f"cannot read the image header: {exc.strerror or exc}", path) from exc
     try:
-        img = nib.load(str(path))
+        img: Any = nib.load(str(path))  # an image class of nibabel's choosing
         shape = tuple(int(n) for n in img.shape)
         affine = img.affine
     except Exception as exc:  # nibabel raises many types for broken files
@@ -440,7 +441,7 @@ class _LayoutHandle:
                                   "indexer": BIDSLayoutIndexer(validate=False, index_metadata=False)}
         if database_dir is not None:
             database_dir = Path(database_dir).absolute()
-            if _is_within(database_dir, bids_dir):
+            if is_within(database_dir.resolve(), bids_dir.resolve()):
                 raise UsageError("the pybids database folder must not be inside the BIDS dataset", database_dir)
             database_dir.mkdir(parents=True, exist_ok=True)
             self._tmp = Path(tempfile.mkdtemp(prefix="pybids-", dir=database_dir))
@@ -460,17 +461,59 @@ class _LayoutHandle:
             self._tmp = None
 
 
-def _is_within(path: Path, root: Path) -> bool:
-    try:
-        path.resolve().relative_to(root.resolve())
-        return True
-    except ValueError:
-        return False
-
-
 def _describe(labels: Sequence[str], prefix: str, limit: int = 20) -> str:
     text = ", ".join(f"{prefix}{lab}" for lab in labels[:limit])
     return text + (f", ... ({len(labels)} in all)" if len(labels) > limit else "")
+
+
+def _t2w_query(bids_filters: Optional[Mapping[str, Any]]) -> tuple[dict[str, Any], bool]:
+    """The T2w query (the default one, replaced/extended by a filter file's ``t2w``) and whether
+    ``acq-sag`` scans are preferred (only without a filter file)."""
+    filters = dict(bids_filters or {})
+    unknown = set(filters) - set(FILTER_QUERIES)
+    if unknown:
+        raise UsageError(f"unknown BIDS filter query {sorted(unknown)} (known: {', '.join(FILTER_QUERIES)})")
+    return {**DEFAULT_T2W_QUERY, **dict(filters.get("t2w") or {})}, "t2w" not in filters
+
+
+def _check_labels(layout: Any, bids_dir: Path, subjects: Optional[list[str]], sessions: Optional[list[str]]) -> None:
+    """``NoMatchError`` naming the participant or session labels that do not exist."""
+    all_subjects = sorted(layout.get_subjects(), key=_natural_key)
+    if subjects is not None:
+        missing = [s for s in subjects if s not in all_subjects]
+        if missing:
+            raise NoMatchError(f"participant label(s) not found in {bids_dir}: "
+                               f"{_describe(missing, 'sub-')} (available: "
+                               f"{_describe(all_subjects, 'sub-') or 'none'})")
+    if sessions is not None:
+        subset = subjects or all_subjects
+        all_sessions = sorted(set(layout.get_sessions(subject=subset)) if subset else set(), key=_natural_key)
+        missing = [s for s in sessions if s not in all_sessions]
+        if missing:
+            scope = f" for {_describe(subjects, 'sub-')}" if subjects else ""
+            raise NoMatchError(f"session label(s) not found in {bids_dir}{scope}: "
+                               f"{_describe(missing, 'ses-')} (available: "
+                               f"{_describe(all_sessions, 'ses-') or 'none'})")
+
+
+def _query_files(layout: Any, bids_dir: Path, query: dict[str, Any], subjects: Optional[list[str]],
+                 sessions: Optional[list[str]]) -> list[Path]:
+    """The files of the query for the labels, sorted; ``NoMatchError`` when there is none."""
+    pyq = _pybids_query(query)
+    if subjects is not None:
+        pyq["subject"] = subjects
+    if sessions is not None:
+        pyq["session"] = sessions
+    try:
+        files = layout.get(return_type="object", **pyq)
+    except Exception as exc:  # pybids raises ValueError/TypeError for unknown entities
+        raise UsageError(f"the BIDS query {query} cannot be run: {exc}") from exc
+    candidates = sorted({Path(f.path) for f in files}, key=lambda p: p.as_posix())
+    if not candidates:
+        raise NoMatchError(f"no file in {bids_dir} matches the query {json.dumps(query, default=str)}"
+                           + (f" for {_describe(subjects, 'sub-')}" if subjects else "")
+                           + (f" and {_describe(sessions, 'ses-')}" if sessions else ""))
+    return candidates
 
 
 def discover_scans(
@@ -491,121 +534,94 @@ def discover_scans(
         raise NoInputError("the BIDS dataset folder does not exist", bids_dir)
     subjects = _normalise_labels(participant_labels, "sub-", "participant")
     sessions = _normalise_labels(session_labels, "ses-", "session")
-    filters = dict(bids_filters or {})
-    unknown = set(filters) - set(FILTER_QUERIES)
-    if unknown:
-        raise UsageError(f"unknown BIDS filter query {sorted(unknown)} (known: {', '.join(FILTER_QUERIES)})")
-    user_query = dict(filters.get("t2w") or {})
-    query = {**DEFAULT_T2W_QUERY, **user_query}
-    prefer_sag = "t2w" not in filters
-
+    query, prefer_sag = _t2w_query(bids_filters)
     handle = _LayoutHandle(bids_dir, Path(database_dir) if database_dir is not None else None)
     try:
-        layout = handle.layout
-        all_subjects = sorted(layout.get_subjects(), key=_natural_key)
-        if subjects is not None:
-            missing = [s for s in subjects if s not in all_subjects]
-            if missing:
-                raise NoMatchError(f"participant label(s) not found in {bids_dir}: "
-                                   f"{_describe(missing, 'sub-')} (available: "
-                                   f"{_describe(all_subjects, 'sub-') or 'none'})")
-        if sessions is not None:
-            subset = subjects or all_subjects
-            all_sessions = sorted(set(layout.get_sessions(subject=subset)) if subset else set(), key=_natural_key)
-            missing = [s for s in sessions if s not in all_sessions]
-            if missing:
-                scope = f" for {_describe(subjects, 'sub-')}" if subjects else ""
-                raise NoMatchError(f"session label(s) not found in {bids_dir}{scope}: "
-                                   f"{_describe(missing, 'ses-')} (available: "
-                                   f"{_describe(all_sessions, 'ses-') or 'none'})")
-        pyq = _pybids_query(query)
-        if subjects is not None:
-            pyq["subject"] = subjects
-        if sessions is not None:
-            pyq["session"] = sessions
-        try:
-            files = layout.get(return_type="object", **pyq)
-        except Exception as exc:  # pybids raises ValueError/TypeError for unknown entities
-            raise UsageError(f"the BIDS query {query} cannot be run: {exc}") from exc
-        candidates = sorted({Path(f.path) for f in files}, key=lambda p: p.as_posix())
-        if not candidates:
-            raise NoMatchError(f"no file in {bids_dir} matches the query {json.dumps(query, default=str)}"
-                               + (f" for {_describe(subjects, 'sub-')}" if subjects else "")
-                               + (f" and {_describe(sessions, 'ses-')}" if sessions else ""))
+        _check_labels(handle.layout, bids_dir, subjects, sessions)
+        candidates = _query_files(handle.layout, bids_dir, query, subjects, sessions)
         scans, skipped, unusable = _select(candidates, bids_dir, prefer_sag)
     finally:
         handle.close()
-
     if not scans:
-        reasons = "; ".join(f"{p.relative_to(bids_dir) if _is_within(p, bids_dir) else p}: {why}"
+        reasons = "; ".join(f"{p.relative_to(bids_dir) if is_within(p.resolve(), bids_dir.resolve()) else p}: {why}"
                             for p, why in skipped)
         raise NoMatchError(f"no usable sagittal T2w scan in {bids_dir}: every selected file was skipped ({reasons})")
     return Discovery(scans, skipped, unusable)
 
 
+class _Skips:
+    """The files left out, with why (``unusable``: meant as input but broken)."""
+
+    def __init__(self) -> None:
+        self.skipped: list[tuple[Path, str]] = []
+        self.unusable: list[tuple[Path, str]] = []
+
+    def skip(self, path: Path, reason: str, level: int = logging.INFO, broken: bool = False) -> None:
+        log.log(level, "skipping %s: %s", path, reason)
+        self.skipped.append((path, reason))
+        if broken:
+            self.unusable.append((path, reason))
+
+
+def _candidate(path: Path, bids_dir: Path, skips: _Skips) -> Optional[tuple[Scan, bool]]:
+    """``(scan, declared acq-sag)`` of a sagittal candidate, None when it is skipped."""
+    try:
+        entities, suffix, ext = parse_bids_name(path.name)
+    except ValueError as exc:
+        skips.skip(path, str(exc), logging.WARNING, broken=True)
+        return None
+    try:
+        sidecar = merged_sidecar(path, bids_dir)
+    except InputError as exc:  # a malformed JSON sidecar
+        skips.skip(path, f"cannot read its JSON sidecar {exc.path}: {exc.reason}", logging.WARNING, broken=True)
+        return None
+    try:
+        affine, shape, slice_axis = _read_header(path)
+    except InputError as exc:
+        skips.skip(path, exc.reason, logging.WARNING, broken=True)
+        return None
+    orient = slice_orientation(affine, shape, sidecar, slice_axis)
+    declared = _declares_sagittal(entities)
+    if declared:
+        if orient.clear and orient.plane != "sagittal":
+            skips.skip(path, f"named acq-{entities['acq']} but its affine is {orient.plane}: {orient.detail}",
+                       logging.WARNING)
+            return None
+    elif orient.plane != "sagittal":
+        skips.skip(path, f"not sagittal: {orient.plane} ({orient.detail}, from {orient.source})")
+        return None
+    return Scan(path, bids_dir, entities, suffix, ext, sidecar), declared
+
+
+def _preferring_sag(kept: list[tuple[Scan, bool]], skips: _Skips) -> list[Scan]:
+    """Where a session has ``acq-sag`` scans, its other T2w scans are left out."""
+    sag_sessions = {(s.subject, s.session) for s, declared in kept if declared}
+    final: list[Scan] = []
+    for scan, declared in kept:
+        if not declared and (scan.subject, scan.session) in sag_sessions:
+            skips.skip(scan.path, "not acq-sag while this session has acq-sag scans (acq-sag is preferred; "
+                                  "select it with a --bids-filter-file to use it)")
+            continue
+        final.append(scan)
+    return final
+
+
 def _select(candidates: list[Path], bids_dir: Path,
             prefer_sag: bool) -> tuple[list[Scan], list[tuple[Path, str]], list[tuple[Path, str]]]:
-    kept: list[tuple[Scan, bool]] = []  # (scan, declared acq-sag)
-    skipped: list[tuple[Path, str]] = []
-    unusable: list[tuple[Path, str]] = []
-
-    def skip(path: Path, reason: str, level: int = logging.INFO, broken: bool = False) -> None:
-        log.log(level, "skipping %s: %s", path, reason)
-        skipped.append((path, reason))
-        if broken:
-            unusable.append((path, reason))
-
-    candidates = _drop_symlink_aliases(candidates, bids_dir, skipped)
-    for path in candidates:
-        try:
-            entities, suffix, ext = parse_bids_name(path.name)
-        except ValueError as exc:
-            skip(path, str(exc), logging.WARNING, broken=True)
-            continue
-        try:
-            sidecar = merged_sidecar(path, bids_dir)
-        except InputError as exc:  # a malformed JSON sidecar
-            skip(path, f"cannot read its JSON sidecar {exc.path}: {exc.reason}", logging.WARNING, broken=True)
-            continue
-        try:
-            affine, shape, slice_axis = _read_header(path)
-        except InputError as exc:
-            skip(path, exc.reason, logging.WARNING, broken=True)
-            continue
-        orient = slice_orientation(affine, shape, sidecar, slice_axis)
-        declared = _declares_sagittal(entities)
-        if declared:
-            if orient.clear and orient.plane != "sagittal":
-                skip(path, f"named acq-{entities['acq']} but its affine is {orient.plane}: {orient.detail}",
-                     logging.WARNING)
-                continue
-        elif orient.plane != "sagittal":
-            skip(path, f"not sagittal: {orient.plane} ({orient.detail}, from {orient.source})")
-            continue
-        kept.append((Scan(path, bids_dir, entities, suffix, ext, sidecar), declared))
-
-    if prefer_sag:
-        sag_sessions = {(s.subject, s.session) for s, declared in kept if declared}
-        final: list[Scan] = []
-        for scan, declared in kept:
-            if not declared and (scan.subject, scan.session) in sag_sessions:
-                skip(scan.path, "not acq-sag while this session has acq-sag scans (acq-sag is preferred; "
-                                "select it with a --bids-filter-file to use it)")
-                continue
-            final.append(scan)
-    else:
-        final = [s for s, _ in kept]
-
+    skips = _Skips()
+    kept = [c for c in (_candidate(p, bids_dir, skips)
+                        for p in _drop_symlink_aliases(candidates, bids_dir, skips.skipped)) if c is not None]
+    final = _preferring_sag(kept, skips) if prefer_sag else [s for s, _ in kept]
     final.sort(key=_scan_sort_key)
     unique: list[Scan] = []
     seen: dict[str, Scan] = {}
     for scan in final:
         if scan.key in seen:
-            skip(scan.path, f"same entities as {seen[scan.key].relpath}: both would map to the same outputs",
-                 logging.WARNING)
+            skips.skip(scan.path, f"same entities as {seen[scan.key].relpath}: both would map to the same outputs",
+                       logging.WARNING)
             continue
         seen[scan.key] = scan
         unique.append(scan)
-    skipped.sort(key=lambda t: t[0].as_posix())
-    unusable.sort(key=lambda t: t[0].as_posix())
-    return unique, skipped, unusable
+    skips.skipped.sort(key=lambda t: t[0].as_posix())
+    skips.unusable.sort(key=lambda t: t[0].as_posix())
+    return unique, skips.skipped, skips.unusable

@@ -21,14 +21,15 @@ from typing import Optional, Sequence, Union
 
 from spineps.bids.discovery import Discovery, Scan, parse_bids_name
 from spineps.errors import NoMatchError
+from spineps.settings import DEFAULT_MASK_PATTERN
 
 __all__ = ["DEFAULT_MASK_PATTERN", "MASK_ENTITIES", "discover_semantic_masks", "mask_scan"]
 
 log = logging.getLogger(__name__)
 
-#: where ``spineps instance`` looks by default: our own semantic masks (and any other BIDS
-#: derivative that names its spine masks ``desc-spine_dseg``)
-DEFAULT_MASK_PATTERN = "sub-*/**/*_desc-spine_dseg.nii*"
+#: ``DEFAULT_MASK_PATTERN`` (from ``spineps.settings``): where ``spineps instance`` looks by
+#: default: our own semantic masks (and any other BIDS derivative that names its spine masks
+#: ``desc-spine_dseg``)
 #: entities that describe the mask, not the scan: not carried into output names
 MASK_ENTITIES = ("desc", "seg", "label", "mod")
 

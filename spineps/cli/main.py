@@ -11,10 +11,14 @@ import sys
 import threading
 import traceback
 from contextlib import contextmanager
-from typing import Iterator, Optional, Sequence
+from types import FrameType
+from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
 from spineps.cli.parser import TOOL_MODULES, build_parser, build_subcommand_parser, is_subcommand
 from spineps.errors import OutputError, SpinepsError, UsageError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from spineps.settings import Settings
 
 __all__ = ["main", "entry_point", "Terminated", "EXIT_INTERRUPTED", "EXIT_TERMINATED"]
 
@@ -29,7 +33,7 @@ class Terminated(KeyboardInterrupt):
     time limit), so it unwinds like Ctrl-C: temporary files are removed on the way out."""
 
 
-def _on_sigterm(signum, frame):  # type: ignore[no-untyped-def]
+def _on_sigterm(signum: int, frame: Optional[FrameType]) -> None:
     raise Terminated()
 
 
@@ -116,7 +120,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return _run(settings)
 
 
-def _run(settings) -> int:  # type: ignore[no-untyped-def]
+def _run(settings: Settings) -> int:
     from spineps.fsutil import write_text_atomic
     from spineps.logging_setup import setup_logging, teardown_logging
 
@@ -171,20 +175,19 @@ def _run(settings) -> int:  # type: ignore[no-untyped-def]
         teardown_logging()
 
 
-def _participant(settings) -> None:  # type: ignore[no-untyped-def]
-    from spineps import participant
-    from spineps.models import registry
+def _participant(settings: Settings) -> None:
+    from spineps import loading, participant
 
     discovery = participant.check_inputs(settings)
     if settings.input_kind == "semantic-mask":
-        participant.run_participant(settings, None, registry.load_instance_segmenter(settings), discovery=discovery)
+        participant.run_participant(settings, None, loading.load_instance_segmenter(settings), discovery=discovery)
         return
-    semantic, instance = registry.load_segmenters(settings)
+    semantic, instance = loading.load_segmenters(settings)
     participant.run_participant(settings, semantic, instance, discovery=discovery)
 
 
-def _group(settings) -> None:  # type: ignore[no-untyped-def]
-    from spineps.group.collect import run_group
+def _group(settings: Settings) -> None:
+    from spineps.group.report import run_group
 
     run_group(settings)
 

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import NoReturn, Optional, Sequence
+from typing import Any, Callable, NoReturn, Optional, Sequence
 
 from spineps.cli.argtypes import nonneg_int as _nonneg_int
 from spineps.cli.argtypes import positive_int as _positive_int
 from spineps.cli.argtypes import vertebra_level as _vertebra_level
 from spineps.errors import UsageError
 from spineps.labels import LEVEL_RULES
+from spineps.models.device import DEVICES
 from spineps.models.onnx_engine import ENGINES
 from spineps.models.precision import PRECISIONS
 from spineps.settings import ANALYSIS_LEVELS, INSTANCE_MODEL_ENV, SEMANTIC_MODEL_ENV
@@ -38,7 +39,6 @@ __all__ = [
     "add_level_naming_arguments",
 ]
 
-DEVICES = ("auto", "cpu", "cuda")
 _PRECISION_HELP = ("network arithmetic on CPU: fp32, or bf16 (bfloat16 autocast, several times faster on CPUs with "
                    "native bfloat16, labels >= 99.9 %% the same); auto = bf16 where the CPU has native bfloat16, "
                    "else fp32. On CUDA nnU-Net's float16 autocast is used either way (default: auto)")
@@ -76,15 +76,16 @@ usages:
 _EPILOG = """\
 exit codes: 0 success; 1 some scans failed (the others finished); 16 input failed BIDS
 validation; 17 unknown analysis level; 18 labels or filters selected no files; 64 usage
-error; 65 bad input data; 66 input missing; 73 output cannot be created; 74 I/O error;
-75 temporary failure (memory, disk); 78 no usable model; 130/143 interrupted.
+error; 65 bad input data (also an unreadable input); 66 input missing; 73 output cannot be
+created (also a failed write); 75 temporary failure (memory, disk); 78 no usable model;
+130/143 interrupted.
 """
 
 
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser that raises ``UsageError`` (exit 64) instead of exiting with 2."""
 
-    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         raise UsageError(f"{self.prog}: {message} (see --help)")
 
 
@@ -102,7 +103,8 @@ class _VersionAction(argparse.Action):
                  default: str = argparse.SUPPRESS, help: Optional[str] = None) -> None:
         super().__init__(option_strings=option_strings, dest=dest, default=default, nargs=0, help=help)
 
-    def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[no-untyped-def]
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: Optional[str] = None) -> None:
         import sys
 
         parser._print_message(_version_string() + "\n", sys.stdout)
@@ -111,7 +113,7 @@ class _VersionAction(argparse.Action):
 
 
 
-def _label(prefix: str):  # type: ignore[no-untyped-def]
+def _label(prefix: str) -> Callable[[str], str]:
     """Accept labels with or without their ``sub-``/``ses-`` prefix; return them bare."""
 
     def parse(text: str) -> str:
@@ -141,6 +143,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="participant: segment scans; group: collect the participant outputs into tables")
     p.add_argument("--version", action=_VersionAction, help="print the version and exit")
 
+    _add_input_arguments(p)
+    _add_resource_arguments(p)
+    _add_model_arguments(p)
+    add_level_naming_arguments(p)
+
+    o = p.add_argument_group("run behaviour")
+    o.add_argument("--overwrite", action="store_true",
+                   help="recompute scans whose outputs are complete (default: skip them)")
+    o.add_argument("--no-n4", "--no_n4", dest="no_n4", action="store_true",
+                   help="skip N4 bias-field correction before the semantic phase")
+    o.add_argument("-v", "--verbose", dest="verbose", action="count", default=0,
+                   help="more log output (-v debug messages; -vv also tracebacks)")
+    return p
+
+
+def _add_input_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("selecting inputs")
     g.add_argument("--participant-label", "--participant_label", dest="participant_label", nargs="+",
                    type=_label("sub-"), metavar="LABEL",
@@ -154,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--skip-bids-validation", "--skip_bids_validation", dest="skip_bids_validation",
                    action="store_true", help="do not validate the input dataset")
 
+
+def _add_resource_arguments(p: argparse.ArgumentParser) -> None:
     r = p.add_argument_group("resources")
     r.add_argument("-w", "--work-dir", "--work_dir", dest="work_dir", type=Path, metavar="DIR",
                    help="folder for intermediate files (the pybids index, removed after indexing); must not "
@@ -168,23 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help=_PRECISION_HELP)
     r.add_argument("--engine", choices=ENGINES, default="auto", help=_ENGINE_HELP)
 
+
+def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     m = p.add_argument_group("models")
     m.add_argument("--semantic-model", "--semantic_model", dest="semantic_model", type=Path, metavar="DIR",
                    help=f"semantic (nnU-Net) model folder (default: ${SEMANTIC_MODEL_ENV}, else the bundled model)")
     m.add_argument("--instance-model", "--instance_model", dest="instance_model", type=Path, metavar="DIR",
                    help=f"instance (cutout U-Net) model folder (default: ${INSTANCE_MODEL_ENV}, "
                         "else the bundled model; without one only the semantic mask is written)")
-
-    add_level_naming_arguments(p)
-
-    o = p.add_argument_group("run behaviour")
-    o.add_argument("--overwrite", action="store_true",
-                   help="recompute scans whose outputs are complete (default: skip them)")
-    o.add_argument("--no-n4", "--no_n4", dest="no_n4", action="store_true",
-                   help="skip N4 bias-field correction before the semantic phase")
-    o.add_argument("-v", "--verbose", dest="verbose", action="count", default=0,
-                   help="more log output (-v debug messages; -vv also tracebacks)")
-    return p
 
 
 def add_level_naming_arguments(p: argparse.ArgumentParser) -> None:

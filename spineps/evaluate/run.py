@@ -36,12 +36,14 @@ from typing import Iterable, Optional, Sequence, Union
 import numpy as np
 
 from spineps.errors import InputError, NoInputError, NoMatchError, UsageError
-from spineps.evaluate.matching import level_naming, match_instances, overlap_table, panoptic_scores, select_values
+from spineps.geometry.volume import Volume
+from spineps.evaluate.matching import (Overlap, level_naming, match_instances, overlap_table, panoptic_scores,
+                                      select_values)
 from spineps.evaluate.metrics import BOTH_EMPTY, PRED_EMPTY, REF_EMPTY, Score, dice, joint_bbox, surface_distances
 from spineps.evaluate.stats import ComparisonRow, MetricRow, SummaryRow, compare_methods, summarize
 from spineps.fsutil import write_json_atomic, write_text_atomic
-from spineps.labels import (BODY, DISC, ENDPLATE, ENDPLATE_INF, ENDPLATE_SUP, SEMANTIC, SEMANTIC_BY_VALUE,
-                            VERTEBRA_PARTS, VERTEBRA_VALUES)
+from spineps.labels import (BODY, DISC, ENDPLATE, ENDPLATE_INF, ENDPLATE_SUP, INSTANCE_PARTS, SEMANTIC,
+                            SEMANTIC_BY_VALUE, VERTEBRA_PARTS, VERTEBRA_VALUES)
 
 __all__ = [
     "SPINE",
@@ -76,7 +78,7 @@ _MASK_RE = re.compile(
     r"^(?P<stem>.+?)(?:_mod-[A-Za-z0-9]+)?_(?:desc|seg)-(?P<desc>spine|vert|vertebrae)_(?:dseg|msk)\.nii(?:\.gz)?$")
 
 #: the vertebra classes that must all be annotated for the grouped ``vertebra`` structure
-VERTEBRA_GROUP_REQUIRED: frozenset[int] = frozenset(range(41, 50))
+VERTEBRA_GROUP_REQUIRED: frozenset[int] = frozenset(INSTANCE_PARTS)
 _ENDPLATES = (ENDPLATE_SUP, ENDPLATE_INF, ENDPLATE)
 _ALL_SEMANTIC: frozenset[int] = frozenset(SEMANTIC_BY_VALUE)
 _VERTEBRA_IDS = tuple(sorted(VERTEBRA_VALUES))
@@ -329,7 +331,7 @@ def detect_annotation(cases: Iterable[Case], spec: str = "auto", *, endplates_as
 
 
 # --------------------------------------------------------------------------- one case
-def _load_pair(ref_path: Path, pred_path: Path):  # type: ignore[no-untyped-def]
+def _load_pair(ref_path: Path, pred_path: Path) -> tuple[Volume, Volume]:
     from spineps.geometry.io import load_volume
 
     ref = load_volume(ref_path, kind="label")
@@ -461,7 +463,7 @@ def _instance_rows(method: str, scan: str, ref: np.ndarray, pred: np.ndarray, sp
     return rows, details
 
 
-def _best(ov, value: int, is_ref: bool) -> float:  # type: ignore[no-untyped-def]
+def _best(ov: Overlap, value: int, is_ref: bool) -> float:
     """Best IoU an unmatched instance reached with any instance of the other side."""
     iou = ov.iou()
     if is_ref:

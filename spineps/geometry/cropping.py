@@ -17,7 +17,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from spineps.geometry.volume import Volume
+from spineps.geometry.volume import Volume, int3
 
 __all__ = [
     "bbox_of",
@@ -35,13 +35,13 @@ BBox = tuple[slice, slice, slice]
 
 
 def _margins(margin: Union[int, Sequence[int]], ndim: int) -> tuple[int, ...]:
-    m = (int(margin),) * ndim if np.isscalar(margin) else tuple(int(x) for x in margin)  # type: ignore[arg-type]
+    m = (int(margin),) * ndim if isinstance(margin, (int, float, np.number)) else tuple(int(x) for x in margin)
     if len(m) != ndim or min(m) < 0:
         raise ValueError(f"margin must be a non-negative int or {ndim} of them, got {margin!r}")
     return m
 
 
-def bbox_of(mask: np.ndarray, margin: Union[int, Sequence[int]] = 0) -> Optional[BBox]:
+def bbox_of(mask: np.ndarray, margin: Union[int, Sequence[int]] = 0) -> Optional[tuple[slice, ...]]:
     """Slices of the smallest box holding every non-zero voxel of ``mask``, grown by
     ``margin`` voxels per side and clipped to the array; None when ``mask`` is all zero."""
     mask = np.asarray(mask)
@@ -55,7 +55,7 @@ def bbox_of(mask: np.ndarray, margin: Union[int, Sequence[int]] = 0) -> Optional
         lo = max(0, int(hit[0]) - m[ax])
         hi = min(mask.shape[ax], int(hit[-1]) + 1 + m[ax])
         out.append(slice(lo, hi))
-    return tuple(out)  # type: ignore[return-value]
+    return tuple(out)
 
 
 @dataclass(frozen=True, eq=False)
@@ -68,11 +68,11 @@ class Crop:
 
     @property
     def offset(self) -> tuple[int, int, int]:
-        return tuple(s.start for s in self.bbox)  # type: ignore[return-value]
+        return int3(s.start for s in self.bbox)
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(s.stop - s.start for s in self.bbox)  # type: ignore[return-value]
+        return int3(s.stop - s.start for s in self.bbox)
 
 
 def _normalise_bbox(bbox: Sequence[slice], shape: Sequence[int], margin: tuple[int, ...]) -> BBox:
@@ -87,7 +87,7 @@ def _normalise_bbox(bbox: Sequence[slice], shape: Sequence[int], margin: tuple[i
         if stop <= start:
             raise ValueError(f"empty bbox slice {sl} for axis of {n} voxels")
         out.append(slice(start, stop))
-    return tuple(out)  # type: ignore[return-value]
+    return out[0], out[1], out[2]
 
 
 def crop_to_bbox(vol: Volume, bbox_or_mask: Union[Sequence[slice], np.ndarray], *,
@@ -104,7 +104,7 @@ def crop_to_bbox(vol: Volume, bbox_or_mask: Union[Sequence[slice], np.ndarray], 
             raise ValueError("cannot crop to the bounding box of an empty mask")
         m = (0, 0, 0)
     else:
-        box = tuple(bbox_or_mask)  # type: ignore[assignment]
+        box = tuple(bbox_or_mask)
     box = _normalise_bbox(box, vol.shape, m)
     start = np.array([s.start for s in box], dtype=np.float64)
     affine = vol.affine.copy()

@@ -37,9 +37,9 @@ from typing import Literal, Optional, Union
 
 import numpy as np
 
-from spineps.errors import InputError, OutputError
+from spineps.errors import InputError, OutputError, one_line
 from spineps.fsutil import atomic_path
-from spineps.geometry.volume import Volume
+from spineps.geometry.volume import Volume, float3, int3, str3
 
 __all__ = [
     "HeaderInfo",
@@ -89,13 +89,13 @@ class HeaderInfo:
 
     @property
     def spatial_shape(self) -> tuple[int, int, int]:
-        return tuple(int(s) for s in (tuple(self.shape) + (1, 1, 1))[:3])  # type: ignore[return-value]
+        return int3((tuple(self.shape) + (1, 1, 1))[:3])
 
     @property
     def spacing(self) -> tuple[float, float, float]:
         """Voxel size (mm) along the three spatial axes, from the affine (as ``Volume.spacing``)."""
         norms = np.sqrt((np.asarray(self.affine)[:3, :3] ** 2).sum(axis=0))
-        return tuple(float(s) for s in norms)  # type: ignore[return-value]
+        return float3(norms)
 
     @property
     def n_voxels(self) -> int:
@@ -108,15 +108,15 @@ class HeaderInfo:
     def axcodes(self) -> tuple[str, str, str]:
         import nibabel as nib
 
-        return tuple(nib.aff2axcodes(self.affine))  # type: ignore[return-value]
+        return str3(nib.aff2axcodes(self.affine))
 
 
-def _one_line(exc: BaseException) -> str:
+def _describe(exc: BaseException) -> str:
+    """``"Type: message"`` of a read failure, on one line."""
     name = type(exc).__name__
     if name == "error":  # zlib.error and friends
         name = f"{type(exc).__module__}.{name}"
-    text = f"{name}: {exc}" if str(exc) else name
-    return " ".join(text.split())
+    return one_line(f"{name}: {exc}" if str(exc) else name)
 
 
 def _load_image(path: Path):
@@ -135,7 +135,7 @@ def _load_image(path: Path):
     try:
         img = nib.load(str(path))
     except Exception as exc:  # ImageFileError, HeaderDataError, gzip/zlib/EOF/OSError, ...
-        raise InputError(f"cannot read NIfTI header (corrupt, truncated or not NIfTI): {_one_line(exc)}",
+        raise InputError(f"cannot read NIfTI header (corrupt, truncated or not NIfTI): {_describe(exc)}",
                          path) from exc
     if not isinstance(img, nib.Nifti1Image):  # Nifti2Image subclasses Nifti1Image
         raise InputError(f"not a NIfTI-1/2 image (nibabel read it as {type(img).__name__})", path)
@@ -173,7 +173,7 @@ def _raw_pixdim(path: Path, header_cls) -> Optional[tuple[float, float, float]]:
     try:
         with ImageOpener(str(path), "rb") as fh:
             raw = header_cls.from_fileobj(fh, check=False)
-        return tuple(float(z) for z in raw["pixdim"][1:4])  # type: ignore[return-value]
+        return float3(raw["pixdim"][1:4])
     except Exception:  # pragma: no cover - the header was readable a moment ago
         return None
 
@@ -191,7 +191,7 @@ def _header_from_image(img, path: Path, validate: bool) -> HeaderInfo:
         slope = float(getattr(img.dataobj, "slope", 1.0))
         inter = float(getattr(img.dataobj, "inter", 0.0))
     except Exception as exc:  # nibabel raises assorted errors on broken headers
-        raise InputError(f"broken NIfTI header: {_one_line(exc)}", path) from exc
+        raise InputError(f"broken NIfTI header: {_describe(exc)}", path) from exc
     scaled = not (slope == 1.0 and inter == 0.0)
     info = HeaderInfo(path=path, shape=shape, affine=aff, zooms=zooms, dtype=dtype, ndim=len(shape),
                       qform_code=qcode, sform_code=scode, scaled=scaled)
@@ -208,9 +208,8 @@ def _header_from_image(img, path: Path, validate: bool) -> HeaderInfo:
                          f"{MIN_AXIS_VOXELS} voxels", path)
     if dtype.kind not in "biuf":
         raise InputError(f"unsupported voxel data type {dtype}", path)
-    pix = _raw_pixdim(path, type(hdr))
-    if pix is None:
-        pix = zooms[:3]
+    stored = _raw_pixdim(path, type(hdr))
+    pix = tuple(zooms[:3]) if stored is None else stored
     if not all(np.isfinite(z) and z > 0 for z in pix):
         raise InputError(f"invalid voxel spacing in header (pixdim {pix}): must be finite and positive", path)
     if scaled and not (np.isfinite(slope) and np.isfinite(inter)):
@@ -222,7 +221,7 @@ def _header_from_image(img, path: Path, validate: bool) -> HeaderInfo:
         try:
             q = np.asarray(hdr.get_qform(), dtype=np.float64)
         except Exception as exc:  # an invalid quaternion (nibabel: "w2 should be positive"); the sform is used
-            log.warning("%s: the qform cannot be decoded (%s); using the sform (code %d)", path, _one_line(exc), scode)
+            log.warning("%s: the qform cannot be decoded (%s); using the sform (code %d)", path, _describe(exc), scode)
             q, decoded = np.full((4, 4), np.nan), False
         s = np.asarray(hdr.get_sform(), dtype=np.float64)
         c = _corners(info.spatial_shape)
@@ -247,6 +246,32 @@ def read_header(path: PathLike, *, validate: bool = True) -> HeaderInfo:
     p = Path(path)
     img = _load_image(p)
     return _header_from_image(img, p, validate)
+
+
+def _check_finite(data: np.ndarray, p: Path) -> None:
+    if data.dtype.kind == "f":
+        finite = np.isfinite(data)
+        if not finite.all():
+            n_bad = int(data.size - np.count_nonzero(finite))
+            raise InputError(f"{n_bad} voxel(s) are NaN or infinite", p)
+
+
+def _as_labels(data: np.ndarray, p: Path) -> np.ndarray:
+    """Label data in an integer dtype: booleans as uint8, integral floats in the smallest
+    integer dtype that holds them; ``InputError`` for anything else."""
+    if data.dtype.kind == "b":
+        return data.astype(np.uint8)
+    if data.dtype.kind == "f":
+        if not np.array_equal(data, np.round(data)):
+            raise InputError("label image holds non-integral values", p)
+        try:
+            return data.astype(smallest_int_dtype(data))
+        except ValueError:  # e.g. a scaling slope of 1e19: integral, but no label value
+            raise InputError(f"label values {float(data.min()):g}..{float(data.max()):g} fit no integer type "
+                             "(check the header's scl_slope / scl_inter)", p) from None
+    if data.dtype.kind not in "iu":  # pragma: no cover - excluded by the header check
+        raise InputError(f"unsupported label data type {data.dtype}", p)
+    return data
 
 
 def load_volume(path: PathLike, *, kind: Literal["image", "label"] = "image",
@@ -276,7 +301,7 @@ def load_volume(path: PathLike, *, kind: Literal["image", "label"] = "image",
 
         raise ResourceError(f"not enough memory to read {info.n_voxels} voxels", p) from exc
     except Exception as exc:  # gzip/zlib/EOF/OSError/ValueError from nibabel's readers
-        raise InputError(f"cannot read voxel data (truncated or corrupt file?): {_one_line(exc)}", p) from exc
+        raise InputError(f"cannot read voxel data (truncated or corrupt file?): {_describe(exc)}", p) from exc
     finally:
         img.uncache()
     data = np.asarray(data)
@@ -285,25 +310,9 @@ def load_volume(path: PathLike, *, kind: Literal["image", "label"] = "image",
     if data.shape != info.spatial_shape:  # pragma: no cover - nibabel guarantees this
         raise InputError(f"data shape {data.shape} does not match header shape {info.shape}", p)
 
-    if data.dtype.kind == "f":
-        finite = np.isfinite(data)
-        if not finite.all():
-            n_bad = int(data.size - np.count_nonzero(finite))
-            raise InputError(f"{n_bad} voxel(s) are NaN or infinite", p)
-        del finite
+    _check_finite(data, p)
     if kind == "label":
-        if data.dtype.kind == "b":
-            data = data.astype(np.uint8)
-        elif data.dtype.kind == "f":
-            if not np.array_equal(data, np.round(data)):
-                raise InputError("label image holds non-integral values", p)
-            try:
-                data = data.astype(smallest_int_dtype(data))
-            except ValueError:  # e.g. a scaling slope of 1e19: integral, but no label value
-                raise InputError(f"label values {float(data.min()):g}..{float(data.max()):g} fit no integer type "
-                                 "(check the header's scl_slope / scl_inter)", p) from None
-        elif data.dtype.kind not in "iu":  # pragma: no cover - excluded by the header check
-            raise InputError(f"unsupported label data type {data.dtype}", p)
+        data = _as_labels(data, p)
     if not data.dtype.isnative:  # big-endian files: hand out native byte order (torch, cc3d need it)
         data = data.astype(data.dtype.newbyteorder("="))
     data = np.ascontiguousarray(data) if not (data.flags.c_contiguous or data.flags.f_contiguous) else data
@@ -389,5 +398,5 @@ def save_volume(volume: Volume, path: PathLike, *, dtype=None, like: Optional[He
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
     except OSError as exc:
-        raise OutputError(f"cannot write NIfTI: {_one_line(exc)}", p) from exc
+        raise OutputError(f"cannot write NIfTI: {_describe(exc)}", p) from exc
     return p

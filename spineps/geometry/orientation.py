@@ -68,7 +68,7 @@ def _check_codes(codes: Sequence[str]) -> tuple[str, str, str]:
     c = tuple(str(x).upper() for x in codes)
     if len(c) != 3 or any(x not in _VALID for x in c) or len({_VALID[x] for x in c}) != 3:
         raise ValueError(f"axis codes must name each of L/R, A/P, S/I once, got {tuple(codes)!r}")
-    return c  # type: ignore[return-value]
+    return c
 
 
 def _apply(data: np.ndarray, ornt: np.ndarray) -> np.ndarray:

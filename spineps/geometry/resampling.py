@@ -31,7 +31,7 @@ from typing import Sequence, Union
 
 import numpy as np
 
-from spineps.geometry.volume import Volume
+from spineps.geometry.volume import Volume, int3
 
 __all__ = ["to_spacing", "resample_to_grid", "back_to_grid", "spacing_grid"]
 
@@ -55,7 +55,7 @@ def spacing_grid(vol: Volume, spacing: Sequence[float]) -> tuple[tuple[int, int,
     new_to_old[:3, :3] = np.diag(ratio)
     new_to_old[:3, 3] = start
     affine = vol.affine @ new_to_old
-    return tuple(int(x) for x in new_n), affine  # type: ignore[return-value]
+    return int3(new_n), affine
 
 
 def to_spacing(vol: Volume, spacing: Sequence[float], *, order: int) -> Volume:
@@ -146,6 +146,6 @@ def back_to_grid(vol: Volume, reference, *, order: int = 0) -> Volume:
     if isinstance(reference, Volume):
         shape, aff = reference.shape, reference.affine
     else:
-        aff = np.asarray(getattr(reference, "affine"), dtype=np.float64)
+        aff = np.asarray(reference.affine, dtype=np.float64)
         shape = getattr(reference, "spatial_shape", None) or tuple(reference.shape)[:3]
     return resample_to_grid(vol, tuple(int(s) for s in shape), aff, order=order, fill=0)

@@ -3,10 +3,29 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Iterable
 
 import numpy as np
 
-__all__ = ["Volume"]
+__all__ = ["Volume", "int3", "float3", "str3"]
+
+
+def int3(values: Iterable[Any]) -> tuple[int, int, int]:
+    """Three values as a 3-tuple of ints (``ValueError`` unless there are exactly three)."""
+    a, b, c = (int(v) for v in values)
+    return a, b, c
+
+
+def float3(values: Iterable[Any]) -> tuple[float, float, float]:
+    """Three values as a 3-tuple of floats (``ValueError`` unless there are exactly three)."""
+    a, b, c = (float(v) for v in values)
+    return a, b, c
+
+
+def str3(values: Iterable[Any]) -> tuple[str, str, str]:
+    """Three values as a 3-tuple of strings (``ValueError`` unless there are exactly three)."""
+    a, b, c = (str(v) for v in values)
+    return a, b, c
 
 
 @dataclass(frozen=True, eq=False)
@@ -28,19 +47,19 @@ class Volume:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(int(s) for s in self.data.shape)  # type: ignore[return-value]
+        return int3(self.data.shape)
 
     @property
     def spacing(self) -> tuple[float, float, float]:
         """Voxel size in mm along each array axis."""
-        return tuple(float(s) for s in np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0)))  # type: ignore[return-value]
+        return float3(np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0)))
 
     @property
     def axcodes(self) -> tuple[str, str, str]:
         """Direction each array axis points to, e.g. ('P', 'I', 'R')."""
         import nibabel as nib
 
-        return tuple(nib.aff2axcodes(self.affine))  # type: ignore[return-value]
+        return tuple(nib.aff2axcodes(self.affine))
 
     @property
     def voxel_volume(self) -> float:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Hashable, Iterable, Mapping, Sequence
+from typing import Any, Hashable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -61,7 +61,7 @@ def _stat(vals: np.ndarray) -> CohortStat:
     return CohortStat(int(vals.size), med, mad, scale, q1, q3, lo, hi)
 
 
-def robust_outliers(table: Mapping[Hashable, Sequence[tuple[str, float]]], *, threshold: float = OUTLIER_Z,
+def robust_outliers(table: Mapping[Any, Sequence[tuple[str, float]]], *, threshold: float = OUTLIER_Z,
                     min_scans: int = MIN_SCANS) -> tuple[dict[Hashable, CohortStat], list[Outlier]]:
     """``table``: key (e.g. ``("L1", "body", "height_middle_mm")``) -> ``[(scan, value), ...]``.
     Non-finite values are ignored. Returns the statistics of every key and the outliers,

@@ -34,10 +34,15 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence, Union
+
+from spineps.errors import NoInputError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from spineps.settings import Settings
 
 __all__ = ["GroupSummary", "ScanRecord", "build_group", "find_scans", "render_html", "GROUP_TSV", "GROUP_JSON",
-           "LEVELS_TSV", "LEVELS_JSON", "REPORT_HTML", "PLOT_MEASURES", "KEY_COLUMNS", "BIDSIGNORE_EXTRA"]
+           "LEVELS_TSV", "LEVELS_JSON", "REPORT_HTML", "PLOT_MEASURES", "KEY_COLUMNS", "run_group"]
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +51,6 @@ GROUP_JSON = "group_T2w.json"
 LEVELS_TSV = "group_T2w_levels.tsv"
 LEVELS_JSON = "group_T2w_levels.json"
 REPORT_HTML = "group_T2w_report.html"
-BIDSIGNORE_EXTRA: tuple[str, ...] = ("group_*", "*_morphometry.tsv", "*_morphometry.json")
 SEMANTIC_SUFFIX = "_desc-spine_dseg.nii.gz"
 INSTANCE_SUFFIX = "_desc-vertebrae_dseg.nii.gz"
 FIGURE_SUFFIX = "_desc-spine_dseg.png"
@@ -236,10 +240,26 @@ def _key_columns(records: Sequence[ScanRecord]) -> list[tuple[str, str, str, str
     return out
 
 
-def _wide_table(records: Sequence[ScanRecord]) -> tuple[list[str], dict[str, dict[str, Any]], list[list[str]]]:
+_QC_COLUMNS: dict[str, dict[str, Any]] = {
+    "naming_confidence": {"Description": "Confidence of the level naming (0-1), from the instance phase"},
+    "qc_flags": {"Description": "QC flags, comma-separated; none when clean"},  # "Levels": the flag codes
+    "qc_gaps": {"Description": "Breaks in the found level sequence"},
+    "qc_missing_discs": {"Description": "Consecutive vertebrae without a disc between them"},
+    "qc_inconsistent_fraction": {"Description": "Voxels on which the instance and semantic masks disagree, as a "
+                                                "fraction of the instance voxels"},
+    "qc_size_flags": {"Description": "Structures outside the reference volume range of their region"},
+    "qc_truncated": {"Description": "Structures cut by the field of view (their heights/areas are n/a)"},
+    "n_outliers": {"Description": "Measurements of this scan that are cohort outliers (robust |z| > threshold)"},
+    "outliers": {"Description": "The outlying measurements: level structure measure (z-score), semicolon-separated"},
+}
+
+
+def _wide_columns(inst_cols: list[tuple[str, str, str]], key_cols: list[tuple[str, str, str, str]]
+                  ) -> dict[str, dict[str, Any]]:
+    """Column name -> description (the table's JSON sidecar), in table order."""
     from spineps.labels import SEMANTIC
     from spineps.measure.qc import FLAG_CODES
-    from spineps.measure.scan import MEASURE_DESCRIPTIONS, semantic_structure_name
+    from spineps.measure.scan import MEASURE_DESCRIPTIONS
 
     cols: dict[str, dict[str, Any]] = {
         "bids_name": {"Description": "Source scan name without suffix and extension (its BIDS entities)"},
@@ -248,64 +268,80 @@ def _wide_table(records: Sequence[ScanRecord]) -> tuple[list[str], dict[str, dic
         "n_vertebrae": {"Description": "Number of vertebrae in the instance mask"},
     }
     for lab in SEMANTIC:
-        cols[f"vol_{lab.abbreviation}"] = {"Description": f"Volume of the '{lab.name}' class (value {lab.value}) in the "
-                                                          "desc-spine mask", "Units": "mm^3"}
-    inst_cols = _instance_columns(records)
+        cols[f"vol_{lab.abbreviation}"] = {
+            "Description": f"Volume of the '{lab.name}' class (value {lab.value}) in the desc-spine mask",
+            "Units": "mm^3"}
     for col, level, structure in inst_cols:
         what = {"vertebra": f"vertebra {level}", "disc": f"the {level} disc",
                 "endplate": f"the endplates at the {level} disc"}[structure]
         cols[col] = {"Description": f"Volume of {what} in the desc-vertebrae mask", "Units": "mm^3"}
-    cols.update({
-        "naming_confidence": {"Description": "Confidence of the level naming (0-1), from the instance phase"},
-        "qc_flags": {"Description": "QC flags, comma-separated; none when clean",
-                     "Levels": dict(FLAG_CODES)},
-        "qc_gaps": {"Description": "Breaks in the found level sequence"},
-        "qc_missing_discs": {"Description": "Consecutive vertebrae without a disc between them"},
-        "qc_inconsistent_fraction": {"Description": "Voxels on which the instance and semantic masks disagree, as a "
-                                                    "fraction of the instance voxels"},
-        "qc_size_flags": {"Description": "Structures outside the reference volume range of their region"},
-        "qc_truncated": {"Description": "Structures cut by the field of view (their heights/areas are n/a)"},
-        "n_outliers": {"Description": "Measurements of this scan that are cohort outliers (robust |z| > threshold)"},
-        "outliers": {"Description": "The outlying measurements: level structure measure (z-score), semicolon-separated"},
-    })
-    key_cols = _key_columns(records)
+    cols.update({k: dict(v) for k, v in _QC_COLUMNS.items()})
+    cols["qc_flags"]["Levels"] = dict(FLAG_CODES)
     for col, level, structure, measure in key_cols:
         d = MEASURE_DESCRIPTIONS.get(measure, {})
         cols[col] = {"Description": f"{structure} at {level}: {d.get('Description', measure)}",
                      "Units": d.get("Units", "")}
+    return cols
+
+
+def _flags_of(r: ScanRecord) -> list[str]:
+    """The scan's QC flags, with ``outlier`` where a measurement is a cohort outlier."""
+    flags = list((r.qc or {}).get("flags") or [])
+    if r.outliers and "outlier" not in flags:
+        flags.append("outlier")
+    return flags
+
+
+def _qc_cells(r: ScanRecord, has_inst: bool) -> dict[str, str]:
+    """The naming-confidence, QC and outlier cells of one scan's row."""
+    qc = r.qc or {}
+    flags = _flags_of(r)
+    conf = r.naming.get("confidence")
+    return {
+        "naming_confidence": _fmt(float(conf)) if isinstance(conf, (int, float)) else "n/a",
+        "qc_flags": ",".join(flags) if flags else "none",
+        "qc_gaps": "; ".join(qc.get("gaps") or []) or ("none" if has_inst else "n/a"),
+        "qc_missing_discs": ",".join(qc.get("missing_discs") or []) or ("none" if has_inst else "n/a"),
+        "qc_inconsistent_fraction": _fmt(float(qc.get("inconsistent_fraction", 0.0))) if has_inst else "n/a",
+        "qc_size_flags": "; ".join(qc.get("size_flags") or []) or ("none" if has_inst else "n/a"),
+        "qc_truncated": ",".join(qc.get("truncated") or []) or "none",
+        "n_outliers": str(len(r.outliers)),
+        "outliers": "; ".join(f"{o.key[0]} {o.key[1]} {o.key[2]} ({o.z:+.1f})" for o in r.outliers) or "none",
+    }
+
+
+def _wide_row(r: ScanRecord, inst_cols: list[tuple[str, str, str]], key_cols: list[tuple[str, str, str, str]]
+              ) -> dict[str, str]:
+    from spineps.labels import SEMANTIC
+    from spineps.measure.scan import semantic_structure_name
+
+    vals = {(lv, st, me): v for lv, st, me, v in r.values}
+    has_inst = r.instance_path is not None
+    qc = r.qc or {}
+    rec: dict[str, str] = {
+        "bids_name": r.bids_name,
+        "naming_rule": _fmt(r.naming.get("rule")) if has_inst and r.naming.get("rule") is not None else "n/a",
+        "levels": ",".join(qc.get("levels") or []) if has_inst and qc.get("levels") else "n/a",
+        "n_vertebrae": str(qc.get("n_vertebrae", 0)) if has_inst else "n/a",
+    }
+    for lab in SEMANTIC:
+        rec[f"vol_{lab.abbreviation}"] = _fmt(vals.get(("all", semantic_structure_name(lab.value), "volume_mm3"), 0.0))
+    for col, level, structure in inst_cols:
+        rec[col] = _fmt(vals.get((level, structure, "volume_mm3"), 0.0)) if has_inst else "n/a"
+    rec.update(_qc_cells(r, has_inst))
+    for col, level, structure, measure in key_cols:
+        rec[col] = _fmt(vals.get((level, structure, measure)))
+    return rec
+
+
+def _wide_table(records: Sequence[ScanRecord]) -> tuple[list[str], dict[str, dict[str, Any]], list[list[str]]]:
+    inst_cols = _instance_columns(records)
+    key_cols = _key_columns(records)
+    cols = _wide_columns(inst_cols, key_cols)
     names = list(cols)
     rows = []
     for r in records:
-        vals = {(lv, st, me): v for lv, st, me, v in r.values}
-        has_inst = r.instance_path is not None
-        qc = r.qc or {}
-        rec: dict[str, str] = {
-            "bids_name": r.bids_name,
-            "naming_rule": _fmt(r.naming.get("rule")) if has_inst and r.naming.get("rule") is not None else "n/a",
-            "levels": ",".join(qc.get("levels") or []) if has_inst and qc.get("levels") else "n/a",
-            "n_vertebrae": str(qc.get("n_vertebrae", 0)) if has_inst else "n/a",
-        }
-        for lab in SEMANTIC:
-            rec[f"vol_{lab.abbreviation}"] = _fmt(vals.get(("all", semantic_structure_name(lab.value), "volume_mm3"), 0.0))
-        for col, level, structure in inst_cols:
-            rec[col] = _fmt(vals.get((level, structure, "volume_mm3"), 0.0)) if has_inst else "n/a"
-        flags = list(qc.get("flags") or [])
-        if r.outliers and "outlier" not in flags:
-            flags.append("outlier")
-        conf = r.naming.get("confidence")
-        rec.update({
-            "naming_confidence": _fmt(float(conf)) if isinstance(conf, (int, float)) else "n/a",
-            "qc_flags": ",".join(flags) if flags else "none",
-            "qc_gaps": "; ".join(qc.get("gaps") or []) or ("none" if has_inst else "n/a"),
-            "qc_missing_discs": ",".join(qc.get("missing_discs") or []) or ("none" if has_inst else "n/a"),
-            "qc_inconsistent_fraction": _fmt(float(qc.get("inconsistent_fraction", 0.0))) if has_inst else "n/a",
-            "qc_size_flags": "; ".join(qc.get("size_flags") or []) or ("none" if has_inst else "n/a"),
-            "qc_truncated": ",".join(qc.get("truncated") or []) or "none",
-            "n_outliers": str(len(r.outliers)),
-            "outliers": "; ".join(f"{o.key[0]} {o.key[1]} {o.key[2]} ({o.z:+.1f})" for o in r.outliers) or "none",
-        })
-        for col, level, structure, measure in key_cols:
-            rec[col] = _fmt(vals.get((level, structure, measure)))
+        rec = _wide_row(r, inst_cols, key_cols)
         rows.append([rec.get(c, "n/a").replace("\t", " ") for c in names])
     return names, cols, rows
 
@@ -324,7 +360,7 @@ def _write(path: Path, text: str) -> None:
 def _template(name: str) -> str:
     from importlib import resources
 
-    return resources.files("spineps.group").joinpath("templates", name).read_text(encoding="utf-8")
+    return (resources.files("spineps.group") / "templates" / name).read_text(encoding="utf-8")
 
 
 def _r(x: Optional[float], nd: int = 2) -> Optional[float]:
@@ -333,11 +369,8 @@ def _r(x: Optional[float], nd: int = 2) -> Optional[float]:
     return round(float(x), nd)
 
 
-def render_html(records: Sequence[ScanRecord], stats: dict, *, title: str, output_dir_name: str, software: str,
-                threshold: float, min_scans: int) -> str:
-    """The report page (a string): templates + one inline JSON blob."""
-    from spineps.measure.qc import FLAG_CODES
-
+def _plot_keys(records: Sequence[ScanRecord]) -> list[tuple[str, str, str]]:
+    """The (level, structure, measure) of the plotted measures some scan has a value of."""
     order = _level_order()
     wanted = {(s, m) for s, m, _ in PLOT_MEASURES}
     present: set[tuple[str, str, str]] = set()
@@ -345,7 +378,40 @@ def render_html(records: Sequence[ScanRecord], stats: dict, *, title: str, outpu
         for level, structure, measure, v in r.values:
             if (structure, measure) in wanted and v is not None and math.isfinite(v):
                 present.add((level, structure, measure))
-    keys = sorted(present, key=lambda k: (k[1], k[2], order.get(k[0], 999)))
+    return sorted(present, key=lambda k: (k[1], k[2], order.get(k[0], 999)))
+
+
+def _scan_blob(r: ScanRecord, kidx: dict[tuple[str, str, str], int]) -> dict[str, Any]:
+    """One scan of the report's data: names, QC, outliers and the plotted values."""
+    vec: list[Optional[float]] = [None] * len(kidx)
+    for level, structure, measure, v in r.values:
+        i = kidx.get((level, structure, measure))
+        if i is not None:
+            vec[i] = _r(v, 2)
+    qc = r.qc or {}
+    flags = _flags_of(r)
+    conf = r.naming.get("confidence")
+    return {
+        "n": r.bids_name, "sub": r.subject, "ses": r.session, "fig": r.figure,
+        "lv": ",".join(qc.get("levels") or []), "nv": qc.get("n_vertebrae") if r.instance_path else None,
+        "rule": r.naming.get("rule"), "conf": _r(float(conf), 3) if isinstance(conf, (int, float)) else None,
+        "flags": flags,
+        "qc": {"gaps": qc.get("gaps") or [], "missing_discs": qc.get("missing_discs") or [],
+               "inc": _r(float(qc.get("inconsistent_fraction") or 0.0), 5), "size": qc.get("size_flags") or [],
+               "trunc": qc.get("truncated") or [], "warn": qc.get("naming_warnings") or []},
+        "o": [[kidx[o.key], _r(o.z, 2)] for o in r.outliers if o.key in kidx],
+        "ot": [f"{o.key[0]} {o.key[1]} {o.key[2]}: {_fmt(round(o.value, 2))} (median {_fmt(round(o.median, 2))}, "
+               f"z={o.z:+.1f})" for o in r.outliers],
+        "v": vec,
+    }
+
+
+def render_html(records: Sequence[ScanRecord], stats: dict, *, title: str, output_dir_name: str, software: str,
+                threshold: float, min_scans: int) -> str:
+    """The report page (a string): templates + one inline JSON blob."""
+    from spineps.measure.qc import FLAG_CODES
+
+    keys = _plot_keys(records)
     kidx = {k: i for i, k in enumerate(keys)}
     choices = [[s, m, label] for s, m, label in PLOT_MEASURES if any(k[1] == s and k[2] == m for k in keys)]
     st_rows = []
@@ -353,31 +419,7 @@ def render_html(records: Sequence[ScanRecord], stats: dict, *, title: str, outpu
         st = stats.get(k)
         st_rows.append(None if st is None else [st.n, _r(st.median, 3), _r(st.q1, 3), _r(st.q3, 3), _r(st.lo, 3),
                                                 _r(st.hi, 3), _r(st.scale, 5)])
-    scans = []
-    for r in records:
-        vec: list[Optional[float]] = [None] * len(keys)
-        for level, structure, measure, v in r.values:
-            i = kidx.get((level, structure, measure))
-            if i is not None:
-                vec[i] = _r(v, 2)
-        qc = r.qc or {}
-        flags = list(qc.get("flags") or [])
-        if r.outliers and "outlier" not in flags:
-            flags.append("outlier")
-        conf = r.naming.get("confidence")
-        scans.append({
-            "n": r.bids_name, "sub": r.subject, "ses": r.session, "fig": r.figure,
-            "lv": ",".join(qc.get("levels") or []), "nv": qc.get("n_vertebrae") if r.instance_path else None,
-            "rule": r.naming.get("rule"), "conf": _r(float(conf), 3) if isinstance(conf, (int, float)) else None,
-            "flags": flags,
-            "qc": {"gaps": qc.get("gaps") or [], "missing_discs": qc.get("missing_discs") or [],
-                   "inc": _r(float(qc.get("inconsistent_fraction") or 0.0), 5), "size": qc.get("size_flags") or [],
-                   "trunc": qc.get("truncated") or [], "warn": qc.get("naming_warnings") or []},
-            "o": [[kidx[o.key], _r(o.z, 2)] for o in r.outliers if o.key in kidx],
-            "ot": [f"{o.key[0]} {o.key[1]} {o.key[2]}: {_fmt(round(o.value, 2))} (median {_fmt(round(o.median, 2))}, "
-                   f"z={o.z:+.1f})" for o in r.outliers],
-            "v": vec,
-        })
+    scans = [_scan_blob(r, kidx) for r in records]
     ident = hashlib.sha1("\n".join([title] + [r.bids_name for r in records]).encode()).hexdigest()[:12]
     data = {
         "title": title, "generated": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -399,31 +441,16 @@ def render_html(records: Sequence[ScanRecord], stats: dict, *, title: str, outpu
 # ------------------------------------------------------------------------------ main
 def _software() -> str:
     try:
-        from spineps import __version__ as v  # type: ignore[attr-defined]
+        from spineps import __version__ as v
     except Exception:  # pragma: no cover - version is optional here
-        v = None
+        return "spineps"
     return f"spineps {v}" if v else "spineps"
 
 
-def build_group(output_dir: Union[str, Path], *, participant_labels: Optional[Iterable[str]] = None,
-                threshold: Optional[float] = None, min_scans: Optional[int] = None,
-                title: Optional[str] = None) -> GroupSummary:
-    """Build every group output from the participant outputs in ``output_dir``.
+def _scans_of(out: Path, participant_labels: Optional[Iterable[str]]) -> list[tuple[str, Path, Optional[Path]]]:
+    """The scans with participant outputs (of the wanted participants); ``NoMatchError`` for none."""
+    from spineps.errors import NoMatchError
 
-    Raises ``NoInputError`` when ``output_dir`` does not exist, ``NoMatchError`` when no scan
-    (of the wanted participants) has outputs. A scan whose outputs cannot be read is logged,
-    left out and listed in ``GroupSummary.failed``."""
-    from spineps.bids.derivatives import write_bidsignore
-    from spineps.errors import NoInputError, NoMatchError, SpinepsError
-    from spineps.fsutil import write_json_atomic
-    from spineps.group import outliers as om
-
-    t0 = time.perf_counter()
-    out = Path(output_dir)
-    if not out.is_dir():
-        raise NoInputError("the output folder does not exist: run the participant level first", out)
-    thr = om.OUTLIER_Z if threshold is None else float(threshold)
-    mins = om.MIN_SCANS if min_scans is None else int(min_scans)
     found = find_scans(out)
     if participant_labels:
         wanted = {lab if lab.startswith("sub-") else f"sub-{lab}" for lab in participant_labels}
@@ -435,6 +462,13 @@ def build_group(output_dir: Union[str, Path], *, participant_labels: Optional[It
     if not found:
         raise NoMatchError(f"no participant outputs (sub-*/**/*{SEMANTIC_SUFFIX} with sidecar) in {out}: "
                            "run the participant level first")
+    return found
+
+
+def _records(out: Path, found: list[tuple[str, Path, Optional[Path]]]) -> tuple[list[ScanRecord], dict[str, str]]:
+    """Every scan's record; an unreadable one is logged and listed in the second value."""
+    from spineps.errors import NoMatchError, SpinepsError
+
     records: list[ScanRecord] = []
     failed: dict[str, str] = {}
     for name, sem, inst in found:
@@ -445,37 +479,26 @@ def build_group(output_dir: Union[str, Path], *, participant_labels: Optional[It
             failed[name] = str(exc)
     if not records:
         raise NoMatchError(f"no readable participant outputs in {out} ({len(failed)} unreadable)")
-    t_read = time.perf_counter() - t0
+    return records, failed
 
-    table: dict[tuple[str, str, str], list[tuple[str, float]]] = {}
-    for r in records:
-        for level, structure, measure, v in r.values:
-            table.setdefault((level, structure, measure), []).append((r.bids_name, v))
-    stats, outs = om.robust_outliers(table, threshold=thr, min_scans=mins)
-    by_scan = om.per_scan(outs)
-    for r in records:
-        r.outliers = by_scan.get(r.bids_name, [])
-    t_stats = time.perf_counter() - t0 - t_read
 
-    names, cols, rows = _wide_table(records)
-    files = {"table": out / GROUP_TSV, "table_json": out / GROUP_JSON, "levels": out / LEVELS_TSV,
-             "levels_json": out / LEVELS_JSON, "report": out / REPORT_HTML}
-    _write(files["table"], "\n".join(["\t".join(names)] + ["\t".join(r) for r in rows]) + "\n")
-    write_json_atomic(files["table_json"], cols)
+def _write_levels(path: Path, json_path: Path, records: Sequence[ScanRecord], stats: dict, thr: float,
+                  mins: int) -> None:
+    """``group_T2w_levels.tsv`` (long format with the robust z-scores) and its JSON sidecar."""
+    from spineps.fsutil import write_json_atomic
+    from spineps.group import outliers as om
 
-    zs: dict[tuple[str, str], float] = {}
-    for o in outs:
-        zs[(o.scan, o.key)] = o.z
     order = _level_order()
     lines = ["bids_name\tlevel\tstructure\tmeasure\tvalue\trobust_z\toutlier"]
     for r in records:
         for level, structure, measure, v in sorted(r.values, key=lambda t: (order.get(t[0], 999), t[1], t[2])):
             st = stats.get((level, structure, measure))
             z = (v - st.median) / st.scale if st is not None and math.isfinite(v) and st.n >= mins else None
-            lines.append("\t".join([r.bids_name, level, structure, measure, _fmt(v), _fmt(None if z is None else round(z, 3)),
+            lines.append("\t".join([r.bids_name, level, structure, measure, _fmt(v),
+                                    _fmt(None if z is None else round(z, 3)),
                                     "n/a" if z is None else str(int(abs(z) > thr))]))
-    _write(files["levels"], "\n".join(lines) + "\n")
-    write_json_atomic(files["levels_json"], {
+    _write(path, "\n".join(lines) + "\n")
+    write_json_atomic(json_path, {
         "bids_name": {"Description": "Source scan name without suffix and extension"},
         "level": {"Description": "Vertebra (L1), disc level (L1/L2) or 'all' (whole-mask class volumes)"},
         "structure": {"Description": "vertebra, body, disc, endplate, canal, cord, or a semantic class name"},
@@ -486,10 +509,47 @@ def build_group(output_dir: Union[str, Path], *, participant_labels: Optional[It
                                     f"with fewer than {mins} scans"},
         "outlier": {"Description": f"1 when |robust_z| > {thr:g}", "Levels": {"0": "within range", "1": "outlier"}},
     })
+
+
+def build_group(output_dir: Union[str, Path], *, participant_labels: Optional[Iterable[str]] = None,
+                threshold: Optional[float] = None, min_scans: Optional[int] = None,
+                title: Optional[str] = None) -> GroupSummary:
+    """Build every group output from the participant outputs in ``output_dir``.
+
+    Raises ``NoInputError`` when ``output_dir`` does not exist, ``NoMatchError`` when no scan
+    (of the wanted participants) has outputs. A scan whose outputs cannot be read is logged,
+    left out and listed in ``GroupSummary.failed``."""
+    from spineps.bids.derivatives import write_bidsignore
+    from spineps.fsutil import write_json_atomic
+    from spineps.group import outliers as om
+
+    t0 = time.perf_counter()
+    out = Path(output_dir)
+    if not out.is_dir():
+        raise NoInputError("the output folder does not exist: run the participant level first", out)
+    thr = om.OUTLIER_Z if threshold is None else float(threshold)
+    mins = om.MIN_SCANS if min_scans is None else int(min_scans)
+    records, failed = _records(out, _scans_of(out, participant_labels))
+    t_read = time.perf_counter() - t0
+    table: dict[tuple[str, str, str], list[tuple[str, float]]] = {}
+    for r in records:
+        for level, structure, measure, v in r.values:
+            table.setdefault((level, structure, measure), []).append((r.bids_name, v))
+    stats, outs = om.robust_outliers(table, threshold=thr, min_scans=mins)
+    by_scan = om.per_scan(outs)
+    for r in records:
+        r.outliers = by_scan.get(r.bids_name, [])
+    t_stats = time.perf_counter() - t0 - t_read
+    names, cols, rows = _wide_table(records)
+    files = {"table": out / GROUP_TSV, "table_json": out / GROUP_JSON, "levels": out / LEVELS_TSV,
+             "levels_json": out / LEVELS_JSON, "report": out / REPORT_HTML}
+    _write(files["table"], "\n".join(["\t".join(names)] + ["\t".join(r) for r in rows]) + "\n")
+    write_json_atomic(files["table_json"], cols)
+    _write_levels(files["levels"], files["levels_json"], records, stats, thr, mins)
     html = render_html(records, stats, title=title or f"SPINEPS group report \u2014 {len(records)} scan(s)",
                        output_dir_name=out.resolve().name, software=_software(), threshold=thr, min_scans=mins)
     _write(files["report"], html)
-    write_bidsignore(out, extra=BIDSIGNORE_EXTRA)
+    write_bidsignore(out)
     n_flagged = sum(1 for r in records if (r.qc.get("flags") or r.outliers))
     seconds = time.perf_counter() - t0
     log.info("group: %d scan(s) (%d measured from masks), %d flagged, %d outlier measurement(s); report %s "
@@ -498,3 +558,17 @@ def build_group(output_dir: Union[str, Path], *, participant_labels: Optional[It
     return GroupSummary(out, records, failed, files, n_flagged, len(outs), seconds,
                         {"read": round(t_read, 3), "stats": round(t_stats, 3),
                          "write": round(seconds - t_read - t_stats, 3)})
+
+
+def run_group(settings: "Settings") -> GroupSummary:
+    """The group level of the BIDS-App: tables, outlier flags and the HTML report of
+    :func:`build_group`, from what participant runs left in ``settings.output_dir``."""
+    out = settings.output_dir
+    if not out.is_dir():
+        raise NoInputError("the output folder does not exist: run the participant level first", out)
+    summary = build_group(out, participant_labels=list(settings.participant_labels) or None)
+    log.info("group table: %d scan(s) -> %s; %d flagged; report %s", summary.n_scans, summary.files["table"],
+             summary.n_flagged, summary.files["report"].name)
+    if summary.failed:
+        log.warning("%d scan(s) left out (unreadable outputs): %s", len(summary.failed), ", ".join(summary.failed))
+    return summary

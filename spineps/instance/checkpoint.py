@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 STATE_PREFIX = "network."
 #: written into checkpoints we save; the reference reads only ``state_dict``
 LIGHTNING_VERSION = "2.1.0"
-_SAFE_GLOBALS = [argparse.Namespace]
+_SAFE_GLOBALS: list[Any] = [argparse.Namespace]
 #: training hyper-parameters the reference's Lightning module reads when it restores a
 #: checkpoint (values are only used for training; the paper's recipe where we have none)
 REFERENCE_OPT_DEFAULTS: dict[str, Any] = {"channelwise": True, "n_epoch": 0, "lr": 1e-4, "lr_end_factor": 0.01,
@@ -128,11 +128,12 @@ def load_instance_checkpoint(path: Path, device: str | torch.device = "cpu") -> 
             parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
         if wrong:
             k = wrong[0]
-            parts.append(f"{len(wrong)} with wrong shape (e.g. {k}: {tuple(sd[k].shape)} vs {tuple(expected[k].shape)})")
+            parts.append(f"{len(wrong)} with wrong shape (e.g. {k}: {tuple(sd[k].shape)} vs "
+                         f"{tuple(expected[k].shape)})")
         raise ModelError("checkpoint does not match the instance U-Net architecture: " + "; ".join(parts), path)
     net.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
     net.eval().to(device)
-    meta = {k: ckpt[k] for k in ("epoch", "global_step", "pytorch-lightning_version") if k in ckpt}
+    meta: dict[str, Any] = {k: ckpt[k] for k in ("epoch", "global_step", "pytorch-lightning_version") if k in ckpt}
     hp = ckpt.get("hyper_parameters")
     if isinstance(hp, Mapping):
         meta["hyper_parameters"] = {k: (vars(v) if isinstance(v, argparse.Namespace) else v) for k, v in hp.items()}

@@ -24,6 +24,8 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 from scipy import ndimage
 
+from spineps.geometry.volume import int3
+
 __all__ = [
     "CutoutBox",
     "body_centres",
@@ -61,7 +63,66 @@ def _vertical_extent(mask: np.ndarray, axis: int) -> int:
     return int(prof[-1] - prof[0] + 1) if prof.size else 0
 
 
-def split_merged_bodies(labels: np.ndarray, n: int, *, axis: int, ref_height: "float | Sequence[float]",
+def _waist_cuts(prof: np.ndarray, ref: float) -> list[int]:
+    """Cut positions (indices into ``prof``) at the narrow waists of a cross-section profile:
+    runs of slices with less than half the typical cross-section (the remains of a disc)."""
+    typical = float(np.percentile(prof, 75))
+    low = prof < 0.5 * typical
+    cuts: list[int] = []
+    min_piece = max(2, int(round(0.4 * ref)))
+    run_start = None
+    for i, flag in enumerate(np.append(low, False)):
+        if flag and run_start is None:
+            run_start = i
+        elif not flag and run_start is not None:
+            if run_start == 0 or i >= len(prof):  # the tapering ends of a body are no waist
+                run_start = None
+                continue
+            cut = run_start + int(np.argmin(prof[run_start:i]))
+            prev = cuts[-1] if cuts else 0
+            if cut - prev >= min_piece and (len(prof) - cut) >= min_piece:
+                cuts.append(cut)
+            run_start = None
+    return cuts
+
+
+def _even_cuts(area: np.ndarray, lo: int, hi: int, extent: int, ref: float) -> list[int]:
+    """No waist but far too long: equal pieces of the expected height, cut at the narrowest slices."""
+    cuts = []
+    pieces = max(2, int(round(extent / ref)))
+    smooth = ndimage.uniform_filter1d(area, size=3, mode="nearest")
+    for p in range(1, pieces):
+        expected = lo + (hi - lo + 1) * p / pieces
+        half = max(1, int(round(0.35 * (hi - lo + 1) / pieces)))
+        a, b = max(lo + 1, int(expected) - half), min(hi, int(expected) + half + 1)
+        if b > a:
+            cuts.append(a + int(np.argmin(smooth[a:b])))
+    return cuts
+
+
+def _body_cuts(comp: np.ndarray, axis: int, ref: float, factor: float, piece_ratio: float) -> list[int]:
+    """Where one elongated body component is cut (slice indices along ``axis``), [] for none."""
+    other = tuple(a for a in range(3) if a != axis)
+    extent = _vertical_extent(comp, axis)
+    area = comp.sum(axis=other).astype(float)
+    nz = np.flatnonzero(area)
+    lo, hi = int(nz[0]), int(nz[-1])
+    cuts = [lo + c for c in _waist_cuts(area[lo:hi + 1], ref)]
+    if not cuts and extent > factor * ref:
+        cuts = _even_cuts(area, lo, hi, extent, ref)
+    cuts = sorted(set(cuts))
+    if cuts:
+        # merged bodies are all full bodies; a piece whose widest cross-section is well
+        # below another's is a process of one body (C2's dens), not a second body
+        bounds = [lo] + cuts + [hi + 1]
+        widest = [float(area[x:y].max()) if y > x else 0.0 for x, y in zip(bounds[:-1], bounds[1:])]
+        if min(widest) < piece_ratio * max(widest):
+            return []
+    return cuts
+
+
+def split_merged_bodies(labels: np.ndarray, n: int, *, axis: int,
+                        ref_height: "float | Sequence[float] | np.ndarray",
                         factor: float = 1.6, waist_factor: float = 1.25, piece_ratio: float = 0.65,
                         min_size: int = 1) -> tuple[np.ndarray, int]:
     """Split bodies the semantic phase merged. A component longer than ``waist_factor *
@@ -73,10 +134,8 @@ def split_merged_bodies(labels: np.ndarray, n: int, *, axis: int, ref_height: "f
     dens, not a body). Returns the relabelled array and the new component count."""
     out = labels.copy()
     next_label = n + 1
-    objs = ndimage.find_objects(labels)
-    other = tuple(a for a in range(3) if a != axis)
     refs = np.broadcast_to(np.asarray(ref_height, dtype=float), (max(n, 1),))
-    for lab, sl in enumerate(objs, start=1):
+    for lab, sl in enumerate(ndimage.find_objects(labels), start=1):
         if sl is None:
             continue
         ref = float(refs[lab - 1])
@@ -84,51 +143,10 @@ def split_merged_bodies(labels: np.ndarray, n: int, *, axis: int, ref_height: "f
         extent = _vertical_extent(comp, axis)
         if extent <= waist_factor * ref:
             continue
-        area = comp.sum(axis=other).astype(float)
-        nz = np.flatnonzero(area)
-        lo, hi = int(nz[0]), int(nz[-1])
-        prof = area[lo:hi + 1]
-        # 1) narrow waists: runs of slices with less than half the typical cross-section
-        typical = float(np.percentile(prof, 75))
-        low = prof < 0.5 * typical
-        cuts: list[int] = []
-        min_piece = max(2, int(round(0.4 * ref)))
-        run_start = None
-        for i, flag in enumerate(np.append(low, False)):
-            if flag and run_start is None:
-                run_start = i
-            elif not flag and run_start is not None:
-                if run_start == 0 or i >= len(prof):  # the tapering ends of a body are no waist
-                    run_start = None
-                    continue
-                cut = run_start + int(np.argmin(prof[run_start:i]))
-                prev = cuts[-1] if cuts else 0
-                if cut - prev >= min_piece and (len(prof) - cut) >= min_piece:
-                    cuts.append(cut)
-                run_start = None
-        cuts = [lo + c for c in cuts]
-        # 2) no waist but far too long: equal pieces of the expected height, cut at the narrowest slices
-        if not cuts and extent > factor * ref:
-            pieces = max(2, int(round(extent / ref)))
-            smooth = ndimage.uniform_filter1d(area, size=3, mode="nearest")
-            for p in range(1, pieces):
-                expected = lo + (hi - lo + 1) * p / pieces
-                half = max(1, int(round(0.35 * (hi - lo + 1) / pieces)))
-                a, b = max(lo + 1, int(expected) - half), min(hi, int(expected) + half + 1)
-                if b > a:
-                    cuts.append(a + int(np.argmin(smooth[a:b])))
-        cuts = sorted(set(cuts))
-        if cuts:
-            # merged bodies are all full bodies; a piece whose widest cross-section is well
-            # below another's is a process of one body (C2's dens), not a second body
-            bounds = [lo] + cuts + [hi + 1]
-            widest = [float(area[x:y].max()) if y > x else 0.0 for x, y in zip(bounds[:-1], bounds[1:])]
-            if min(widest) < piece_ratio * max(widest):
-                cuts = []
+        cuts = _body_cuts(comp, axis, ref, factor, piece_ratio)
         if not cuts:
             continue
-        idx = np.arange(comp.shape[axis])
-        piece_of_slice = np.searchsorted(np.asarray(cuts), idx, side="right")
+        piece_of_slice = np.searchsorted(np.asarray(cuts), np.arange(comp.shape[axis]), side="right")
         shape = [1, 1, 1]
         shape[axis] = -1
         piece = np.broadcast_to(piece_of_slice.reshape(shape), comp.shape)
@@ -148,6 +166,66 @@ def split_merged_bodies(labels: np.ndarray, n: int, *, axis: int, ref_height: "f
     return lut[out], int(present.size)
 
 
+def _erode_in_plane(sub: np.ndarray, spacing: Sequence[float], erosion: int, lr_axis: Optional[int]) -> np.ndarray:
+    """The body mask eroded within the sagittal plane only (thick slices would erase thin bodies
+    along L-R); bodies that the erosion removed completely come back uneroded."""
+    import cc3d
+
+    if lr_axis is None:
+        sp = np.asarray(spacing, float)
+        big = int(np.argmax(sp))
+        lr_axis = big if all(sp[big] >= 1.25 * sp[a] for a in range(3) if a != big) else None
+    struct = ndimage.generate_binary_structure(3, 1)
+    if lr_axis is not None:
+        keep = [slice(None)] * 3
+        keep[lr_axis] = slice(1, 2)
+        flat = np.zeros_like(struct)
+        flat[tuple(keep)] = struct[tuple(keep)]
+        struct = flat
+    work = ndimage.binary_erosion(sub, structure=struct, iterations=erosion)
+    orig, n_orig = cc3d.connected_components(sub.astype(np.uint8), connectivity=6, return_N=True)
+    hit = np.zeros(n_orig + 1, bool)
+    hit[np.unique(orig[work])] = True
+    lost = ~hit
+    lost[0] = False
+    if lost.any():
+        work = work | lost[orig]
+    return work
+
+
+def _reference_heights(labels: np.ndarray, n: int, axis: int, default_h: float) -> np.ndarray:
+    """Expected height of each body: the median of its nearest neighbours along the spine
+    (cervical bodies are half as tall as lumbar ones), within plausible bounds."""
+    objs = ndimage.find_objects(labels)
+    heights = np.array([_vertical_extent(labels[s] == i, axis) if s is not None else 0
+                        for i, s in enumerate(objs, 1)], dtype=float)
+    mids = np.array([(s[axis].start + s[axis].stop) / 2 if s is not None else 0 for s in objs], dtype=float)
+    refs = np.full(n, default_h)
+    if n >= 3:
+        for i in range(n):
+            by_distance = np.argsort(np.abs(mids - mids[i]))
+            others = [j for j in by_distance if j != i][:4]
+            refs[i] = float(np.median(heights[others]))
+    return np.clip(refs, 0.5 * default_h, 1.5 * default_h)
+
+
+def _component_centres(labels: np.ndarray, n: int, offset: np.ndarray, axis: int) -> list[tuple[int, int, int]]:
+    """The centre of mass of each component, nudged onto it where it falls outside, top to bottom."""
+    idx = np.arange(1, n + 1)
+    coms = ndimage.center_of_mass(np.ones(labels.shape, bool), labels, idx)
+    centres: list[tuple[int, int, int]] = []
+    for i, com in zip(idx, coms):
+        c = np.round(np.asarray(com)).astype(int)
+        c = np.clip(c, 0, np.array(labels.shape) - 1)
+        if labels[tuple(c)] != i:  # nudge onto the component's nearest voxel
+            pts = np.argwhere(labels == i)
+            c = pts[np.argmin(((pts - np.asarray(com)) ** 2).sum(axis=1))]
+        g = c + offset
+        centres.append((int(g[0]), int(g[1]), int(g[2])))
+    centres.sort(key=lambda c: c[axis])
+    return centres
+
+
 def body_centres(semantic: np.ndarray, *, spacing: Sequence[float] = (1.0, 1.0, 1.0), axis: int = 1,
                  corpus_size_cleaning: int = 100, erosion: int = 1, lr_axis: Optional[int] = None,
                  body_values: Sequence[int] = BODY_VALUES,
@@ -162,33 +240,9 @@ def body_centres(semantic: np.ndarray, *, spacing: Sequence[float] = (1.0, 1.0, 
         return []
     sl = ndimage.find_objects(body.astype(np.uint8))[0]
     pad = [(max(s.start - 2, 0), min(s.stop + 2, n)) for s, n in zip(sl, body.shape)]
-    box = tuple(slice(a, b) for a, b in pad)
-    offset = np.array([a for a, _ in pad])
-    sub = body[box]
-    if lr_axis is None:
-        sp = np.asarray(spacing, float)
-        big = int(np.argmax(sp))
-        lr_axis = big if all(sp[big] >= 1.25 * sp[a] for a in range(3) if a != big) else None
-    if erosion > 0:
-        # erode within the sagittal plane only: thick slices would erase thin bodies along L-R
-        struct = ndimage.generate_binary_structure(3, 1)
-        if lr_axis is not None:
-            keep = [slice(None)] * 3
-            keep[lr_axis] = slice(1, 2)
-            flat = np.zeros_like(struct)
-            flat[tuple(keep)] = struct[tuple(keep)]
-            struct = flat
-        work = ndimage.binary_erosion(sub, structure=struct, iterations=erosion)
-        # bodies that the erosion removed completely come back uneroded
-        orig, n_orig = cc3d.connected_components(sub.astype(np.uint8), connectivity=6, return_N=True)
-        hit = np.zeros(n_orig + 1, bool)
-        hit[np.unique(orig[work])] = True
-        lost = ~hit
-        lost[0] = False
-        if lost.any():
-            work = work | lost[orig]
-    else:
-        work = sub
+    sub = body[tuple(slice(a, b) for a, b in pad)]
+    work = _erode_in_plane(sub, spacing, erosion, lr_axis) if erosion > 0 else sub
+    labels: np.ndarray
     labels, n = cc3d.connected_components(work.astype(np.uint8), connectivity=6, return_N=True)
     if n == 0:
         return []
@@ -201,36 +255,10 @@ def body_centres(semantic: np.ndarray, *, spacing: Sequence[float] = (1.0, 1.0, 
     lut = np.zeros(n + 1, dtype=np.int32)
     lut[keep] = np.arange(1, keep.size + 1)
     labels, n = lut[labels], int(keep.size)
-
-    # expected height of each body: the median of its nearest neighbours along the spine
-    # (cervical bodies are half as tall as lumbar ones), within plausible bounds
-    objs = ndimage.find_objects(labels)
-    heights = np.array([_vertical_extent(labels[s] == i, axis) if s is not None else 0
-                        for i, s in enumerate(objs, 1)], dtype=float)
-    mids = np.array([(s[axis].start + s[axis].stop) / 2 if s is not None else 0 for s in objs], dtype=float)
-    default_h = body_height_mm / float(spacing[axis])
-    refs = np.full(n, default_h)
-    if n >= 3:
-        for i in range(n):
-            others = np.argsort(np.abs(mids - mids[i]))
-            others = [j for j in others if j != i][:4]
-            refs[i] = float(np.median(heights[others]))
-    refs = np.clip(refs, 0.5 * default_h, 1.5 * default_h)
+    refs = _reference_heights(labels, n, axis, body_height_mm / float(spacing[axis]))
     labels, n = split_merged_bodies(labels, n, axis=axis, ref_height=refs,
                                     min_size=max(1, corpus_size_cleaning // 2))
-
-    idx = np.arange(1, n + 1)
-    coms = ndimage.center_of_mass(np.ones(labels.shape, bool), labels, idx)
-    centres: list[tuple[int, int, int]] = []
-    for i, com in zip(idx, coms):
-        c = np.round(np.asarray(com)).astype(int)
-        c = np.clip(c, 0, np.array(labels.shape) - 1)
-        if labels[tuple(c)] != i:  # nudge onto the component's nearest voxel
-            pts = np.argwhere(labels == i)
-            c = pts[np.argmin(((pts - np.asarray(com)) ** 2).sum(axis=1))]
-        centres.append(tuple(int(x) for x in (c + offset)))  # type: ignore[arg-type]
-    centres.sort(key=lambda c: c[axis])
-    return centres
+    return _component_centres(labels, n, np.array([a for a, _ in pad]), axis)
 
 
 def cutout_boxes(centres: Sequence[Sequence[int]], cutout_size: Sequence[int],
@@ -247,8 +275,8 @@ def cutout_boxes(centres: Sequence[Sequence[int]], cutout_size: Sequence[int],
                 a = b = min(max(st, 0), int(n))
             src.append(slice(a, b))
             dst.append(slice(a - st, a - st + (b - a)))
-        boxes.append(CutoutBox(tuple(int(x) for x in c), tuple(start), tuple(int(s) for s in cutout_size),  # type: ignore[arg-type]
-                               tuple(src), tuple(dst)))  # type: ignore[arg-type]
+        boxes.append(CutoutBox(int3(c), int3(start), int3(cutout_size), (src[0], src[1], src[2]),
+                               (dst[0], dst[1], dst[2])))
     return boxes
 
 

@@ -86,14 +86,116 @@ def _intersection(a: Candidate, b: Candidate) -> int:
     hi = np.minimum(a.stop, b.stop)
     if np.any(hi <= lo):
         return 0
-    sa = tuple(slice(int(l - s), int(h - s)) for l, h, s in zip(lo, hi, a.start))
-    sb = tuple(slice(int(l - s), int(h - s)) for l, h, s in zip(lo, hi, b.start))
+    sa = tuple(slice(int(lo_ - s), int(h - s)) for lo_, h, s in zip(lo, hi, a.start))
+    sb = tuple(slice(int(lo_ - s), int(h - s)) for lo_, h, s in zip(lo, hi, b.start))
     return int(np.count_nonzero(a.mask[sa] & b.mask[sb]))
 
 
 def dice_between(a: Candidate, b: Candidate) -> float:
     inter = _intersection(a, b)
     return 2.0 * inter / max(a.size + b.size, 1)
+
+
+def _agreeing_pairs(cands: list[Candidate], agree_dice: float) -> tuple[list[tuple[float, int, int]],
+                                                                         dict[tuple[int, int], float]]:
+    """Pairwise agreement between candidates of different cutouts whose boxes overlap: the pairs
+    at or above ``agree_dice`` (best first) and every non-zero Dice."""
+    pairs: list[tuple[float, int, int]] = []
+    dice = {}
+    n = len(cands)
+    for i in range(n):
+        for j in range(i + 1, n):
+            if cands[i].cutout == cands[j].cutout:
+                continue
+            d = dice_between(cands[i], cands[j])
+            if d > 0:
+                dice[(i, j)] = d
+            if d >= agree_dice:
+                pairs.append((d, i, j))
+    pairs.sort(key=lambda t: -t[0])
+    return pairs, dice
+
+
+def _agglomerate(cands: list[Candidate], pairs: list[tuple[float, int, int]]) -> list[list[int]]:
+    """Union-find over the agreeing pairs with the "one candidate per cutout" constraint."""
+    n = len(cands)
+    parent = list(range(n))
+    cutouts_of = [{c.cutout} for c in cands]
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for _d, i, j in pairs:
+        ri, rj = find(i), find(j)
+        if ri == rj or cutouts_of[ri] & cutouts_of[rj]:
+            continue
+        parent[rj] = ri
+        cutouts_of[ri] |= cutouts_of[rj]
+    groups: dict[int, list[int]] = {}
+    for i in range(n):
+        groups.setdefault(find(i), []).append(i)
+    return list(groups.values())
+
+
+def _scored(cands: list[Candidate], groups: list[list[int]], dice: dict[tuple[int, int], float]
+            ) -> list[tuple[int, float, bool, int, list[int]]]:
+    """``(members, mean Dice, has a centre prediction, voxels, members)`` per group, best first."""
+    sizes = np.array([c.size for c in cands])
+
+    def mean_dice(members: list[int]) -> float:
+        if len(members) < 2:
+            return 0.0
+        vals = [dice.get((min(a, b), max(a, b)), 0.0) for ai, a in enumerate(members) for b in members[ai + 1:]]
+        return float(np.mean(vals))
+
+    scored = []
+    for members in groups:
+        has_centre = any(cands[m].cls == 2 for m in members)
+        scored.append((len(members), mean_dice(members), has_centre, int(sizes[members].sum()), members))
+    scored.sort(key=lambda t: (-t[0], -t[1], -int(t[2]), -t[3]))
+    return scored
+
+
+def _consensus(cands: list[Candidate], members: list[int], valid: Optional[np.ndarray]
+               ) -> tuple[tuple[slice, ...], np.ndarray]:
+    """The group's box and its voxels predicted by at least two members (one for pairs and singles)."""
+    lo = np.min([cands[m].start for m in members], axis=0)
+    hi = np.max([cands[m].stop for m in members], axis=0)
+    votes = np.zeros(tuple(int(x) for x in hi - lo), dtype=np.uint8)
+    for m in members:
+        c = cands[m]
+        sl = tuple(slice(int(a), int(b)) for a, b in zip(c.start - lo, c.stop - lo))
+        votes[sl] += c.mask
+    consensus = votes >= (2 if len(members) >= 3 else 1)
+    region_sl = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    if valid is not None:
+        consensus &= valid[region_sl]
+    return region_sl, consensus
+
+
+def _number_top_to_bottom(out: np.ndarray, next_id: int, axis: int, written: list[dict]) -> np.ndarray:
+    """Instances renumbered 1..N by their mean index along ``axis`` (``written`` follows)."""
+    shape = out.shape
+    ids = np.arange(1, next_id)
+    idx: np.ndarray = np.indices(shape, sparse=True)[axis].reshape(-1)
+    counts = np.bincount(out.ravel(), minlength=next_id)[1:]
+    # mean index along the axis per instance, slice by slice (no full-volume copy per label)
+    pos = np.zeros(next_id, dtype=np.float64)
+    for sl_i in range(shape[axis]):
+        plane = np.take(out, sl_i, axis=axis)
+        bc = np.bincount(plane.ravel(), minlength=next_id)
+        pos += bc * idx[sl_i]
+    centre_pos = pos[1:] / np.maximum(counts, 1)
+    order = ids[np.argsort(centre_pos, kind="stable")]
+    lut = np.zeros(next_id, dtype=np.uint16)
+    lut[order] = np.arange(1, next_id, dtype=np.uint16)
+    for g in written:
+        g["id"] = int(lut[g["id"]])
+    written.sort(key=lambda g: g["id"])
+    return lut[out]
 
 
 def merge_cutout_predictions(predictions: Sequence[np.ndarray], boxes: Sequence[CutoutBox],
@@ -111,59 +213,13 @@ def merge_cutout_predictions(predictions: Sequence[np.ndarray], boxes: Sequence[
     group that ends up with fewer than ``min_group_fraction`` times that median."""
     shape = tuple(int(s) for s in shape)
     cands = candidates_from_predictions(predictions, boxes, min_voxels=1)
-    sizes = np.array([c.size for c in cands])
-    n = len(cands)
-    # pairwise agreement between candidates of different cutouts whose boxes overlap
-    pairs: list[tuple[float, int, int]] = []
-    dice = {}
-    for i in range(n):
-        for j in range(i + 1, n):
-            if cands[i].cutout == cands[j].cutout:
-                continue
-            d = dice_between(cands[i], cands[j])
-            if d > 0:
-                dice[(i, j)] = d
-            if d >= agree_dice:
-                pairs.append((d, i, j))
-    pairs.sort(key=lambda t: -t[0])
-    # agglomerate: union-find with the "one candidate per cutout" constraint
-    parent = list(range(n))
-    cutouts_of = [{c.cutout} for c in cands]
-
-    def find(x: int) -> int:
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    for d, i, j in pairs:
-        ri, rj = find(i), find(j)
-        if ri == rj or cutouts_of[ri] & cutouts_of[rj]:
-            continue
-        parent[rj] = ri
-        cutouts_of[ri] |= cutouts_of[rj]
-    groups: dict[int, list[int]] = {}
-    for i in range(n):
-        groups.setdefault(find(i), []).append(i)
-
-    def mean_dice(members: list[int]) -> float:
-        if len(members) < 2:
-            return 0.0
-        vals = [dice.get((min(a, b), max(a, b)), 0.0) for ai, a in enumerate(members) for b in members[ai + 1:]]
-        return float(np.mean(vals))
-
-    scored = []
-    for members in groups.values():
-        has_centre = any(cands[m].cls == 2 for m in members)
-        scored.append((len(members), mean_dice(members), has_centre, int(sizes[members].sum()), members))
-    scored.sort(key=lambda t: (-t[0], -t[1], -int(t[2]), -t[3]))
-
+    pairs, dice = _agreeing_pairs(cands, agree_dice)
+    scored = _scored(cands, _agglomerate(cands, pairs), dice)
     # a prediction that no other cutout confirms and that is much smaller than a confirmed
     # vertebra is a fragment (e.g. a sliver called "below" on the centre vertebra's edge)
     confirmed = [t[3] / t[0] for t in scored if t[0] >= 2]
     median_confirmed = float(np.median(confirmed)) if confirmed else 0.0
     min_single = min_single_fraction * median_confirmed
-
     out = np.zeros(shape, dtype=np.uint16)
     warnings: list[str] = []
     written: list[dict] = []
@@ -173,26 +229,16 @@ def merge_cutout_predictions(predictions: Sequence[np.ndarray], boxes: Sequence[
             log.debug("dropping an unconfirmed %d-voxel prediction (cutout %d, class %d)", total_size,
                       cands[members[0]].cutout, cands[members[0]].cls)
             continue
-        lo = np.min([cands[m].start for m in members], axis=0)
-        hi = np.max([cands[m].stop for m in members], axis=0)
-        votes = np.zeros(tuple(int(x) for x in hi - lo), dtype=np.uint8)
-        for m in members:
-            c = cands[m]
-            sl = tuple(slice(int(a), int(b)) for a, b in zip(c.start - lo, c.stop - lo))
-            votes[sl] += c.mask
-        need = 2 if n_mem >= 3 else 1
-        consensus = votes >= need
-        region_sl = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+        region_sl, consensus = _consensus(cands, members, valid)
         region = out[region_sl]
-        if valid is not None:
-            consensus &= valid[region_sl]
         total = int(consensus.sum())
         if total == 0:
             continue
         free = consensus & (region == 0)
         n_free = int(free.sum())
         if n_free < duplicate_fraction * total:
-            log.debug("dropping a group of %d prediction(s): %d of %d voxels already taken", n_mem, total - n_free, total)
+            log.debug("dropping a group of %d prediction(s): %d of %d voxels already taken", n_mem,
+                      total - n_free, total)
             continue
         if n_free < min_voxels:
             continue
@@ -208,26 +254,8 @@ def merge_cutout_predictions(predictions: Sequence[np.ndarray], boxes: Sequence[
             warnings.append(f"a vertebra seen by one cutout only (cutout {cands[members[0]].cutout}, class "
                             f"{cands[members[0]].cls}, {n_free} voxels)")
         next_id += 1
-
-    # number top to bottom
     if next_id > 1:
-        ids = np.arange(1, next_id)
-        idx = np.indices(shape, sparse=True)[axis].reshape(-1)
-        counts = np.bincount(out.ravel(), minlength=next_id)[1:]
-        # mean index along the axis per instance, slice by slice (no full-volume copy per label)
-        pos = np.zeros(next_id, dtype=np.float64)
-        for sl_i in range(shape[axis]):
-            plane = np.take(out, sl_i, axis=axis)
-            bc = np.bincount(plane.ravel(), minlength=next_id)
-            pos += bc * idx[sl_i]
-        centre_pos = pos[1:] / np.maximum(counts, 1)
-        order = ids[np.argsort(centre_pos, kind="stable")]
-        lut = np.zeros(next_id, dtype=np.uint16)
-        lut[order] = np.arange(1, next_id, dtype=np.uint16)
-        out = lut[out]
-        for g in written:
-            g["id"] = int(lut[g["id"]])
-        written.sort(key=lambda g: g["id"])
+        out = _number_top_to_bottom(out, next_id, axis, written)
     return MergeResult(instance=out, groups=written, warnings=warnings)
 
 

@@ -105,12 +105,14 @@ class InstanceUNet3D(nn.Module):
         x = self.init_conv(x)
         r = x
         skips = []
-        for block_a, block_b, down in self.downs:  # type: ignore[misc]
+        for stage in self.downs:
+            block_a, block_b, down = stage.children()
             x = block_b(block_a(x))
             skips.append(x)
             x = down(x)
         x = self.mid_block2(self.mid_block1(x))
-        for block_a, block_b, up in self.ups:  # type: ignore[misc]
+        for stage in self.ups:
+            block_a, block_b, up = stage.children()
             x = 0.5 * (x + skips.pop())
             x = block_b(block_a(x))
             x = up(x)

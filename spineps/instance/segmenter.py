@@ -1,12 +1,12 @@
-"""``UNetInstanceSegmenter``: the instance phase on a semantic mask.
+"""``UNetInstanceSegmenter``: the instance phase on a semantic mask (follows
+``spineps.models.protocols.InstanceSegmenter``).
 
 Chain (``segment``): semantic mask -> model orientation and spacing (exact reorientation,
 nearest-neighbour resampling) -> vertebral-body centres -> cutouts -> batched forward of
-the instance U-Net -> consensus merging -> back onto the semantic mask's exact grid ->
-consistency with the semantic mask -> discs and endplates -> level names.
-
-``predict_vertebrae`` stops after the way back: an anonymous vertebra mask (1..N top to
-bottom, world superior first) on the semantic grid, restricted to vertebra-part voxels.
+the instance U-Net -> consensus merging -> back onto the semantic mask's exact grid: an
+anonymous vertebra mask (1..N top to bottom, world superior first), restricted to
+vertebra-part voxels. What follows (consistency, discs and endplates, level names) is
+chained by ``spineps.pipeline``.
 """
 
 from __future__ import annotations
@@ -15,22 +15,26 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
 
 from spineps.errors import ModelError
 from spineps.geometry.volume import Volume
+from spineps.labels import INSTANCE_PARTS
+from spineps.models.device import resolve_device, to_memory_format
 from spineps.models.folder import ModelConfig, folder_checksum, read_model_config
+from spineps.models.protocols import VertebraPrediction
 
-__all__ = ["UNetInstanceSegmenter", "ModelGridResult", "find_weights", "resolve_device"]
+if TYPE_CHECKING:  # pragma: no cover
+    from spineps.models.onnx_engine import OrtForward
+
+__all__ = ["UNetInstanceSegmenter", "ModelGridResult", "find_weights"]
 
 log = logging.getLogger(__name__)
 
 #: cutouts at least this large run in channels_last_3d memory format on CPU
 CHANNELS_LAST_MIN_VOXELS = 2_000_000
-#: semantic values whose voxels the anonymous vertebra mask covers
-VERTEBRA_PART_VALUES = tuple(range(41, 50))
 
 
 @dataclass
@@ -54,26 +58,14 @@ def find_weights(folder: Path) -> Path:
     return found[0]
 
 
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelError(f"device {device!r} requested but CUDA is not available")
-    if device not in ("cpu",) and not device.startswith("cuda"):
-        raise ModelError(f"unknown device {device!r} (use auto, cpu or cuda[:N])")
-    return device
-
-
 class UNetInstanceSegmenter:
     """The instance phase with a SPINEPS instance model folder."""
 
     name = "spineps-instance-unet"
 
     def __init__(self, config: ModelConfig, weights: Path, *, device: str = "auto", nprocs: Optional[int] = None,
-                 level_rule: str = "auto", top_vertebra: Optional[str] = None, batch_size: Optional[int] = None,
-                 channels_last: Optional[bool] = None, precision: str = "fp32", engine: str = "torch"):
+                 batch_size: Optional[int] = None, channels_last: Optional[bool] = None, precision: str = "fp32",
+                 engine: str = "torch"):
         import torch
 
         from spineps.instance.checkpoint import load_instance_checkpoint
@@ -84,8 +76,6 @@ class UNetInstanceSegmenter:
         self.nprocs = nprocs
         if nprocs is not None and self.device == "cpu":
             torch.set_num_threads(max(1, int(nprocs)))
-        self.level_rule = level_rule
-        self.top_vertebra = top_vertebra  # "the top-most vertebra in view is ..." (overrides level_rule)
         loaded = load_instance_checkpoint(self.weights, device=self.device)
         self.network = loaded.network
         self.in_channels = loaded.in_channels
@@ -106,30 +96,26 @@ class UNetInstanceSegmenter:
                                                       >= CHANNELS_LAST_MIN_VOXELS)
         self.channels_last = bool(channels_last)
         if self.channels_last:
-            self.network = self.network.to(memory_format=torch.channels_last_3d)
+            self.network = to_memory_format(self.network, torch.channels_last_3d)
         self.batch_size = int(batch_size) if batch_size else (8 if self.device.startswith("cuda") else 2)
         self._checksum: Optional[str] = None
-        self._ort = None
+        self._ort: Optional[OrtForward] = None
         self.engine = self._set_engine(engine)
 
     def _set_engine(self, engine: str) -> str:
         """``torch`` or ``onnxruntime`` (spineps.models.onnx_engine) for the cutout forward passes."""
         import torch
 
-        from spineps.models.onnx_engine import install_or_fall_back, resolve_engine
+        from spineps.models.onnx_engine import install_or_fall_back, wants_onnxruntime
 
         if engine == "auto":
             # measured (benchmarks/instance_speed.py): ONNX Runtime is slower than torch for this U-Net
             # (group norm becomes reshape + instance norm: 0.154 vs 0.066 s per cutout, batch 2)
             engine = "torch"
-        try:
-            chosen = resolve_engine(engine, self.device, self.precision)
-        except ValueError as exc:
-            raise ModelError(str(exc), self.config.path) from None
-        if chosen != "onnxruntime":
+        if not wants_onnxruntime(engine, self.device, self.precision, self.config.path):
             return "torch"
         if self.channels_last:  # the session takes plain contiguous float32 input
-            self.network = self.network.to(memory_format=torch.contiguous_format)
+            self.network = to_memory_format(self.network, torch.contiguous_format)
             self.channels_last = False
         shape = (self.in_channels, *[int(v) for v in self.config.cutout_size])
         self._ort = install_or_fall_back(self.network, shape, self.nprocs or torch.get_num_threads(),
@@ -139,7 +125,6 @@ class UNetInstanceSegmenter:
     # -- construction ---------------------------------------------------------------
     @classmethod
     def from_folder(cls, folder: Path, *, device: str = "auto", nprocs: Optional[int] = None,
-                    level_rule: str = "auto", top_vertebra: Optional[str] = None,
                     batch_size: Optional[int] = None, precision: str = "fp32",
                     engine: str = "torch") -> "UNetInstanceSegmenter":
         folder = Path(folder)
@@ -150,8 +135,8 @@ class UNetInstanceSegmenter:
             raise ModelError(f"not an instance model: modeltype is {config.modeltype!r}, expected 'unet'", folder)
         if not config.fixed_spacing:
             log.info("instance model %s has a spacing range; inputs are clamped into it", folder)
-        return cls(config, find_weights(folder), device=device, nprocs=nprocs, level_rule=level_rule,
-                   top_vertebra=top_vertebra, batch_size=batch_size, precision=precision, engine=engine)
+        return cls(config, find_weights(folder), device=device, nprocs=nprocs, batch_size=batch_size,
+                   precision=precision, engine=engine)
 
     def provenance(self) -> dict[str, Any]:
         if self._checksum is None:
@@ -161,7 +146,7 @@ class UNetInstanceSegmenter:
             "folder": str(self.config.path),
             "log_name": self.config.log_name,
             "weights": self.weights.name,
-            "sha256": self._checksum,
+            "checksum": f"sha256:{self._checksum}",
             "network": {"dim": self.dim, "in_channels": self.in_channels},
             "orientation": list(self.config.orientation),
             "spacing": [list(self.config.spacing_min), list(self.config.spacing_max)],
@@ -225,7 +210,7 @@ class UNetInstanceSegmenter:
         preds = self.forward_cutouts(mapped, boxes)
         timings["instance_forward"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        valid = np.isin(semantic, np.asarray(VERTEBRA_PART_VALUES))
+        valid = np.isin(semantic, np.asarray(INSTANCE_PARTS))
         merged = merge_cutout_predictions(preds, boxes, semantic.shape, axis=axis, valid=valid,
                                           min_voxels=cfg.vert_size_threshold)
         merged.instance = fill_unassigned(merged.instance, valid, max_dist=2.0)
@@ -237,24 +222,6 @@ class UNetInstanceSegmenter:
         log.info("instance phase: %d body centres -> %d vertebrae (%.1f s forward)", len(centres),
                  len(merged.groups), timings["instance_forward"])
         return ModelGridResult(merged.instance, centres, merged.groups, merged.warnings, timings)
-
-    @staticmethod
-    def _crop_to_spine(semantic: Volume, vertebrae: Volume) -> tuple[Volume, Volume, Any]:
-        """Both masks cut to the bounding box of the semantic labels plus two voxels, so every
-        label keeps background around it unless it touches the volume border (the level
-        naming's "cut by the border" tests see the same borders). Returns the crops and the
-        ``Crop`` to undo it (None when the box is the whole volume or empty). Saves time and
-        memory of the post-processing on large fields of view (whole spine: ~60 % of the
-        voxels are outside the box)."""
-        from spineps.geometry.cropping import bbox_of, crop_to_bbox
-
-        box = bbox_of(np.asarray(semantic.data) > 0, 2)
-        if box is None or all(sl.stop - sl.start == n for sl, n in zip(box, semantic.shape)):
-            return semantic, vertebrae, None
-        sem_c, crop = crop_to_bbox(semantic, box)
-        vert_c, _ = crop_to_bbox(vertebrae, box)
-        log.debug("post-processing on the spine's box %s of %s", sem_c.shape, semantic.shape)
-        return sem_c, vert_c, crop
 
     # -- on the semantic mask's grid ------------------------------------------------
     def _predict(self, semantic: Volume) -> tuple[Volume, ModelGridResult]:
@@ -270,49 +237,24 @@ class UNetInstanceSegmenter:
         back = back_to_grid(model_grid.with_data(res.instance), oriented, order=0)
         inst = from_orientation(back, reo)
         data = np.asarray(inst.data).astype(np.uint16)
-        parts = np.isin(np.asarray(semantic.data), np.asarray(VERTEBRA_PART_VALUES))
+        parts = np.isin(np.asarray(semantic.data), np.asarray(INSTANCE_PARTS))
         data[~parts] = 0
         # vertebra-part voxels of the finer input grid that the coarser model grid missed
         # (thin processes, borders) take the nearest instance within two model voxels
         data = fill_unassigned(data, parts, max_dist=2.0 * max(model_grid.spacing), sampling=semantic.spacing)
         return semantic.with_data(data), res
 
-    def predict_vertebrae(self, semantic: Volume) -> Volume:
+    def segment(self, semantic: Volume) -> VertebraPrediction:
         """The anonymous vertebra mask (1..N, world superior first) on ``semantic``'s grid."""
-        vol, _ = self._predict(semantic)
-        return vol
-
-    def segment(self, semantic: Volume) -> "InstanceOutput":  # noqa: F821
-        from spineps.labeling.levels import apply_naming, name_levels
-        from spineps.pipeline import InstanceOutput
-        from spineps.postprocess.consistency import ConsistencyStats, make_consistent
-        from spineps.postprocess.discs import assign_discs_and_endplates
-
         t0 = time.perf_counter()
         vert, res = self._predict(semantic)  # on the whole grid: the model grid stays aligned with it
-        semantic, vert, crop = self._crop_to_spine(semantic, vert)  # post-processing on the spine's box
         timings = dict(res.timings)
         timings["instance_network_total"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        stats = ConsistencyStats()
-        sem2, vert2 = make_consistent(semantic, vert, stats=stats)
-        consistency_warnings = [] if not stats.surplus_to_sacrum else [
-            f"{stats.surplus_to_sacrum} vertebra-like instance(s) below the 25th from the top were taken as sacral "
-            "segments; check the level names of the lower spine"]
-        sem3, inst = assign_discs_and_endplates(sem2, vert2)
-        timings["instance_postprocess"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        naming = name_levels(sem3, inst, rule=self.level_rule, anchor=self.top_vertebra)
-        named = apply_naming(inst, naming)
-        timings["instance_naming"] = time.perf_counter() - t0
-        naming_dict = naming.as_dict()
-        if crop is not None:
-            from spineps.geometry.cropping import uncrop
+        return VertebraPrediction(vertebrae=vert, warnings=list(res.warnings), timings=timings)
 
-            sem3, named = uncrop(sem3, crop), uncrop(named, crop)
-        return InstanceOutput(semantic=sem3, instance=named, naming=naming_dict, timings=timings,
-                              warnings=list(res.warnings) + consistency_warnings
-                              + list(getattr(naming, "warnings", []) or []))
+    def predict_vertebrae(self, semantic: Volume) -> Volume:
+        """Only the vertebra mask of :meth:`segment`."""
+        return self.segment(semantic).vertebrae
 
 
 def _vertical_axis(codes: Sequence[str]) -> int:

@@ -80,8 +80,11 @@ from typing import Any, Optional
 import numpy as np
 
 from spineps.errors import InputError, UsageError
+from spineps.fsutil import jsonable
 from spineps.geometry.volume import Volume
 from spineps.labels import COSTAL_L, COSTAL_R, LEVEL_RULES, SACRUM, vertebra_name, vertebra_value
+from spineps.postprocess.vertebrae import (VertebraCentroids, VertebraFrame, body_mask_of, vertebra_frames,
+                                           vertebra_ids)
 
 __all__ = [
     "RULES",
@@ -179,43 +182,96 @@ class LevelNaming:
             "variant": self.variant,
             "confidence": round(float(self.confidence), 4),
             "warnings": list(self.warnings),
-            "evidence": _jsonable(self.evidence),
+            "evidence": jsonable(self.evidence, ndigits=3),
         }
 
 
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (np.floating, float)):
-        v = float(x)
-        return None if math.isnan(v) else round(v, 3)
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, np.bool_):
-        return bool(x)
-    return x
-
-
 # ------------------------------------------------------------------------------ measuring
-def measure_vertebrae(semantic: Volume, instance: Volume) -> list[VertebraMeasure]:
-    """Body size and costal-process tilt of every anonymous vertebra, top to bottom."""
-    from scipy import ndimage
+def _measure_body(m: VertebraMeasure, body: np.ndarray, lo: np.ndarray, f: VertebraFrame, axes: np.ndarray,
+                  semantic: Volume) -> None:
+    """Extent along the spine, volumetric and mid-column heights, depth and width of a body
+    (``body``: its voxels in the box starting at ``lo``), into ``m``."""
+    aff = semantic.affine
+    idx = np.argwhere(body)
+    pts = (idx + lo) @ aff[:3, :3].T + aff[:3, 3] - f.centroid
+    proj = pts @ axes.T
+    step = np.abs(axes @ aff[:3, :3]).max(1)  # one voxel step along each direction
+    # full extent along the spine (dens included: the C2 cue)
+    m.extent_si = float(np.percentile(proj[:, 0], 99) - np.percentile(proj[:, 0], 1) + step[0])
+    # mid-body slab perpendicular to the spine: its area gives the volumetric height
+    # (volume / mid cross-section; robust to tilt and wedging), its extents depth/width
+    half = max(0.2 * m.extent_si, 1.5 * step[0])
+    slab = np.abs(proj[:, 0]) <= half
+    if slab.sum() < 4:
+        return
+    thick = float(proj[slab, 0].max() - proj[slab, 0].min() + step[0])
+    area = slab.sum() * semantic.voxel_volume / thick
+    m.height = float(m.n_body * semantic.voxel_volume / area)
+    sp = proj[slab]
+    ext = np.percentile(sp, 99, axis=0) - np.percentile(sp, 1, axis=0) + step
+    m.depth, m.width = float(ext[1]), float(ext[2])
+    # mid-sagittal column height: voxels near the body's central axis
+    col = (np.abs(proj[:, 1]) <= max(0.15 * m.depth, step[1])) & (
+        np.abs(proj[:, 2]) <= max(0.15 * m.width, step[2]))
+    if col.sum() >= 4:
+        m.height_col = float(np.percentile(proj[col, 0], 99) - np.percentile(proj[col, 0], 1) + step[0])
 
-    from spineps.postprocess.consistency import vertebra_ids
-    from spineps.postprocess.discs import body_mask_of, vertebra_frames
+
+def _border_cuts(m: VertebraMeasure, body: np.ndarray, lo: np.ndarray, shape: np.ndarray, dir_vox: np.ndarray
+                 ) -> None:
+    """Which feature directions of ``m`` the volume border cuts, and whether the top is cut."""
+    gidx = np.argwhere(body) + lo
+    main_axis = np.abs(dir_vox).argmax(1)  # the array axis each feature direction mostly follows
+    touch_lo = gidx.min(0) == 0
+    touch_hi = gidx.max(0) == shape - 1
+    touched = touch_lo | touch_hi
+    m.cut = (bool(touched[main_axis[0]]), bool(touched[main_axis[1]]), bool(touched[main_axis[2]]))
+    # is the border that is touched on the superior side?
+    a0 = main_axis[0]
+    m.top_cut = bool(touch_hi[a0] if dir_vox[0][a0] > 0 else touch_lo[a0])
+
+
+def _process_tilts(m: VertebraMeasure, s_sem: np.ndarray, s_inst: np.ndarray, lo: np.ndarray, f: VertebraFrame,
+                   aff: np.ndarray) -> None:
+    """Mean posterior tilt and root -> tip length of the costal processes of ``m``."""
+    tilts, lengths = [], []
+    for lab in (COSTAL_L, COSTAL_R):
+        proc = (s_sem == lab) & (s_inst == m.id)
+        if proc.sum() < 4:
+            continue
+        pts = (np.argwhere(proc) + lo) @ aff[:3, :3].T + aff[:3, 3] - f.centroid
+        r = pts @ f.right
+        a = pts @ f.anterior
+        if abs(r.mean()) < 1e-6:
+            continue
+        lat = np.abs(r)
+        q1, q3 = np.percentile(lat, [25, 75])
+        root, tip = lat <= q1, lat >= q3
+        if not root.any() or not tip.any() or q3 - q1 < 1e-6:
+            continue
+        d_lat = lat[tip].mean() - lat[root].mean()  # root -> tip, lateral component
+        d_ant = a[tip].mean() - a[root].mean()
+        tilts.append(math.degrees(math.atan2(-d_ant, d_lat)))
+        lengths.append(math.hypot(d_lat, d_ant))
+    if tilts:
+        m.process_tilt = float(np.mean(tilts))
+        m.process_len = float(np.mean(lengths))
+
+
+def measure_vertebrae(semantic: Volume, instance: Volume,
+                      centroids: Optional[VertebraCentroids] = None) -> list[VertebraMeasure]:
+    """Body size and costal-process tilt of every anonymous vertebra, top to bottom
+    (``centroids``: theirs on these masks, computed here when not given)."""
+    from scipy import ndimage
 
     sem = np.asarray(semantic.data)
     inst = np.asarray(instance.data)
     ids = vertebra_ids(inst)
     if not ids:
         return []
-    frames = vertebra_frames(semantic, instance, ids)
-    vert = np.where((inst > 0) & (inst < 100) & (inst != SACRUM), inst, 0)
-    boxes = ndimage.find_objects(vert)
+    frames = vertebra_frames(semantic, instance, ids, centroids)
+    boxes = ndimage.find_objects(np.where((inst > 0) & (inst < 100) & (inst != SACRUM), inst, 0))
     shape = np.asarray(inst.shape)
-    aff = semantic.affine
     pad = np.ceil(6.0 / np.asarray(semantic.spacing)).astype(int)  # endplates next to the body
     out: list[VertebraMeasure] = []
     for v in ids:
@@ -229,63 +285,10 @@ def measure_vertebrae(semantic: Volume, instance: Volume) -> list[VertebraMeasur
         body = body_mask_of(s_sem, s_inst, v)
         m.n_body = int(body.sum())
         axes = np.stack([f.superior, f.anterior, f.right])  # feature directions (world)
-        # which array axis each feature direction mostly follows
-        dir_vox = axes @ aff[:3, :3] / np.asarray(semantic.spacing) ** 2
-        main_axis = np.abs(dir_vox).argmax(1)
         if m.n_body >= 4:
-            idx = np.argwhere(body)
-            gidx = idx + lo
-            pts = gidx @ aff[:3, :3].T + aff[:3, 3] - f.centroid
-            proj = pts @ axes.T
-            step = np.abs(axes @ aff[:3, :3]).max(1)  # one voxel step along each direction
-            # full extent along the spine (dens included: the C2 cue)
-            m.extent_si = float(np.percentile(proj[:, 0], 99) - np.percentile(proj[:, 0], 1) + step[0])
-            # mid-body slab perpendicular to the spine: its area gives the volumetric height
-            # (volume / mid cross-section; robust to tilt and wedging), its extents depth/width
-            half = max(0.2 * m.extent_si, 1.5 * step[0])
-            slab = np.abs(proj[:, 0]) <= half
-            if slab.sum() >= 4:
-                thick = float(proj[slab, 0].max() - proj[slab, 0].min() + step[0])
-                area = slab.sum() * semantic.voxel_volume / thick
-                m.height = float(m.n_body * semantic.voxel_volume / area)
-                sp = proj[slab]
-                ext = np.percentile(sp, 99, axis=0) - np.percentile(sp, 1, axis=0) + step
-                m.depth, m.width = float(ext[1]), float(ext[2])
-                # mid-sagittal column height: voxels near the body's central axis
-                col = (np.abs(proj[:, 1]) <= max(0.15 * m.depth, step[1])) & (
-                    np.abs(proj[:, 2]) <= max(0.15 * m.width, step[2]))
-                if col.sum() >= 4:
-                    m.height_col = float(np.percentile(proj[col, 0], 99) - np.percentile(proj[col, 0], 1) + step[0])
-            touch_lo = gidx.min(0) == 0
-            touch_hi = gidx.max(0) == shape - 1
-            touched = touch_lo | touch_hi
-            m.cut = tuple(bool(touched[a]) for a in main_axis)  # type: ignore[assignment]
-            # is the border that is touched on the superior side?
-            sup_dir = dir_vox[0]
-            a0 = main_axis[0]
-            m.top_cut = bool(touch_hi[a0] if sup_dir[a0] > 0 else touch_lo[a0])
-        tilts, lengths = [], []
-        for lab in (COSTAL_L, COSTAL_R):
-            proc = (s_sem == lab) & (s_inst == v)
-            if proc.sum() < 4:
-                continue
-            pts = (np.argwhere(proc) + lo) @ aff[:3, :3].T + aff[:3, 3] - f.centroid
-            r = pts @ f.right
-            a = pts @ f.anterior
-            if abs(r.mean()) < 1e-6:
-                continue
-            lat = np.abs(r)
-            q1, q3 = np.percentile(lat, [25, 75])
-            root, tip = lat <= q1, lat >= q3
-            if not root.any() or not tip.any() or q3 - q1 < 1e-6:
-                continue
-            d_lat = lat[tip].mean() - lat[root].mean()  # root -> tip, lateral component
-            d_ant = a[tip].mean() - a[root].mean()
-            tilts.append(math.degrees(math.atan2(-d_ant, d_lat)))
-            lengths.append(math.hypot(d_lat, d_ant))
-        if tilts:
-            m.process_tilt = float(np.mean(tilts))
-            m.process_len = float(np.mean(lengths))
+            _measure_body(m, body, lo, f, axes, semantic)
+            _border_cuts(m, body, lo, shape, axes @ semantic.affine[:3, :3] / np.asarray(semantic.spacing) ** 2)
+        _process_tilts(m, s_sem, s_inst, lo, f, semantic.affine)
         out.append(m)
     return out
 
@@ -444,7 +447,6 @@ def _size_ll(names: tuple[int, ...], feats: np.ndarray, ok: np.ndarray) -> tuple
 def _score(c: _Candidate, active: dict[str, Any], feats: np.ndarray, ok: np.ndarray, use_size: bool,
            size_weight: float = 1.0) -> None:
     parts: dict[str, float] = {"prior": _VARIANT_LOG_PRIOR[c.variant]}
-    n = len(c.names)
     if "anchor" in active:
         parts["anchor"] = 0.0 if c.names[0] == active["anchor"] else -_PENALTY["anchor"]
     if "top" in active:
@@ -480,56 +482,123 @@ def _top_name(c: _Candidate) -> str:
     return f"{vertebra_name(c.names[0])}..{vertebra_name(c.names[-1])} ({c.variant})"
 
 
-def name_levels(semantic: Volume, instance: Volume, *, rule: str = "auto", anchor: Optional[str] = None,
-                has_c1: bool = False, sacrum_gap_mm: float = 20.0, dens_ratio: float = 1.6,
-                dens_vs_next: float = 1.5) -> LevelNaming:
-    """Name the anonymous vertebrae 1..N of ``instance`` (post-processed masks, see module text).
+class _Scorer:
+    """The candidates of one naming and the size features they are scored on."""
 
-    ``rule``: one of :data:`RULES`. ``anchor``: "the top vertebra is X" (e.g. ``"T12"``),
-    overrides everything. ``has_c1``: the instance model segments C1 (model config).
-    Raises :class:`~spineps.errors.UsageError` for an unknown rule or anchor and
-    :class:`~spineps.errors.InputError` when the ids are not 1..N.
-    """
-    from spineps.postprocess.consistency import vertebra_ids
+    def __init__(self, cands: list[_Candidate], feats: np.ndarray, ok: np.ndarray):
+        self.cands, self.feats, self.ok = cands, feats, ok
 
-    if rule not in RULES:
-        raise UsageError(f"unknown level-naming rule {rule!r}; choose one of {', '.join(RULES)}")
-    inst = np.asarray(instance.data)
-    ids = vertebra_ids(inst)
-    warnings: list[str] = []
-    if not ids:
-        return LevelNaming({}, "none", {"n_vertebrae": 0}, 0.0, ["no vertebra to name"])
-    n = len(ids)
-    if ids != list(range(1, n + 1)):
-        raise InputError(f"anonymous vertebra ids must be 1..{n} (run make_consistent first), got {ids}")
+    def run(self, active: dict[str, Any], use_size: bool, size_weight: float = 1.0) -> tuple[_Candidate, float]:
+        """Score every candidate with the cues ``active`` (and the size cue); the best and its
+        confidence."""
+        for c in self.cands:
+            _score(c, active, self.feats, self.ok, use_size, size_weight)
+        return _best(self.cands)
 
-    measures = measure_vertebrae(semantic, instance)
-    feats, ok = _size_features(measures)
-    evidence: dict[str, Any] = {"n_vertebrae": n, "rule_requested": rule}
-    evidence["bodies_mm"] = [{"height": m.height, "extent": m.extent_si, "depth": m.depth, "width": m.width,
-                              "cut": list(m.cut)} for m in measures]
 
-    anchor_value = None
-    if anchor is not None:
-        try:
-            anchor_value = vertebra_value(anchor)
-        except KeyError:
-            raise UsageError(f"unknown anchor level {anchor!r} (expected e.g. 'C2', 'T12', 'L1')") from None
-        if anchor_value == SACRUM:
-            raise UsageError("the anchor names the top vertebra; the sacrum cannot be it")
+def _anchor_value(anchor: Optional[str]) -> Optional[int]:
+    if anchor is None:
+        return None
+    try:
+        value = vertebra_value(anchor)
+    except KeyError:
+        raise UsageError(f"unknown anchor level {anchor!r} (expected e.g. 'C2', 'T12', 'L1')") from None
+    if value == SACRUM:
+        raise UsageError("the anchor names the top vertebra; the sacrum cannot be it")
+    return value
 
-    sac = _sacrum_cue(semantic, instance, ids, sacrum_gap_mm)
-    c2 = _c2_cue(measures, dens_ratio, dens_vs_next)
-    ribs = _ribs_cue(measures)
-    evidence.update({"sacrum": sac, "c2": c2, "ribs": {k: v for k, v in ribs.items() if not k.startswith('_')}})
 
-    # a dens on the second vertebra shows C1 above it even when the model config says no C1;
-    # a user anchor "C1" is believed too
-    cands = _candidates(n, has_c1 or c2.get("index") == 1 or anchor_value == 1)
-    if not cands:
-        cands = [_Candidate("T13+L6", 0, tuple(VARIANTS["T13+L6"][:n]) + (0,) * max(0, n - 26))]
-        warnings.append(f"{n} vertebrae are more than any level sequence holds; the lowest stay unnamed")
+def _standalone(scorer: _Scorer, available: dict[str, Any], have_size: bool) -> dict[str, _Candidate]:
+    """The naming each available cue gives alone (for the evidence and disagreement warnings)."""
+    standalone: dict[str, _Candidate] = {}
+    for key in ("sacrum", "c2", "ribs"):
+        if key in available:
+            act: dict[str, Any] = {key: available[key]}
+            if key in ("sacrum", "c2") and "ribs" in available:
+                act["ribs"] = available["ribs"]  # ribs decide the variant only
+            standalone[key] = scorer.run(act, False)[0]
+    if have_size:
+        standalone["size"] = scorer.run({}, True)[0]
+    return standalone
 
+
+@dataclass
+class _Plan:
+    """The cues a rule uses: ``active`` hard/soft cues, the size cue and its weight."""
+
+    rule_used: str
+    active: dict[str, Any] = field(default_factory=dict)
+    use_size: bool = False
+    size_weight: float = 1.0
+
+
+def _forced(rule: str, available: dict[str, Any], have_size: bool, top: int, warnings: list[str]) -> _Plan:
+    """The plan of a forced rule (not ``auto``), falling back with a warning where its cue is
+    not available."""
+    ribs = {"ribs": available["ribs"]} if "ribs" in available else {}
+    if rule == "sacrum":
+        if "sacrum" in available:
+            return _Plan(rule, {"sacrum": True, **ribs})
+        warnings.append("rule 'sacrum' forced but no sacrum next to the lowest vertebra: counted from the bottom")
+        return _Plan("count-from-bottom", {"bottom": 24})
+    if rule == "c2":
+        if "c2" in available:
+            return _Plan(rule, {"c2": available["c2"], **ribs})
+        warnings.append("rule 'c2' forced but the top vertebrae do not look like C2: counted from the top")
+        return _Plan("count-from-top", {"top": top})
+    if rule == "ribs":
+        if "ribs" in available:
+            return _Plan(rule, {"ribs": available["ribs"]})
+        warnings.append("rule 'ribs' forced but fewer than three costal-process tilts measured: size used")
+        if not have_size:
+            return _Plan("count-from-top", {"top": top})
+        return _Plan("size", use_size=True)
+    if rule == "size":
+        if have_size:
+            return _Plan(rule, use_size=True)
+        warnings.append("rule 'size' forced but no measurable vertebral body: counted from the top")
+        return _Plan("count-from-top", {"top": top})
+    if rule == "count-from-top":
+        return _Plan(rule, {"top": top})
+    return _Plan(rule, {"bottom": 24})  # count-from-bottom
+
+
+def _plan(rule: str, anchor_value: Optional[int], available: dict[str, Any], have_size: bool, top: int,
+          warnings: list[str]) -> _Plan:
+    if anchor_value is not None:
+        plan = _Plan("anchor", {"anchor": anchor_value, **available})
+    elif rule == "auto":
+        # size only breaks ties once a hard cue fixed the window
+        plan = _Plan(rule, dict(available), have_size, 0.05 if available else 1.0)
+    else:
+        plan = _forced(rule, available, have_size, top, warnings)
+    if not plan.active and not plan.use_size:
+        warnings.append("no cue available: the top vertebra was named C2 (reference behaviour)")
+        return _Plan("count-from-top", {"top": top}, False, plan.size_weight)
+    return plan
+
+
+def _auto_rule_used(scorer: _Scorer, plan: _Plan, best: _Candidate, warnings: list[str]
+                    ) -> tuple[_Candidate, float, str]:
+    """``auto``: the hard cues the best naming satisfies, then the soft cues that changed it
+    (each left out once); the final run's scores restored."""
+    active, use_size, size_weight = plan.active, plan.use_size, plan.size_weight
+    satisfied = [k for k in _PRECEDENCE if k in active and best.parts.get(k, 0.0) == 0.0]
+    soft = [k for k in ("ribs", "size") if (k in active if k == "ribs" else use_size)]
+    decisive = []
+    for k in soft:
+        act = {a: b for a, b in active.items() if a != k}
+        alt, _ = scorer.run(act, use_size and k != "size", size_weight)
+        if alt.names != best.names:
+            decisive.append(k)
+    best, conf = scorer.run(active, use_size, size_weight)  # restore the scores of the final run
+    rule_used = "+".join(satisfied + decisive) if satisfied else "+".join(decisive or soft)
+    for k in [k for k in _PRECEDENCE if k in active and best.parts.get(k, 0.0) < 0.0]:
+        warnings.append(f"cue '{k}' could not be satisfied together with higher-precedence cues")
+    return best, conf, rule_used
+
+
+def _available(sac: dict[str, Any], c2: dict[str, Any], ribs: dict[str, Any]) -> dict[str, Any]:
     available: dict[str, Any] = {}
     if sac.get("applies"):
         available["sacrum"] = True
@@ -537,96 +606,73 @@ def name_levels(semantic: Volume, instance: Volume, *, rule: str = "auto", ancho
         available["c2"] = c2["index"]
     if ribs.get("applies"):
         available["ribs"] = ribs
-    have_size = bool(ok.any())
+    return available
 
-    # the cues each rule uses
-    def run(active: dict[str, Any], use_size: bool, size_weight: float = 1.0) -> tuple[_Candidate, float]:
-        for c in cands:
-            _score(c, active, feats, ok, use_size, size_weight)
-        return _best(cands)
 
-    # standalone result of every available cue (for evidence and disagreement warnings)
-    standalone: dict[str, _Candidate] = {}
-    for key in ("sacrum", "c2", "ribs"):
-        if key in available:
-            act = {key: available[key]}
-            if key in ("sacrum", "c2") and "ribs" in available:
-                act["ribs"] = available["ribs"]  # ribs decide the variant only
-            standalone[key] = run(act, False)[0]
-    if have_size:
-        standalone["size"] = run({}, True)[0]
+def _cues(semantic: Volume, instance: Volume, ids: list[int], measures: list[VertebraMeasure],
+          sacrum_gap_mm: float, dens_ratio: float, dens_vs_next: float, evidence: dict[str, Any]
+          ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The sacrum, C2 and ribs cues (into ``evidence``): ``(available cues, c2 cue)``."""
+    sac = _sacrum_cue(semantic, instance, ids, sacrum_gap_mm)
+    c2 = _c2_cue(measures, dens_ratio, dens_vs_next)
+    ribs = _ribs_cue(measures)
+    evidence.update({"sacrum": sac, "c2": c2, "ribs": {k: v for k, v in ribs.items() if not k.startswith('_')}})
+    return _available(sac, c2, ribs), c2
+
+
+def name_levels(semantic: Volume, instance: Volume, *, rule: str = "auto", anchor: Optional[str] = None,
+                has_c1: bool = False, sacrum_gap_mm: float = 20.0, dens_ratio: float = 1.6,
+                dens_vs_next: float = 1.5, centroids: Optional[VertebraCentroids] = None) -> LevelNaming:
+    """Name the anonymous vertebrae 1..N of ``instance`` (post-processed masks, see module text).
+
+    ``rule``: one of :data:`RULES`. ``anchor``: "the top vertebra is X" (e.g. ``"T12"``),
+    overrides everything. ``has_c1``: the instance model segments C1 (model config).
+    ``centroids``: the vertebrae's (``postprocess.vertebrae.vertebra_centroids``), computed
+    here when not given. Raises :class:`~spineps.errors.UsageError` for an unknown rule or
+    anchor and :class:`~spineps.errors.InputError` when the ids are not 1..N.
+    """
+    if rule not in RULES:
+        raise UsageError(f"unknown level-naming rule {rule!r}; choose one of {', '.join(RULES)}")
+    ids = vertebra_ids(np.asarray(instance.data))
+    warnings: list[str] = []
+    if not ids:
+        return LevelNaming({}, "none", {"n_vertebrae": 0}, 0.0, ["no vertebra to name"])
+    n = len(ids)
+    if ids != list(range(1, n + 1)):
+        raise InputError(f"anonymous vertebra ids must be 1..{n} (run make_consistent first), got {ids}")
+
+    measures = measure_vertebrae(semantic, instance, centroids)
+    feats, ok = _size_features(measures)
+    evidence: dict[str, Any] = {"n_vertebrae": n, "rule_requested": rule}
+    evidence["bodies_mm"] = [{"height": m.height, "extent": m.extent_si, "depth": m.depth, "width": m.width,
+                              "cut": list(m.cut)} for m in measures]
+    anchor_value = _anchor_value(anchor)
+    available, c2 = _cues(semantic, instance, ids, measures, sacrum_gap_mm, dens_ratio, dens_vs_next, evidence)
+    # a dens on the second vertebra shows C1 above it even when the model config says no C1;
+    # a user anchor "C1" is believed too
+    cands = _candidates(n, has_c1 or c2.get("index") == 1 or anchor_value == 1)
+    if not cands:
+        cands = [_Candidate("T13+L6", 0, tuple(VARIANTS["T13+L6"][:n]) + (0,) * max(0, n - 26))]
+        warnings.append(f"{n} vertebrae are more than any level sequence holds; the lowest stay unnamed")
+    scorer = _Scorer(cands, feats, ok)
+    standalone = _standalone(scorer, available, bool(ok.any()))
     evidence["standalone"] = {k: {"levels": [vertebra_name(v) for v in c.names if v], "variant": c.variant}
                               for k, c in standalone.items()}
-
-    top_default = 1 if has_c1 else 2
-    rule_used = rule
-    active: dict[str, Any] = {}
-    use_size = False
-    size_weight = 1.0
-    if anchor_value is not None:
-        active = {"anchor": anchor_value, **{k: v for k, v in available.items()}}
-        rule_used = "anchor"
-    elif rule == "auto":
-        active = dict(available)
-        use_size = have_size
-        # size only breaks ties once a hard cue fixed the window
-        size_weight = 0.05 if active else 1.0
-    elif rule == "sacrum":
-        if "sacrum" in available:
-            active = {"sacrum": True, **({"ribs": available["ribs"]} if "ribs" in available else {})}
-        else:
-            warnings.append("rule 'sacrum' forced but no sacrum next to the lowest vertebra: counted from the bottom")
-            active, rule_used = {"bottom": 24}, "count-from-bottom"
-    elif rule == "c2":
-        if "c2" in available:
-            active = {"c2": available["c2"], **({"ribs": available["ribs"]} if "ribs" in available else {})}
-        else:
-            warnings.append("rule 'c2' forced but the top vertebrae do not look like C2: counted from the top")
-            active, rule_used = {"top": top_default}, "count-from-top"
-    elif rule == "ribs":
-        if "ribs" in available:
-            active = {"ribs": available["ribs"]}
-        else:
-            warnings.append("rule 'ribs' forced but fewer than three costal-process tilts measured: size used")
-            use_size, rule_used = have_size, "size"
-            if not have_size:
-                active, rule_used = {"top": top_default}, "count-from-top"
-    elif rule == "size":
-        if have_size:
-            use_size = True
-        else:
-            warnings.append("rule 'size' forced but no measurable vertebral body: counted from the top")
-            active, rule_used = {"top": top_default}, "count-from-top"
-    elif rule == "count-from-top":
-        active = {"top": top_default}
-    elif rule == "count-from-bottom":
-        active = {"bottom": 24}
-
-    if not active and not use_size:
-        active, rule_used = {"top": top_default}, "count-from-top"
-        warnings.append("no cue available: the top vertebra was named C2 (reference behaviour)")
-    best, conf = run(active, use_size, size_weight)
+    plan = _plan(rule, anchor_value, available, bool(ok.any()), 1 if has_c1 else 2, warnings)
+    best, conf = scorer.run(plan.active, plan.use_size, plan.size_weight)
+    rule_used = plan.rule_used
     if rule == "auto" and anchor_value is None:
-        satisfied = [k for k in _PRECEDENCE if k in active and best.parts.get(k, 0.0) == 0.0]
-        soft = [k for k in ("ribs", "size") if (k in active if k == "ribs" else use_size)]
-        decisive = []
-        for k in soft:
-            act = {a: b for a, b in active.items() if a != k}
-            alt, _ = run(act, use_size and k != "size", size_weight)
-            if alt.names != best.names:
-                decisive.append(k)
-        best, conf = run(active, use_size, size_weight)  # restore the scores of the final run
-        if satisfied:
-            rule_used = "+".join(satisfied + decisive)
-        else:
-            rule_used = "+".join(decisive or soft)
-        overruled = [k for k in _PRECEDENCE if k in active and best.parts.get(k, 0.0) < 0.0]
-        for k in overruled:
-            warnings.append(f"cue '{k}' could not be satisfied together with higher-precedence cues")
+        best, conf, rule_used = _auto_rule_used(scorer, plan, best, warnings)
     for key, c in standalone.items():
         if c.names != best.names:
             warnings.append(f"rule '{key}' alone suggests {_top_name(c)}; used {_top_name(best)}")
+    return _naming(ids, best, conf, rule_used, cands, standalone, feats, ok, evidence, warnings)
 
+
+def _naming(ids: list[int], best: _Candidate, conf: float, rule_used: str, cands: list[_Candidate],
+            standalone: dict[str, _Candidate], feats: np.ndarray, ok: np.ndarray, evidence: dict[str, Any],
+            warnings: list[str]) -> LevelNaming:
+    """The ``LevelNaming`` of the best candidate, with the top candidates in the evidence."""
     mapping = {v: int(name) for v, name in zip(ids, best.names)}
     seq = VARIANTS[best.variant]
     above_top = seq[best.offset - 1] if best.offset >= 1 and best.names[0] in seq else None

@@ -2,7 +2,7 @@
 
 Public API (imported lazily, so importing ``spineps.measure`` costs nothing):
 ``measure_scan``, ``Measurements``, ``write_measurements``, ``read_measurements``,
-``morphometry_paths``, ``write_figure`` (``spineps.measure.figures``), ``BIDSIGNORE_EXTRA``.
+``morphometry_paths``, ``write_figure`` (``spineps.measure.figures``).
 """
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = ["measure_scan", "Measurements", "write_measurements", "read_measurements", "morphometry_paths",
-           "write_figure", "BIDSIGNORE_EXTRA"]
+           "write_figure"]
 
 _FROM = {
     "measure_scan": "scan", "Measurements": "scan", "write_measurements": "scan", "read_measurements": "scan",
-    "morphometry_paths": "scan", "BIDSIGNORE_EXTRA": "scan", "write_figure": "figures",
+    "morphometry_paths": "scan", "write_figure": "figures",
 }
 
 

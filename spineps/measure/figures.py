@@ -64,7 +64,7 @@ def _instance_lut() -> np.ndarray:
 
 def _centroids(instance: Optional[Volume], semantic: Volume) -> dict[int, np.ndarray]:
     from spineps.labels import VERTEBRA_VALUES
-    from spineps.postprocess.discs import label_centroids
+    from spineps.postprocess.vertebrae import label_centroids
 
     if instance is None:
         return {}
@@ -122,7 +122,6 @@ def render_panels(semantic: Volume, instance: Optional[Volume], image: Optional[
     span = float(max(hi_w[2] - lo_w[2], hi_w[1] - lo_w[1], hi_w[0] - lo_w[0]))
     step = max(PIXEL_MM, span / _MAX_PIXELS, min(semantic.spacing) * 0.5)
     zz = np.arange(hi_w[2], lo_w[2], -step)  # superior first
-    inst_lut_ok = instance is not None
     panels: dict[str, Any] = {}
     for name, horiz, (h_lo, h_hi) in (("sagittal", 1, (hi_w[1], lo_w[1])), ("coronal", 0, (hi_w[0], lo_w[0]))):
         hh = np.arange(h_lo, h_hi, -step if h_hi < h_lo else step)
@@ -134,7 +133,7 @@ def render_panels(semantic: Volume, instance: Optional[Volume], image: Optional[
         pts[..., other] = np.interp(Z, cz, cx if other == 0 else cy)
         flat = pts.reshape(-1, 3)
         img = _sample(image, flat, 1, 0.0).reshape(H.shape) if image is not None else None
-        if name == "sagittal" or not inst_lut_ok:
+        if name == "sagittal" or instance is None:
             lab = _sample(semantic, flat, 0, 0).reshape(H.shape)
             kind = "semantic"
         else:

@@ -58,7 +58,9 @@ from typing import Optional
 import numpy as np
 
 from spineps.geometry.volume import Volume
-from spineps.labels import BODY, CANAL, CORD, ENDPLATE, ENDPLATE_INF, ENDPLATE_SUP, VERTEBRA_ORDER, VERTEBRA_VALUES, instance_name, vertebra_name
+from spineps.labels import (BODY, CANAL, CORD, ENDPLATE, ENDPLATE_INF, ENDPLATE_SUP, VERTEBRA_ORDER, VERTEBRA_VALUES,
+                            instance_name, vertebra_name)
+from spineps.postprocess.vertebrae import VertebraCentroids
 
 __all__ = [
     "Frame",
@@ -231,7 +233,8 @@ class _Grid:
         return -0.5 * m * step, 0.5 * m * step
 
     def touches_border(self, idx: np.ndarray) -> bool:
-        return bool(len(idx) and (np.any(idx.min(axis=0) <= 0) or np.any(idx.max(axis=0) >= np.asarray(self.shape) - 1)))
+        return bool(len(idx) and (np.any(idx.min(axis=0) <= 0)
+                                  or np.any(idx.max(axis=0) >= np.asarray(self.shape) - 1)))
 
 
 def _ordered(ids) -> list[int]:
@@ -244,81 +247,105 @@ def _points(mask_box: np.ndarray, offset: tuple[int, int, int], grid: _Grid) -> 
     return grid.world(idx)
 
 
-def measure_morphometry(semantic: Volume, instance: Volume, *, include_endplates: bool = True) -> Morphometry:
-    """Heights, depths, cross-sections (see the module docstring) of every vertebra, disc and
-    canal level found in ``instance`` (vertebrae 1..28, discs 100+X, endplates 200+X) with
-    ``semantic`` on the same grid."""
-    from scipy import ndimage
+def _unit(d: np.ndarray) -> np.ndarray:
+    n = float(np.linalg.norm(d))
+    return d / n if n > 1e-9 else np.array([0.0, 0.0, 1.0])
 
-    if not semantic.same_grid(instance):
-        raise ValueError(f"semantic {semantic} and instance {instance} masks are not on the same grid")
-    sem = np.asarray(semantic.data)
-    inst = np.asarray(instance.data)
-    grid = _Grid(instance.affine, instance.shape)
-    out = Morphometry()
 
-    # --- bodies: semantic body voxels of each vertebra (+ its endplates, assigned below)
-    inst_i = inst.astype(np.int32, copy=False)
-    is_vert = (inst_i > 0) & (inst_i < 100)
-    body_lab = np.where(is_vert & np.isin(sem, _BODY_CLASSES), inst_i, 0).astype(np.int16)
-    objs_inst = ndimage.find_objects(inst_i) if inst_i.max() > 0 else []
-    present = {i + 1 for i, s in enumerate(objs_inst) if s is not None}
-    verts = [v for v in _ordered(present) if v in VERTEBRA_VALUES]
-    body_ids = [v for v in verts if v != _SACRUM]
+def _axis_of(seq: list[int], centroid: dict[int, np.ndarray], i: int) -> np.ndarray:
+    """The local spine axis at body ``seq[i]`` (see the module text)."""
+    if len(seq) < 2:
+        return np.array([0.0, 0.0, 1.0])
+    if 0 < i < len(seq) - 1:
+        return _unit(centroid[seq[i - 1]] - centroid[seq[i + 1]])
+    # an end of the sequence: the segment to its neighbour, extrapolated by the change of
+    # direction between the last two segments (a straight line with fewer than 3 bodies)
+    j = 1 if i == 0 else -2
+    k = 2 if i == 0 else -3
+    seg = _unit(centroid[seq[0]] - centroid[seq[1]]) if i == 0 else _unit(centroid[seq[-2]] - centroid[seq[-1]])
+    if len(seq) < 3:
+        return seg
+    prev = _unit(centroid[seq[j]] - centroid[seq[k]]) if i == 0 else _unit(centroid[seq[k]] - centroid[seq[j]])
+    return _unit(2 * seg - prev)
+
+
+@dataclass
+class _Masks:
+    """The two masks of one scan with what every level's measurement reads."""
+
+    sem: np.ndarray
+    inst: np.ndarray  # int32
+    grid: _Grid
+    objs: list  # ndimage.find_objects of ``inst`` (index value - 1)
+    present: set[int]
+    body_lab: np.ndarray  # int16: vertebra value on its body voxels (and, later, its endplates)
+    voxel_volume: float
+    out: Morphometry
+
+    @staticmethod
+    def of(semantic: Volume, instance: Volume) -> "_Masks":
+        from scipy import ndimage
+
+        sem = np.asarray(semantic.data)
+        inst_i = np.asarray(instance.data).astype(np.int32, copy=False)
+        is_vert = (inst_i > 0) & (inst_i < 100)
+        body_lab = np.where(is_vert & np.isin(sem, _BODY_CLASSES), inst_i, 0).astype(np.int16)
+        objs = ndimage.find_objects(inst_i) if inst_i.max() > 0 else []
+        present = {i + 1 for i, s in enumerate(objs) if s is not None}
+        return _Masks(sem, inst_i, _Grid(instance.affine, instance.shape), objs, present, body_lab,
+                      instance.voxel_volume, Morphometry())
+
+
+def _body_centroids(m: _Masks, body_ids: list[int], given: Optional[VertebraCentroids]
+                    ) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """World body centroid (whole vertebra where it has no body voxel) and whole-vertebra
+    centroid of each vertebra: from ``given`` (the pipeline's, on this grid) where it has them,
+    else on each vertebra's bounding box."""
     centroid: dict[int, np.ndarray] = {}
     whole: dict[int, np.ndarray] = {}
-    for v in list(body_ids):  # centroids on each vertebra's bounding box, not the whole volume
-        slc = objs_inst[v - 1]
+    row = {v: k for k, v in enumerate(given.ids)} if given is not None else {}
+    for v in body_ids:
+        if given is not None and v in row:
+            whole[v] = m.grid.world(given.whole[row[v]][None])[0]
+            centroid[v] = m.grid.world(given.body[row[v]][None])[0]
+            continue
+        slc = m.objs[v - 1]
         off = np.asarray([sl.start for sl in slc])
-        mine = inst_i[slc] == v
-        body = mine & np.isin(sem[slc], _BODY_CLASSES)
-        w = grid.world(np.argwhere(mine).mean(axis=0)[None] + off)[0]
+        mine = m.inst[slc] == v
+        body = mine & np.isin(m.sem[slc], _BODY_CLASSES)
+        w = m.grid.world(np.argwhere(mine).mean(axis=0)[None] + off)[0]
         whole[v] = w
-        centroid[v] = grid.world(np.argwhere(body).mean(axis=0)[None] + off)[0] if body.any() else w
-    # neighbours along the spine are neighbours in space: order the bodies by their position
-    # along the main direction of the centroid cloud (superior first), not by label value,
-    # so a mislabelled level does not bend every local axis
-    if len(body_ids) >= 2:
-        pts = np.array([centroid[v] for v in body_ids])
-        d = np.linalg.svd(pts - pts.mean(axis=0), full_matrices=False)[2][0]
-        d = d if d[2] >= 0 else -d
-        proj = pts @ d
-        body_ids = [body_ids[i] for i in np.argsort(-proj, kind="stable")]
-    out.spatial_order = list(body_ids)
-    out.body_centroids = {v: [round(float(x), 3) for x in c] for v, c in centroid.items()}
+        centroid[v] = m.grid.world(np.argwhere(body).mean(axis=0)[None] + off)[0] if body.any() else w
+    return centroid, whole
 
-    def unit(d: np.ndarray) -> np.ndarray:
-        n = float(np.linalg.norm(d))
-        return d / n if n > 1e-9 else np.array([0.0, 0.0, 1.0])
 
-    def axis_of(i: int) -> np.ndarray:
-        seq = body_ids
-        if len(seq) < 2:
-            return np.array([0.0, 0.0, 1.0])
-        if 0 < i < len(seq) - 1:
-            return unit(centroid[seq[i - 1]] - centroid[seq[i + 1]])
-        # an end of the sequence: the segment to its neighbour, extrapolated by the change of
-        # direction between the last two segments (a straight line with fewer than 3 bodies)
-        j = 1 if i == 0 else -2
-        k = 2 if i == 0 else -3
-        seg = unit(centroid[seq[0]] - centroid[seq[1]]) if i == 0 else unit(centroid[seq[-2]] - centroid[seq[-1]])
-        if len(seq) < 3:
-            return seg
-        prev = unit(centroid[seq[j]] - centroid[seq[k]]) if i == 0 else unit(centroid[seq[k]] - centroid[seq[j]])
-        return unit(2 * seg - prev)
+def _spatial_order(body_ids: list[int], centroid: dict[int, np.ndarray]) -> list[int]:
+    """Neighbours along the spine are neighbours in space: the bodies ordered by their position
+    along the main direction of the centroid cloud (superior first), not by label value, so a
+    mislabelled level does not bend every local axis."""
+    if len(body_ids) < 2:
+        return list(body_ids)
+    pts = np.array([centroid[v] for v in body_ids])
+    d = np.linalg.svd(pts - pts.mean(axis=0), full_matrices=False)[2][0]
+    d = d if d[2] >= 0 else -d
+    proj = pts @ d
+    return [body_ids[i] for i in np.argsort(-proj, kind="stable")]
 
-    axes = {v: axis_of(i) for i, v in enumerate(body_ids)}
 
-    # canal / cord voxels once (world coordinates)
-    tube_mask = np.isin(sem, _TUBE)
-    tube_idx = np.argwhere(tube_mask)
-    tube_world = grid.world(tube_idx) if len(tube_idx) else np.zeros((0, 3))
-    tube_is_cord = sem[tube_idx[:, 0], tube_idx[:, 1], tube_idx[:, 2]] == CORD if len(tube_idx) else np.zeros(0, bool)
+class _Tube:
+    """The canal and cord voxels (world coordinates), read once per scan."""
 
-    def canal_centre(origin: np.ndarray, up: np.ndarray) -> Optional[np.ndarray]:
-        if not len(tube_world):
+    def __init__(self, sem: np.ndarray, grid: _Grid):
+        self.idx = np.argwhere(np.isin(sem, _TUBE))
+        self.world = grid.world(self.idx) if len(self.idx) else np.zeros((0, 3))
+        self.is_cord = (sem[self.idx[:, 0], self.idx[:, 1], self.idx[:, 2]] == CORD if len(self.idx)
+                        else np.zeros(0, bool))
+
+    def centre(self, origin: np.ndarray, up: np.ndarray) -> Optional[np.ndarray]:
+        """Centre of the canal voxels in a 10 mm slab through ``origin`` across ``up``."""
+        if not len(self.world):
             return None
-        d = tube_world - origin
+        d = self.world - origin
         z = d @ up
         sel = np.abs(z) <= 5.0
         if not sel.any():
@@ -327,155 +354,196 @@ def measure_morphometry(semantic: Volume, instance: Volume, *, include_endplates
         near = np.linalg.norm(perp, axis=1) <= _CANAL_SEARCH_MM[1]
         if near.sum() < 3:
             return None
-        return tube_world[sel][near].mean(axis=0)
+        return self.world[sel][near].mean(axis=0)
 
-    # --- endplates: each 200+X voxel joins the body on its side of the disc mid-plane
-    next_found = {v: (body_ids[i + 1] if i + 1 < len(body_ids) else None) for i, v in enumerate(body_ids)}
-    if include_endplates:
-        for v in body_ids:
-            e = 200 + v
-            if e not in present:
-                continue
-            slc = objs_inst[e - 1]
-            m = inst_i[slc] == e
-            off = tuple(s.start for s in slc)
-            nb = next_found.get(v)
-            if nb is None:
-                body_lab[slc][m] = v
-                continue
-            up = centroid[v] - centroid[nb]
-            up = up / max(np.linalg.norm(up), 1e-9)
-            d_id = 100 + v
-            if d_id in present:
-                ds = objs_inst[d_id - 1]
-                dm = inst_i[ds] == d_id
-                mid = _points(dm, tuple(s.start for s in ds), grid).mean(axis=0)
-            else:
-                mid = 0.5 * (centroid[v] + centroid[nb])
-            pts = _points(m, off, grid)
-            side = (pts - mid) @ up > 0
-            sub = body_lab[slc]
-            vals = np.where(side, v, nb).astype(np.int16)
-            sub[m] = vals
-    objs_body = ndimage.find_objects(body_lab) if body_lab.max() > 0 else []
-
-    vv = instance.voxel_volume
-    add = out.values.append
-
-    def heights(arr: np.ndarray, value: int, slc, frame: Frame, level: str, structure: str,
-                with_depth: bool) -> None:
-        idx = np.argwhere(arr[slc] == value) + np.asarray([sl.start for sl in slc])
-        if not len(idx):
+    def measure(self, m: _Masks, frame: Frame, level: str) -> None:
+        """Canal and cord CSA and AP diameter at ``level`` (rows appended to ``m.out``)."""
+        if not len(self.world):
             return
-        pts = frame.to_local(grid.world(idx))
-        ex, ey = frame.R[:, 0], frame.R[:, 1]
-        bx = max(BAND_HALF_MM, 0.75 * grid.step_along(ex))
-        sy = grid.step_along(ey)
-        band = np.abs(pts[:, 0]) <= bx
-        if band.sum() < 2:
-            return
-        ymin, ymax = float(pts[band, 1].min()), float(pts[band, 1].max())
-        depth_span = ymax - ymin + sy
-        hw = max(_STRIP_HALF_FRACTION * depth_span, 0.75 * sy)
-        zmax = float(np.abs(pts[:, 2]).max()) + 2.0 * grid.step_along(frame.R[:, 2])
-        test = (lambda vals: vals == value)
-        res: dict[str, float] = {}
-        for name, f in STRIPS.items():
-            yc = ymin - 0.5 * sy + f * depth_span
-            res[name], _ = grid.profile_extent(arr, test, frame, (-bx, yc - hw, -zmax), (bx, yc + hw, zmax), 2)
-        if with_depth:
-            hz = max(0.25 * res["middle"], grid.step_along(frame.R[:, 2])) if math.isfinite(res["middle"]) else 2.0
-            ylo, yhi = ymin - 2 * sy, ymax + 2 * sy
-            res["depth"], _ = grid.profile_extent(arr, test, frame, (-bx, ylo, -hz), (bx, yhi, hz), 1)
-        if grid.touches_border(idx):
-            out.truncated.append(f"{level} {structure}")
-            res = {k: float("nan") for k in res}
-        for name in STRIPS:
-            add(LevelValue(level, structure, f"height_{name}_mm", res[name]))
-        if with_depth:
-            add(LevelValue(level, structure, "depth_mm", res["depth"]))
-
-    def tube(frame: Frame, level: str) -> None:
-        if not len(tube_world):
-            return
+        grid = m.grid
         ex = frame.R[:, 0]
         z0, z1 = grid.slab(frame, SLAB_HALF_MM)
-        loc = frame.to_local(tube_world)
+        loc = frame.to_local(self.world)
         sel = (loc[:, 2] >= z0) & (loc[:, 2] < z1) & (np.abs(loc[:, 0]) <= _CANAL_SEARCH_MM[0]) & \
               (np.abs(loc[:, 1]) <= _CANAL_SEARCH_MM[1])
         bx = max(BAND_HALF_MM, 0.75 * grid.step_along(ex))
         sy = grid.step_along(frame.R[:, 1])
-        for structure, which, values in (("canal", np.ones(len(loc), bool), _TUBE), ("cord", tube_is_cord, (CORD,))):
+        for structure, which, values in (("canal", np.ones(len(loc), bool), _TUBE),
+                                         ("cord", self.is_cord, (CORD,))):
             s = sel & which
             if s.sum() < 3:
                 continue
             q = loc[s]
-            csa = float(s.sum()) * vv / (z1 - z0)
+            csa = float(s.sum()) * m.voxel_volume / (z1 - z0)
             xc = float(np.median(q[:, 0]))
             # AP diameter: profile along y through the canal centre, in the sagittal band and the slab
             ylo, yhi = q[:, 1].min() - 2 * sy, q[:, 1].max() + 2 * sy
-            ap, _ = grid.profile_extent(sem, lambda vals, _v=values: np.isin(vals, _v), frame,
+            ap, _ = grid.profile_extent(m.sem, lambda vals, _v=values: np.isin(vals, _v), frame,
                                         (xc - bx, ylo, z0), (xc + bx, yhi, z1), 1)
-            if grid.touches_border(tube_idx[s]):
-                out.truncated.append(f"{level} {structure}")
+            if grid.touches_border(self.idx[s]):
+                m.out.truncated.append(f"{level} {structure}")
                 csa = ap = float("nan")
-            add(LevelValue(level, structure, "csa_mm2", csa))
-            add(LevelValue(level, structure, "ap_diameter_mm", ap))
+            m.out.values.append(LevelValue(level, structure, "csa_mm2", csa))
+            m.out.values.append(LevelValue(level, structure, "ap_diameter_mm", ap))
 
-    # --- vertebrae
-    for i, v in enumerate(body_ids):
-        name = vertebra_name(v)
-        up = axes[v]
-        cc = canal_centre(centroid[v], up)
-        if cc is not None:
-            ant = centroid[v] - cc
-        elif np.linalg.norm(centroid[v] - whole[v]) > 1.0:
-            ant = centroid[v] - whole[v]
-        else:
-            ant = np.array([0.0, 1.0, 0.0])
-        frame = Frame.make(centroid[v], up, ant)
-        out.frames[name] = frame
-        if v <= len(objs_body) and objs_body[v - 1] is not None:
-            slc = objs_body[v - 1]
-            add(LevelValue(name, "body", "volume_mm3", float(np.count_nonzero(body_lab[slc] == v)) * vv))
-            heights(body_lab, v, slc, frame, name, "body", with_depth=True)
-        tube(frame, name)
 
-    # --- discs
-    for v in verts:
-        d = 100 + v
-        if d not in present:
+def _assign_endplates(m: _Masks, body_ids: list[int], centroid: dict[int, np.ndarray],
+                      next_found: dict[int, Optional[int]]) -> None:
+    """Each endplate voxel (200+X) joins the body on its side of the disc mid-plane (``m.body_lab``)."""
+    for v in body_ids:
+        e = 200 + v
+        if e not in m.present:
             continue
-        name = disc_level_name(v)
-        slc = objs_inst[d - 1]
-        pts = _points(inst_i[slc] == d, tuple(s.start for s in slc), grid)
-        origin = pts.mean(axis=0)
+        slc = m.objs[e - 1]
+        mask = m.inst[slc] == e
+        off = tuple(s.start for s in slc)
         nb = next_found.get(v)
-        if v in centroid and nb is not None:
-            up = centroid[v] - centroid[nb]
-        elif len(pts) >= 10:  # next to the sacrum or an end: the disc's own normal (it is flat)
-            cov = np.cov((pts - origin).T)
-            w, vecs = np.linalg.eigh(cov)
-            up = vecs[:, 0]
-            ref = axes.get(v, np.array([0.0, 0.0, 1.0]))
-            up = up if float(up @ ref) >= 0 else -up
-        elif v in axes:
-            up = axes[v]
-        elif body_ids:  # disc above the top body or below a sacrum-only scan: nearest body's axis
-            near = min(body_ids, key=lambda b: float(np.linalg.norm(centroid[b] - origin)))
-            up = axes[near]
-        else:
-            up = np.array([0.0, 0.0, 1.0])
+        if nb is None:
+            m.body_lab[slc][mask] = v
+            continue
+        up = centroid[v] - centroid[nb]
         up = up / max(np.linalg.norm(up), 1e-9)
-        cc = canal_centre(origin, up)
-        if cc is not None:
-            ant = origin - cc
-        elif v in out.frames:
-            ant = out.frames[vertebra_name(v)].R[:, 1]
+        d_id = 100 + v
+        if d_id in m.present:
+            ds = m.objs[d_id - 1]
+            dm = m.inst[ds] == d_id
+            mid = _points(dm, tuple(s.start for s in ds), m.grid).mean(axis=0)
         else:
-            ant = np.array([0.0, 1.0, 0.0])
-        frame = Frame.make(origin, up, ant)
-        out.frames[name] = frame
-        heights(inst_i, d, slc, frame, name, "disc", with_depth=False)
-        tube(frame, name)
-    return out
+            mid = 0.5 * (centroid[v] + centroid[nb])
+        pts = _points(mask, off, m.grid)
+        side = (pts - mid) @ up > 0
+        sub = m.body_lab[slc]
+        vals = np.where(side, v, nb).astype(np.int16)
+        sub[mask] = vals
+
+
+def _heights(m: _Masks, arr: np.ndarray, value: int, slc, frame: Frame, level: str, structure: str,
+             with_depth: bool) -> None:
+    """Anterior / middle / posterior heights (and the depth) of ``arr == value`` at ``level``."""
+    grid = m.grid
+    idx = np.argwhere(arr[slc] == value) + np.asarray([sl.start for sl in slc])
+    if not len(idx):
+        return
+    pts = frame.to_local(grid.world(idx))
+    ex, ey = frame.R[:, 0], frame.R[:, 1]
+    bx = max(BAND_HALF_MM, 0.75 * grid.step_along(ex))
+    sy = grid.step_along(ey)
+    band = np.abs(pts[:, 0]) <= bx
+    if band.sum() < 2:
+        return
+    ymin, ymax = float(pts[band, 1].min()), float(pts[band, 1].max())
+    depth_span = ymax - ymin + sy
+    hw = max(_STRIP_HALF_FRACTION * depth_span, 0.75 * sy)
+    zmax = float(np.abs(pts[:, 2]).max()) + 2.0 * grid.step_along(frame.R[:, 2])
+
+    def test(vals: np.ndarray) -> np.ndarray:
+        return vals == value
+
+    res: dict[str, float] = {}
+    for name, f in STRIPS.items():
+        yc = ymin - 0.5 * sy + f * depth_span
+        res[name], _ = grid.profile_extent(arr, test, frame, (-bx, yc - hw, -zmax), (bx, yc + hw, zmax), 2)
+    if with_depth:
+        hz = max(0.25 * res["middle"], grid.step_along(frame.R[:, 2])) if math.isfinite(res["middle"]) else 2.0
+        ylo, yhi = ymin - 2 * sy, ymax + 2 * sy
+        res["depth"], _ = grid.profile_extent(arr, test, frame, (-bx, ylo, -hz), (bx, yhi, hz), 1)
+    if grid.touches_border(idx):
+        m.out.truncated.append(f"{level} {structure}")
+        res = {k: float("nan") for k in res}
+    for name in STRIPS:
+        m.out.values.append(LevelValue(level, structure, f"height_{name}_mm", res[name]))
+    if with_depth:
+        m.out.values.append(LevelValue(level, structure, "depth_mm", res["depth"]))
+
+
+def _measure_vertebra(m: _Masks, tube: _Tube, objs_body: list, v: int, centroid: np.ndarray, whole: np.ndarray,
+                      up: np.ndarray) -> None:
+    name = vertebra_name(v)
+    cc = tube.centre(centroid, up)
+    if cc is not None:
+        ant = centroid - cc
+    elif np.linalg.norm(centroid - whole) > 1.0:
+        ant = centroid - whole
+    else:
+        ant = np.array([0.0, 1.0, 0.0])
+    frame = Frame.make(centroid, up, ant)
+    m.out.frames[name] = frame
+    if v <= len(objs_body) and objs_body[v - 1] is not None:
+        slc = objs_body[v - 1]
+        m.out.values.append(LevelValue(name, "body", "volume_mm3",
+                                       float(np.count_nonzero(m.body_lab[slc] == v)) * m.voxel_volume))
+        _heights(m, m.body_lab, v, slc, frame, name, "body", with_depth=True)
+    tube.measure(m, frame, name)
+
+
+def _disc_axis(v: int, pts: np.ndarray, origin: np.ndarray, centroid: dict[int, np.ndarray],
+               axes: dict[int, np.ndarray], body_ids: list[int], nb: Optional[int]) -> np.ndarray:
+    """The axis of the disc below vertebra ``v`` (see the module text), a unit vector."""
+    if v in centroid and nb is not None:
+        up = centroid[v] - centroid[nb]
+    elif len(pts) >= 10:  # next to the sacrum or an end: the disc's own normal (it is flat)
+        cov = np.cov((pts - origin).T)
+        w, vecs = np.linalg.eigh(cov)
+        up = vecs[:, 0]
+        ref = axes.get(v, np.array([0.0, 0.0, 1.0]))
+        up = up if float(up @ ref) >= 0 else -up
+    elif v in axes:
+        up = axes[v]
+    elif body_ids:  # disc above the top body or below a sacrum-only scan: nearest body's axis
+        near = min(body_ids, key=lambda b: float(np.linalg.norm(centroid[b] - origin)))
+        up = axes[near]
+    else:
+        up = np.array([0.0, 0.0, 1.0])
+    return up / max(np.linalg.norm(up), 1e-9)
+
+
+def _measure_disc(m: _Masks, tube: _Tube, v: int, centroid: dict[int, np.ndarray], axes: dict[int, np.ndarray],
+                  body_ids: list[int], nb: Optional[int]) -> None:
+    d = 100 + v
+    name = disc_level_name(v)
+    slc = m.objs[d - 1]
+    pts = _points(m.inst[slc] == d, tuple(s.start for s in slc), m.grid)
+    origin = pts.mean(axis=0)
+    up = _disc_axis(v, pts, origin, centroid, axes, body_ids, nb)
+    cc = tube.centre(origin, up)
+    if cc is not None:
+        ant = origin - cc
+    elif v in m.out.frames:
+        ant = m.out.frames[vertebra_name(v)].R[:, 1]
+    else:
+        ant = np.array([0.0, 1.0, 0.0])
+    frame = Frame.make(origin, up, ant)
+    m.out.frames[name] = frame
+    _heights(m, m.inst, d, slc, frame, name, "disc", with_depth=False)
+    tube.measure(m, frame, name)
+
+
+def measure_morphometry(semantic: Volume, instance: Volume, *, include_endplates: bool = True,
+                        centroids: Optional[VertebraCentroids] = None) -> Morphometry:
+    """Heights, depths, cross-sections (see the module docstring) of every vertebra, disc and
+    canal level found in ``instance`` (vertebrae 1..28, discs 100+X, endplates 200+X) with
+    ``semantic`` on the same grid. ``centroids``: the vertebrae's body centroids on this grid
+    (``spineps.pipeline`` computes them once per scan); computed here where not given."""
+    from scipy import ndimage
+
+    if not semantic.same_grid(instance):
+        raise ValueError(f"semantic {semantic} and instance {instance} masks are not on the same grid")
+    m = _Masks.of(semantic, instance)
+    verts = [v for v in _ordered(m.present) if v in VERTEBRA_VALUES]
+    body_ids = [v for v in verts if v != _SACRUM]
+    centroid, whole = _body_centroids(m, body_ids, centroids)
+    body_ids = _spatial_order(body_ids, centroid)
+    m.out.spatial_order = list(body_ids)
+    m.out.body_centroids = {v: [round(float(x), 3) for x in c] for v, c in centroid.items()}
+    axes = {v: _axis_of(body_ids, centroid, i) for i, v in enumerate(body_ids)}
+    tube = _Tube(m.sem, m.grid)
+    next_found = {v: (body_ids[i + 1] if i + 1 < len(body_ids) else None) for i, v in enumerate(body_ids)}
+    if include_endplates:
+        _assign_endplates(m, body_ids, centroid, next_found)
+    objs_body = ndimage.find_objects(m.body_lab) if m.body_lab.max() > 0 else []
+    for v in body_ids:
+        _measure_vertebra(m, tube, objs_body, v, centroid[v], whole[v], axes[v])
+    for v in verts:
+        if 100 + v in m.present:
+            _measure_disc(m, tube, v, centroid, axes, body_ids, next_found.get(v))
+    return m.out

@@ -97,7 +97,7 @@ def _gaps(found: list[int]) -> list[str]:
         ok = {next_vertebra(a)} | _VARIANT_NEXT.get(a, set())
         if b in ok:
             continue
-        missing = []
+        missing: list[str] = []
         cur = next_vertebra(a)
         while cur is not None and cur != b and len(missing) < 30:
             missing.append(vertebra_name(cur))
@@ -119,33 +119,15 @@ def _naming_fields(naming: Mapping[str, Any]) -> tuple[Optional[str], Optional[f
             [str(w) for w in warns] if isinstance(warns, (list, tuple)) else [str(warns)])
 
 
-def assess(semantic: Volume, instance: Optional[Volume], naming: Mapping[str, Any],
-           structure_volumes: Mapping[tuple[str, str], float], truncated: list[str],
-           spatial_order: Optional[list[int]] = None) -> QCReport:
-    """QC of one scan. ``structure_volumes``: ``(level, structure) -> mm^3`` for the
-    structures ``vertebra``, ``body`` and ``disc`` (disc levels named ``'L1/L2'``);
-    ``truncated``: ``'<level> <structure>'`` entries cut by the field of view; ``spatial_order``:
-    vertebra values sorted superior to inferior by position (``Morphometry.spatial_order``)."""
-    qc = QCReport()
-    qc.naming_rule, qc.naming_confidence, qc.naming_variant, qc.naming_warnings = _naming_fields(naming or {})
-    qc.truncated = list(truncated)
-    if instance is None:
-        qc.flags = ["no_instances"]
-        return qc
-    sem = np.asarray(semantic.data)
-    inst = np.asarray(instance.data)
-    vv = instance.voxel_volume
-    present = set(int(v) for v in np.unique(inst))
-    found = _ordered(v for v in present if v in VERTEBRA_VALUES)
-    qc.levels = [vertebra_name(v) for v in found]
-    qc.n_vertebrae = len(found)
+def _sequence(qc: QCReport, found: list[int], present: set[int], spatial_order: Optional[list[int]],
+              border_levels: set[str]) -> None:
+    """Gaps, levels out of anatomical order and missing discs of the level sequence."""
     qc.gaps = _gaps(found)
     if spatial_order:
         anat = [v for v in found if v in set(spatial_order)]
         for a, b in zip(spatial_order, spatial_order[1:]):
             if anat.index(a) > anat.index(b):
                 qc.order_errors.append(f"{vertebra_name(a)} above {vertebra_name(b)}")
-    border_levels = _border_levels(inst, found)
     for a, b in zip(found, found[1:]):
         # a vertebra cut by the field of view may have its disc outside it
         if vertebra_name(a) in border_levels or vertebra_name(b) in border_levels:
@@ -153,6 +135,9 @@ def assess(semantic: Volume, instance: Optional[Volume], naming: Mapping[str, An
         if (100 + a) not in present:
             qc.missing_discs.append(f"{vertebra_name(a)}/{vertebra_name(b)}")
 
+
+def _agreement(qc: QCReport, sem: np.ndarray, inst: np.ndarray, vv: float) -> None:
+    """Where the semantic and instance masks disagree (mm^3) and the inconsistent fraction."""
     labelled = inst > 0
     sem_bg = sem == 0
     tube = (sem == CORD) | (sem == CANAL)
@@ -166,13 +151,17 @@ def assess(semantic: Volume, instance: Optional[Volume], naming: Mapping[str, An
     qc.inconsistent_fraction = ((qc.instance_only_mm3 + qc.semantic_only_mm3 + qc.class_mismatch_mm3) / n_lab
                                 if n_lab else 0.0)
 
+
+def _size_flags(structure_volumes: Mapping[tuple[str, str], float], truncated: list[str],
+                border_levels: set[str]) -> list[str]:
+    """Structures outside the reference volume range of their region (not those cut by the border)."""
+    out = []
     cut = {t.split(" ")[0] for t in truncated}
     for (level, structure), mm3 in structure_volumes.items():
         if level in cut or level in border_levels:
             continue
-        first = level.split("/")[0]
         try:
-            region = region_of(_value(first))
+            region = region_of(_value(level.split("/")[0]))
         except KeyError:
             continue
         rng = REFERENCE_RANGES_ML.get((structure, region))
@@ -181,24 +170,43 @@ def assess(semantic: Volume, instance: Optional[Volume], naming: Mapping[str, An
         ml = mm3 / 1000.0
         if ml < rng[0] or ml > rng[1]:
             side = "small" if ml < rng[0] else "large"
-            qc.size_flags.append(f"{level} {structure} {ml:.1f} ml ({side}; {region} range {rng[0]:g}-{rng[1]:g} ml)")
+            out.append(f"{level} {structure} {ml:.1f} ml ({side}; {region} range {rng[0]:g}-{rng[1]:g} ml)")
+    return out
 
-    flags = []
-    if not found:
-        flags.append("no_instances")
-    if qc.gaps:
-        flags.append("gap")
-    if qc.order_errors:
-        flags.append("order")
-    if qc.missing_discs:
-        flags.append("missing_disc")
-    if qc.inconsistent_fraction > INCONSISTENT_FRACTION_MAX:
-        flags.append("inconsistent")
-    if qc.size_flags:
-        flags.append("size")
-    if (qc.naming_confidence is not None and qc.naming_confidence < NAMING_CONFIDENCE_MIN) or qc.naming_warnings:
-        flags.append("naming_uncertain")
-    qc.flags = flags
+
+def _flags(qc: QCReport, found: list[int]) -> list[str]:
+    checks = (("no_instances", not found), ("gap", bool(qc.gaps)), ("order", bool(qc.order_errors)),
+              ("missing_disc", bool(qc.missing_discs)),
+              ("inconsistent", qc.inconsistent_fraction > INCONSISTENT_FRACTION_MAX),
+              ("size", bool(qc.size_flags)),
+              ("naming_uncertain", (qc.naming_confidence is not None and qc.naming_confidence < NAMING_CONFIDENCE_MIN)
+               or bool(qc.naming_warnings)))
+    return [name for name, hit in checks if hit]
+
+
+def assess(semantic: Volume, instance: Optional[Volume], naming: Mapping[str, Any],
+           structure_volumes: Mapping[tuple[str, str], float], truncated: list[str],
+           spatial_order: Optional[list[int]] = None) -> QCReport:
+    """QC of one scan. ``structure_volumes``: ``(level, structure) -> mm^3`` for the
+    structures ``vertebra``, ``body`` and ``disc`` (disc levels named ``'L1/L2'``);
+    ``truncated``: ``'<level> <structure>'`` entries cut by the field of view; ``spatial_order``:
+    vertebra values sorted superior to inferior by position (``Morphometry.spatial_order``)."""
+    qc = QCReport()
+    qc.naming_rule, qc.naming_confidence, qc.naming_variant, qc.naming_warnings = _naming_fields(naming or {})
+    qc.truncated = list(truncated)
+    if instance is None:
+        qc.flags = ["no_instances"]
+        return qc
+    inst = np.asarray(instance.data)
+    present = set(int(v) for v in np.unique(inst))
+    found = _ordered(v for v in present if v in VERTEBRA_VALUES)
+    qc.levels = [vertebra_name(v) for v in found]
+    qc.n_vertebrae = len(found)
+    border_levels = _border_levels(inst, found)
+    _sequence(qc, found, present, spatial_order, border_levels)
+    _agreement(qc, np.asarray(semantic.data), inst, instance.voxel_volume)
+    qc.size_flags = _size_flags(structure_volumes, truncated, border_levels)
+    qc.flags = _flags(qc, found)
     return qc
 
 
@@ -211,7 +219,7 @@ def _value(name: str) -> int:
 def _border_levels(inst: np.ndarray, found: list[int]) -> set[str]:
     """Names of the vertebrae (and the discs below them) touching the image border."""
     faces = [inst[0], inst[-1], inst[:, 0], inst[:, -1], inst[:, :, 0], inst[:, :, -1]]
-    on = set()
+    on: set[int] = set()
     for f in faces:
         on.update(int(v) for v in np.unique(f))
     out = set()

@@ -23,18 +23,19 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
 
 from spineps.geometry.volume import Volume
 
+if TYPE_CHECKING:  # pragma: no cover
+    from spineps.postprocess.vertebrae import VertebraCentroids
+
 __all__ = ["Measurements", "measure_scan", "write_measurements", "read_measurements", "morphometry_paths",
-           "MEASURE_DESCRIPTIONS", "BIDSIGNORE_EXTRA", "MORPHOMETRY_SUFFIX", "semantic_structure_name"]
+           "MEASURE_DESCRIPTIONS", "MORPHOMETRY_SUFFIX", "semantic_structure_name"]
 
 log = logging.getLogger(__name__)
 
 MORPHOMETRY_SUFFIX = "_desc-spine_morphometry.tsv"
-#: non-BIDS per-scan files, for ``write_bidsignore(extra=...)``
-BIDSIGNORE_EXTRA: tuple[str, ...] = ("*_morphometry.tsv", "*_morphometry.json")
 
 MEASURE_DESCRIPTIONS: dict[str, dict[str, str]] = {
     "volume_mm3": {"Description": "Volume: voxel count times voxel volume", "Units": "mm^3"},
@@ -89,10 +90,11 @@ def _naming_summary(naming: Mapping[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(out, default=str))
 
 
-def measure_scan(semantic: Volume, instance: Optional[Volume], naming: Optional[Mapping[str, Any]] = None
-                 ) -> Measurements:
+def measure_scan(semantic: Volume, instance: Optional[Volume], naming: Optional[Mapping[str, Any]] = None, *,
+                 centroids: Optional["VertebraCentroids"] = None) -> Measurements:
     """Volumes, morphometry and QC of one scan (see the module docstring). ``instance`` may
-    be None (semantic-only runs): then only the class volumes and the QC are given."""
+    be None (semantic-only runs): then only the class volumes and the QC are given.
+    ``centroids``: the named vertebrae's body centroids on this grid (computed when not given)."""
     from spineps.labels import SEMANTIC, VERTEBRA_ORDER, VERTEBRA_VALUES, vertebra_name
     from spineps.measure.morphometry import LevelValue, Morphometry, disc_level_name, measure_morphometry
     from spineps.measure.qc import assess
@@ -108,7 +110,7 @@ def measure_scan(semantic: Volume, instance: Optional[Volume], naming: Optional[
     structure_volumes: dict[tuple[str, str], float] = {}
     if instance is not None:
         ins_vol = label_volumes(instance)
-        morph = measure_morphometry(semantic, instance)
+        morph = measure_morphometry(semantic, instance, centroids=centroids)
         by_level: dict[str, list] = {}
         for lv in morph.values:
             by_level.setdefault(lv.level, []).append(lv)
@@ -134,7 +136,8 @@ def measure_scan(semantic: Volume, instance: Optional[Volume], naming: Optional[
             values.extend(by_level.pop(name, []))
         for rest in by_level.values():
             values.extend(rest)
-        unknown = [v for v in ins_vol if v not in VERTEBRA_VALUES and not (100 < v < 300 and (v % 100) in VERTEBRA_VALUES)]
+        unknown = [v for v in ins_vol
+                   if v not in VERTEBRA_VALUES and not (100 < v < 300 and (v % 100) in VERTEBRA_VALUES)]
         for v in unknown:
             log.warning("instance value %d is not in the label registry: not measured", v)
     qc = assess(semantic, instance, naming, structure_volumes, morph.truncated, morph.spatial_order)
@@ -178,8 +181,8 @@ def write_measurements(m: Measurements, tsv_path: Union[str, Path]) -> tuple[Pat
         "level": {"Description": "Vertebra (e.g. L1), disc level (e.g. L1/L2: the disc below L1 and the structures at "
                                  "its height) or 'all' for whole-mask class volumes"},
         "structure": {"Description": "vertebra, body, disc, endplate, canal, cord, or a semantic class name"},
-        "measure": {"Description": "What was measured (see Measures)", "Levels": {k: MEASURE_DESCRIPTIONS[k]["Description"]
-                                                                            for k in used if k in MEASURE_DESCRIPTIONS}},
+        "measure": {"Description": "What was measured (see Measures)",
+                    "Levels": {k: MEASURE_DESCRIPTIONS[k]["Description"] for k in used if k in MEASURE_DESCRIPTIONS}},
         "value": {"Description": "The value, in the units of the measure (Measures); n/a where not measurable "
                                  "(e.g. cut by the field of view)"},
         "Measures": {k: MEASURE_DESCRIPTIONS.get(k, {}) for k in used},

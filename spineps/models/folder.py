@@ -60,21 +60,21 @@ class ModelConfig:
     def target_spacing(self, input_spacing: tuple[float, float, float]) -> tuple[float, float, float]:
         """Spacing (in model orientation) to resample an input with ``input_spacing`` (also
         in model orientation) to: each axis clamped into [min, max]."""
-        return tuple(  # type: ignore[return-value]
-            float(min(max(s, lo), hi)) for s, lo, hi in zip(input_spacing, self.spacing_min, self.spacing_max)
-        )
+        lo, hi = self.spacing_min, self.spacing_max
+        return (float(min(max(input_spacing[0], lo[0]), hi[0])), float(min(max(input_spacing[1], lo[1]), hi[1])),
+                float(min(max(input_spacing[2], lo[2]), hi[2])))
 
 
 def _fail(folder: Path, msg: str) -> ModelError:
     return ModelError(f"invalid model folder: {msg}", folder)
 
 
-def _spacing(folder: Path, value: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    def triple(v: Any) -> tuple[float, ...]:
+def _spacing(folder: Path, value: Any) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    def triple(v: Any) -> tuple[float, float, float]:
         if not isinstance(v, (list, tuple)) or len(v) != 3:
             raise _fail(folder, f"resolution_range entries must be three numbers, got {v!r}")
         try:
-            out = tuple(float(x) for x in v)
+            out = (float(v[0]), float(v[1]), float(v[2]))
         except (TypeError, ValueError):
             raise _fail(folder, f"resolution_range entries must be numbers, got {v!r}") from None
         if any(not (x > 0) for x in out):
@@ -106,9 +106,14 @@ def _int_map(folder: Path, key: str, value: Any, resolve_values: bool) -> dict[i
     return out
 
 
-def read_model_config(folder: Path) -> ModelConfig:
-    """Read and validate ``folder/inference_config.json``."""
-    folder = Path(folder)
+_REQUIRED = ("log_name", "modality", "acquisition", "modeltype", "model_expected_orientation",
+             "available_folds", "inference_augmentation", "resolution_range", "default_step_size", "labels")
+_OPTIONAL = ("expected_inputs", "has_c1", "needs_corp", "sacrum_ids", "cutout_size", "corpus_size_cleaning",
+             "vert_size_threshold", "mapping")
+
+
+def _read_raw(folder: Path) -> dict[str, Any]:
+    """The JSON object of ``folder/inference_config.json`` with every required key."""
     if not folder.is_dir():
         raise ModelError("model folder does not exist", folder)
     cfg_path = folder / CONFIG_NAME
@@ -120,13 +125,18 @@ def read_model_config(folder: Path) -> ModelConfig:
         raise _fail(folder, f"{CONFIG_NAME} is not readable JSON ({exc})") from None
     if not isinstance(raw, dict):
         raise _fail(folder, f"{CONFIG_NAME} must hold a JSON object")
-
-    required = ("log_name", "modality", "acquisition", "modeltype", "model_expected_orientation",
-                "available_folds", "inference_augmentation", "resolution_range", "default_step_size", "labels")
-    missing = [k for k in required if k not in raw]
+    missing = [k for k in _REQUIRED if k not in raw]
     if missing:
         raise _fail(folder, f"{CONFIG_NAME} lacks required key(s) {', '.join(missing)}")
+    return raw
 
+
+def _triple(value: Any) -> tuple[Any, Any, Any]:
+    return value[0], value[1], value[2]
+
+
+def _identity(folder: Path, raw: dict[str, Any]) -> dict[str, Any]:
+    """``log_name``, ``modality``, ``acquisition``, ``modeltype``, ``orientation``, checked."""
     log_name = raw["log_name"]
     if not isinstance(log_name, str) or not log_name:
         raise _fail(folder, "'log_name' must be a non-empty string")
@@ -142,17 +152,26 @@ def read_model_config(folder: Path) -> ModelConfig:
     if (not isinstance(orient, (list, tuple)) or len(orient) != 3 or not all(o in _AXES for o in orient)
             or len({_AXES[o] for o in orient}) != 3):
         raise _fail(folder, f"'model_expected_orientation' must be three axis codes like ['P','I','R'], got {orient!r}")
-    folds_raw = raw["available_folds"]
+    return {"log_name": log_name, "modality": tuple(modality), "acquisition": raw["acquisition"],
+            "modeltype": raw["modeltype"], "orientation": _triple(orient)}
+
+
+def _folds(folder: Path, folds_raw: Any) -> tuple[int, ...]:
     if isinstance(folds_raw, bool):
         raise _fail(folder, "'available_folds' must be an int or a list of ints")
     if isinstance(folds_raw, int):
         if folds_raw < 1:
             raise _fail(folder, "'available_folds' must be >= 1")
-        folds = tuple(range(folds_raw))
-    elif isinstance(folds_raw, list) and folds_raw and all(isinstance(f, int) and not isinstance(f, bool) for f in folds_raw):
-        folds = tuple(folds_raw)
-    else:
-        raise _fail(folder, f"'available_folds' must be an int or a list of ints, got {folds_raw!r}")
+        return tuple(range(folds_raw))
+    if isinstance(folds_raw, list) and folds_raw and all(isinstance(f, int) and not isinstance(f, bool)
+                                                         for f in folds_raw):
+        return tuple(folds_raw)
+    raise _fail(folder, f"'available_folds' must be an int or a list of ints, got {folds_raw!r}")
+
+
+def _inference(folder: Path, raw: dict[str, Any]) -> dict[str, Any]:
+    """Folds, augmentation, spacing range, step size and labels, checked."""
+    folds = _folds(folder, raw["available_folds"])
     aug = raw["inference_augmentation"]
     if not isinstance(aug, (bool, int)):
         raise _fail(folder, "'inference_augmentation' must be a boolean")
@@ -163,7 +182,12 @@ def read_model_config(folder: Path) -> ModelConfig:
     labels = _int_map(folder, "labels", raw["labels"], resolve_values=True)
     if 0 not in labels.values():
         raise _fail(folder, "'labels' must map at least one output index to 0 (background)")
+    return {"folds": folds, "inference_augmentation": bool(aug), "spacing_min": lo, "spacing_max": hi,
+            "default_step_size": float(step), "labels": labels}
 
+
+def _optional(folder: Path, raw: dict[str, Any]) -> dict[str, Any]:
+    """The optional keys present (checked), and the instance models' default input."""
     kwargs: dict[str, Any] = {}
     if "expected_inputs" in raw:
         ei = raw["expected_inputs"]
@@ -196,26 +220,18 @@ def read_model_config(folder: Path) -> ModelConfig:
             kwargs[key] = raw[key]
     if "mapping" in raw:
         kwargs["mapping"] = _int_map(folder, "mapping", raw["mapping"], resolve_values=False)
-    known = set(required) | {"expected_inputs", "has_c1", "needs_corp", "sacrum_ids", "cutout_size",
-                             "corpus_size_cleaning", "vert_size_threshold", "mapping"}
+    return kwargs
+
+
+def read_model_config(folder: Path) -> ModelConfig:
+    """Read and validate ``folder/inference_config.json``."""
+    folder = Path(folder)
+    raw = _read_raw(folder)
+    fields = {**_identity(folder, raw), **_inference(folder, raw)}
+    kwargs = _optional(folder, raw)
+    known = set(_REQUIRED) | set(_OPTIONAL)
     extra = {k: v for k, v in raw.items() if k not in known}
-    return ModelConfig(
-        path=folder,
-        log_name=log_name,
-        modality=tuple(modality),
-        acquisition=raw["acquisition"],
-        modeltype=raw["modeltype"],
-        orientation=tuple(orient),  # type: ignore[arg-type]
-        folds=folds,
-        inference_augmentation=bool(aug),
-        spacing_min=lo,  # type: ignore[arg-type]
-        spacing_max=hi,  # type: ignore[arg-type]
-        default_step_size=float(step),
-        labels=labels,
-        extra=extra,
-        raw=raw,
-        **kwargs,
-    )
+    return ModelConfig(path=folder, **fields, extra=extra, raw=raw, **kwargs)
 
 
 def folder_checksum(folder: Path, pattern: Optional[str] = None) -> str:

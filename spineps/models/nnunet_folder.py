@@ -22,8 +22,6 @@ user selected (a model folder is code-equivalent and trusted by choosing it).
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import logging
 from dataclasses import dataclass, field
@@ -31,6 +29,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from spineps.errors import ModelError
+from spineps.logging_setup import quiet_stdout
 from spineps.models.folder import ModelConfig, read_model_config
 
 __all__ = ["NnUNetFolder", "inspect_nnunet_folder", "load_checkpoint", "LoadedNnUNet", "load_nnunet_folder",
@@ -105,13 +104,13 @@ def _numpy_safe_globals() -> list:
     out: list = [np.dtype, np.ndarray, np.bool_, np.float16, np.float32, np.float64, np.int8, np.int16, np.int32,
                  np.int64, np.uint8, np.uint16, np.uint32, np.uint64]
     try:
-        from numpy.core.multiarray import _reconstruct, scalar  # type: ignore[attr-defined]
+        from numpy.core.multiarray import _reconstruct, scalar
 
         out += [_reconstruct, scalar]
     except ImportError:  # pragma: no cover - numpy layout differs
         pass
     try:
-        from numpy._core.multiarray import _reconstruct as r2, scalar as s2  # type: ignore[attr-defined]
+        from numpy._core.multiarray import _reconstruct as r2, scalar as s2
 
         out += [r2, s2]
     except ImportError:  # pragma: no cover
@@ -155,17 +154,6 @@ def load_checkpoint(path: Path) -> dict:
     return ck
 
 
-@contextlib.contextmanager
-def _quiet_stdout():
-    """nnU-Net prints (e.g. about unset nnUNet_* paths) at import; keep it off our stdout."""
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        yield
-    text = buf.getvalue().strip()
-    if text:
-        log.debug("nnU-Net said: %s", text[:2000])
-
-
 @dataclass
 class LoadedNnUNet:
     """A folder with its network built and weights loaded, ready for a predictor."""
@@ -185,27 +173,40 @@ class LoadedNnUNet:
     num_inputs: int = 1  # input channels (nnU-Net's determine_num_input_channels)
 
 
-def load_nnunet_folder(folder: Path, folds: Optional[Sequence[int]] = None) -> LoadedNnUNet:
-    """Validate and load everything inference needs; all problems -> ``ModelError``."""
-    info = inspect_nnunet_folder(folder, folds)
-    with _quiet_stdout():
-        from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-        from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    cks = [load_checkpoint(p) for p in info.checkpoints]
-    configuration = cks[0]["init_args"]["configuration"]
-    trainer_name = cks[0]["trainer_name"]
+def _configuration(info: NnUNetFolder, cks: list[dict[str, Any]]) -> str:
+    """The nnU-Net configuration every fold's checkpoint names (and plans.json holds)."""
+    configuration = str(cks[0]["init_args"]["configuration"])
     for p, ck in zip(info.checkpoints[1:], cks[1:]):
         if ck["init_args"]["configuration"] != configuration:
             raise ModelError(f"folds disagree on the configuration ({ck['init_args']['configuration']!r} vs "
                              f"{configuration!r})", p)
-    plans_path = info.path / "plans.json"
     if configuration not in info.plans["configurations"]:
         raise ModelError(f"checkpoint configuration {configuration!r} is not in plans.json "
-                         f"({', '.join(info.plans['configurations'])})", plans_path)
+                         f"({', '.join(info.plans['configurations'])})", info.path / "plans.json")
+    return configuration
+
+
+@dataclass
+class _Network:
+    """A network built from plans.json and dataset.json, with nnU-Net's managers."""
+
+    network: Any
+    plans_manager: Any
+    configuration_manager: Any
+    label_manager: Any
+    n_in: int
+    n_out: int
+    patch: tuple[int, ...]
+
+
+def _build_network(info: NnUNetFolder, configuration: str) -> _Network:
+    """The network of ``configuration`` (weights not loaded)."""
+    with quiet_stdout(log):
+        from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+        from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     try:
-        with _quiet_stdout():
+        with quiet_stdout(log):
             plans_manager = PlansManager(info.plans)
             cm = plans_manager.get_configuration(configuration)
             label_manager = plans_manager.get_label_manager(info.dataset_json)
@@ -219,7 +220,12 @@ def load_nnunet_folder(folder: Path, folds: Optional[Sequence[int]] = None) -> L
         raise
     except Exception as exc:  # malformed plans surface as many exception types inside nnU-Net
         raise ModelError(f"cannot build the network from plans.json/dataset.json "
-                         f"({type(exc).__name__}: {str(exc)[:300]})", plans_path) from None
+                         f"({type(exc).__name__}: {str(exc)[:300]})", info.path / "plans.json") from None
+    return _Network(network, plans_manager, cm, label_manager, int(n_in), int(n_out), patch)
+
+
+def _check_outputs(info: NnUNetFolder, label_manager: Any, n_in: int, n_out: int) -> None:
+    """One input channel, no regions, and every network output mapped by the config's labels."""
     if label_manager.has_regions:
         raise ModelError("region-based nnU-Net models are not supported", info.path / "dataset.json")
     if n_in != 1:
@@ -234,6 +240,16 @@ def load_nnunet_folder(folder: Path, folds: Optional[Sequence[int]] = None) -> L
     if unmapped:
         raise ModelError(f"network output index(es) {unmapped} have no entry in inference_config.json 'labels'",
                          info.path / "inference_config.json")
+
+
+def load_nnunet_folder(folder: Path, folds: Optional[Sequence[int]] = None) -> LoadedNnUNet:
+    """Validate and load everything inference needs; all problems -> ``ModelError``."""
+    info = inspect_nnunet_folder(folder, folds)
+    cks = [load_checkpoint(p) for p in info.checkpoints]
+    configuration = _configuration(info, cks)
+    net = _build_network(info, configuration)
+    _check_outputs(info, net.label_manager, net.n_in, net.n_out)
+    network = net.network
     params = []
     for p, ck in zip(info.checkpoints, cks):
         try:
@@ -246,6 +262,6 @@ def load_nnunet_folder(folder: Path, folds: Optional[Sequence[int]] = None) -> L
     network.eval()
     axes = cks[0].get("inference_allowed_mirroring_axes")
     mirror_axes = tuple(int(a) for a in axes) if isinstance(axes, (list, tuple)) and axes else None
-    return LoadedNnUNet(info, configuration, trainer_name, network, params, plans_manager, cm, label_manager,
-                        n_out, patch, tuple(str(p.relative_to(info.path)) for p in info.checkpoints), mirror_axes,
-                        int(n_in))
+    return LoadedNnUNet(info, configuration, cks[0]["trainer_name"], network, params, net.plans_manager,
+                        net.configuration_manager, net.label_manager, net.n_out, net.patch,
+                        tuple(str(p.relative_to(info.path)) for p in info.checkpoints), mirror_axes, net.n_in)

@@ -29,8 +29,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ENGINES", "onnxruntime_available", "onnxruntime_version", "resolve_engine", "OrtForward",
-           "install_or_fall_back"]
+__all__ = ["ENGINES", "onnxruntime_available", "onnxruntime_version", "resolve_engine", "wants_onnxruntime",
+           "OrtForward", "install_or_fall_back"]
 
 ENGINES = ("auto", "torch", "onnxruntime")
 #: the ONNX operator set the networks are exported with (3D convolutions, instance / group norm)
@@ -41,7 +41,7 @@ def onnxruntime_version() -> Optional[str]:
     """The installed ONNX Runtime's version, None when it cannot be imported."""
     try:
         import onnxruntime
-    except Exception:  # noqa: BLE001 - a broken install counts as absent (logged by the caller)
+    except Exception:  # a broken install counts as absent (logged by the caller)
         return None
     return str(onnxruntime.__version__)
 
@@ -65,11 +65,23 @@ def resolve_engine(engine: str, device: str, precision: str) -> str:
         if not on_cpu:
             raise ValueError("--engine onnxruntime runs on CPU only; use --engine torch (or auto) with a CUDA device")
         if precision != "fp32":
-            raise ValueError(f"--engine onnxruntime runs float32 networks; --precision {precision} needs --engine torch")
+            raise ValueError(f"--engine onnxruntime runs float32 networks; --precision {precision} needs "
+                             "--engine torch")
         if not onnxruntime_available():
             raise ValueError("--engine onnxruntime needs the onnxruntime package (pip install onnxruntime)")
         return "onnxruntime"
     return "onnxruntime" if on_cpu and precision == "fp32" and onnxruntime_available() else "torch"
+
+
+def wants_onnxruntime(engine: str, device: str, precision: str, folder: Any) -> bool:
+    """Whether a model loaded from ``folder`` runs its forward passes in ONNX Runtime
+    (:func:`resolve_engine`); a choice that cannot hold is a ``ModelError`` naming ``folder``."""
+    from spineps.errors import ModelError
+
+    try:
+        return resolve_engine(engine, device, precision) == "onnxruntime"
+    except ValueError as exc:
+        raise ModelError(str(exc), folder) from None
 
 
 def _export(network: Any, example: Any, dynamic_spatial: bool = False) -> bytes:
@@ -88,8 +100,9 @@ def _export(network: Any, example: Any, dynamic_spatial: bool = False) -> bytes:
         # the exporter warns that instance norm in eval mode still uses the instance statistics
         # (which is what the networks do) and about TorchScript's deprecation
         warnings.simplefilter("ignore")
-        torch.onnx.export(network, (example,), buf, input_names=["x"], output_names=["y"], opset_version=OPSET,
-                          dynamic_axes={"x": axes, "y": axes}, dynamo=False)
+        export: Any = torch.onnx.export  # its stub types the target as a path; a file object works as documented
+        export(network, (example,), buf, input_names=["x"], output_names=["y"], opset_version=OPSET,
+               dynamic_axes={"x": axes, "y": axes}, dynamo=False)
     return buf.getvalue()
 
 
@@ -242,7 +255,7 @@ def install_or_fall_back(network: Any, input_shape: Sequence[int], threads: int,
 
     try:
         return OrtForward(network, input_shape, threads, name=name, trace_shape=trace_shape).install()
-    except Exception as exc:  # noqa: BLE001 - an export or session ONNX Runtime cannot take: say which
+    except Exception as exc:  # an export or session ONNX Runtime cannot take: say which
         why = f"{type(exc).__name__}: {str(exc)[:300]}"
         if asked == "onnxruntime":
             raise ModelError(f"ONNX Runtime could not take the network of {name} ({why}); use --engine torch",

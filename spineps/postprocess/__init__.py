@@ -1,5 +1,7 @@
-"""Post-processing after the instance phase.
+"""Post-processing after the instance phase (chained by ``spineps.pipeline.postprocess``).
 
+- :mod:`spineps.postprocess.vertebrae`: the vertebra helpers every later stage shares (ids,
+  centroids computed once per scan, frames, grid checks).
 - :mod:`spineps.postprocess.consistency`: ``make_consistent(semantic, vertebrae)`` (holes,
   zeroing, orphan components, sacrum) and ``consistency_problems(semantic, instance)``.
 - :mod:`spineps.postprocess.discs`: ``assign_discs_and_endplates(semantic, vertebrae)``

@@ -43,33 +43,18 @@ import numpy as np
 
 from spineps.errors import InputError
 from spineps.geometry.volume import Volume
-from spineps.labels import (
-    BODY,
-    CANAL,
-    CORD,
-    DISC,
-    ENDPLATE,
-    ENDPLATE_INF,
-    ENDPLATE_SUP,
-    SACRUM,
-)
+from spineps.labels import BODY, CANAL, CORD, DISC, ENDPLATE_INF, ENDPLATE_SUP, ENDPLATES, INSTANCE_PARTS, SACRUM
+from spineps.postprocess.vertebrae import check_same_grid, vertebra_ids, world_superior_order
 
 __all__ = [
-    "VERTEBRA_PART_VALUES",
-    "ENDPLATE_VALUES",
     "ConsistencyStats",
     "make_consistent",
     "consistency_problems",
-    "vertebra_ids",
-    "world_superior_order",
+    "MAX_VERTEBRAE",
 ]
 
 log = logging.getLogger(__name__)
 
-#: the nine vertebra substructures an instance may cover (endplates handled separately)
-VERTEBRA_PART_VALUES: tuple[int, ...] = tuple(range(41, 50))
-#: endplate values: as predicted (62) and after the superior/inferior split (52/53)
-ENDPLATE_VALUES: tuple[int, ...] = (ENDPLATE_SUP, ENDPLATE_INF, ENDPLATE)
 #: largest anonymous vertebra id that cannot collide with the sacrum value 26
 MAX_VERTEBRAE = SACRUM - 1
 
@@ -88,33 +73,6 @@ class ConsistencyStats:
     new_instances: int = 0
     surplus_to_sacrum: int = 0
     dropped_instances: list[int] = field(default_factory=list)
-
-
-def _check_grids(semantic: Volume, instance: Volume) -> None:
-    if not semantic.same_grid(instance):
-        raise InputError(f"semantic mask {semantic!r} and instance mask {instance!r} are not on the same grid")
-
-
-def vertebra_ids(instance: np.ndarray) -> list[int]:
-    """Sorted vertebra ids of an anonymous instance array (1..99 except the sacrum 26)."""
-    vals = np.unique(instance)
-    return [int(v) for v in vals if 0 < v < 100 and v != SACRUM]
-
-
-def world_superior_order(instance: Volume, ids: list[int], semantic: np.ndarray | None = None) -> list[int]:
-    """``ids`` sorted top to bottom by the world S coordinate of their (body) centroid."""
-    from spineps.postprocess.discs import label_centroids
-
-    inst = np.asarray(instance.data)
-    if not ids:
-        return []
-    coms, _ = label_centroids(inst, ids)
-    if semantic is not None:
-        com_body, n_body = label_centroids(np.where(semantic == BODY, inst, 0), ids)
-        coms = np.where((n_body > 0)[:, None], com_body, coms)
-    world_z = np.asarray(coms, float) @ instance.affine[2, :3] + instance.affine[2, 3]
-    order = np.argsort(-world_z, kind="stable")
-    return [ids[i] for i in order]
 
 
 def _face_contacts(comp: np.ndarray, inst: np.ndarray, n_comp: int, n_inst: int) -> np.ndarray:
@@ -136,104 +94,86 @@ def _face_contacts(comp: np.ndarray, inst: np.ndarray, n_comp: int, n_inst: int)
     return counts.reshape(n_comp + 1, n_inst + 1)
 
 
-def make_consistent(semantic: Volume, vertebrae: Volume, *, min_new_instance_mm3: float = 1000.0,
-                    stats: ConsistencyStats | None = None) -> tuple[Volume, Volume]:
-    """Post-process an anonymous vertebra instance mask against its semantic mask.
-
-    Returns ``(semantic2, vertebrae2)``: the semantic mask (orphan fragments removed or
-    relabelled to sacrum) and the instance mask (vertebrae 1..M top to bottom, sacrum 26,
-    nothing else: discs and endplates are left for ``assign_discs_and_endplates``).
-    Every vertebra-part voxel (41..49) of ``semantic2`` carries a vertebra id in
-    ``vertebrae2`` and every non-zero voxel of ``vertebrae2`` is a vertebra part or sacrum.
-    Pass a :class:`ConsistencyStats` as ``stats`` to read what changed.
-    """
-    import cc3d
+def _fill_holes(inst: np.ndarray, ids: list[int], st: ConsistencyStats) -> None:
+    """Rule 1: fill holes per instance, on its bounding box, without taking other instances' voxels."""
     from scipy import ndimage
 
-    _check_grids(semantic, vertebrae)
-    st = stats if stats is not None else ConsistencyStats()
-    sem = np.asarray(semantic.data).astype(np.int32, copy=True)
-    raw = np.asarray(vertebrae.data)
-    if raw.size and raw.min() < 0:
-        raise InputError("instance mask holds negative values")
-    inst = np.where((raw > 0) & (raw < 100) & (raw != SACRUM), raw, 0).astype(np.int32)
-    ids = vertebra_ids(inst)
+    if not ids:
+        return
+    boxes = ndimage.find_objects(inst)
+    for v in ids:
+        box = boxes[v - 1]
+        if box is None:
+            continue
+        sub = inst[box]
+        filled = ndimage.binary_fill_holes(sub == v) & (sub == 0)
+        n = int(filled.sum())
+        if n:
+            sub[filled] = v
+            st.filled += n
 
-    # 1. fill holes per instance, on its bounding box, without taking other instances' voxels
-    if ids:
-        boxes = ndimage.find_objects(inst)
-        for v in ids:
-            box = boxes[v - 1]
-            if box is None:
-                continue
-            sub = inst[box]
-            filled = ndimage.binary_fill_holes(sub == v) & (sub == 0)
-            n = int(filled.sum())
-            if n:
-                sub[filled] = v
-                st.filled += n
 
-    # 2. zero every instance voxel that is not a vertebra part; sacrum -> 26
-    part = np.isin(sem, VERTEBRA_PART_VALUES)
-    off = (inst > 0) & ~part
-    st.zeroed = int(off.sum())
-    inst[off] = 0
-    inst[sem == SACRUM] = SACRUM
+def _orphan_targets(comp: np.ndarray, n_comp: int, inst: np.ndarray, sem: np.ndarray, ids: list[int],
+                    min_vox: float, st: ConsistencyStats) -> np.ndarray:
+    """Per orphan component (index = component label) the value it takes: the vertebra with the
+    most face contacts, the sacrum, a new instance (``1000 + id``, renumbered later) or 0."""
+    n_lab = int(inst.max())
+    contacts = _face_contacts(comp, inst, n_comp, n_lab)
+    vert_contacts = contacts.copy()
+    vert_contacts[:, 0] = 0
+    if n_lab >= SACRUM:
+        vert_contacts[:, SACRUM] = 0
+    best = vert_contacts.argmax(axis=1)
+    has_vert = vert_contacts.max(axis=1) > 0
+    has_sacrum = contacts[:, SACRUM] > 0 if n_lab >= SACRUM else np.zeros(n_comp + 1, bool)
+    target = np.zeros(n_comp + 1, dtype=np.int64)
+    target[has_vert] = best[has_vert]
+    target[~has_vert & has_sacrum] = SACRUM
+    target[0] = 0
+    loose = ~has_vert & ~has_sacrum
+    loose[0] = False
+    # isolated components: a missed vertebra when it holds enough body, else removed
+    if loose.any():
+        body_count = np.bincount(comp[sem == BODY], minlength=n_comp + 1)
+        next_id = (max(ids) if ids else 0) + 1
+        for c in np.flatnonzero(loose & (body_count >= min_vox)):
+            target[c] = 1000 + next_id  # marked, renumbered below
+            next_id += 1
+            st.new_instances += 1
+    return target
 
-    # 3. orphan components of vertebra-part voxels
+
+def _assign_orphans(sem: np.ndarray, inst: np.ndarray, part: np.ndarray, ids: list[int], min_vox: float,
+                    st: ConsistencyStats) -> None:
+    """Rule 3: the orphan components of vertebra-part voxels (see the module text)."""
+    import cc3d
+
     orphan = part & (inst == 0)
-    if orphan.any():
-        comp, n_comp = cc3d.connected_components(orphan, connectivity=26, return_N=True)
-        comp = comp.astype(np.int64)
-        n_lab = int(inst.max())
-        contacts = _face_contacts(comp, inst, n_comp, n_lab)
-        vert_contacts = contacts.copy()
-        vert_contacts[:, 0] = 0
-        if n_lab >= SACRUM:
-            vert_contacts[:, SACRUM] = 0
-        best = vert_contacts.argmax(axis=1)
-        has_vert = vert_contacts.max(axis=1) > 0
-        has_sacrum = contacts[:, SACRUM] > 0 if n_lab >= SACRUM else np.zeros(n_comp + 1, bool)
-        # per-component decision as a lookup table (index = component label)
-        target = np.zeros(n_comp + 1, dtype=np.int64)
-        target[has_vert] = best[has_vert]
-        to_sacrum = ~has_vert & has_sacrum
-        target[to_sacrum] = SACRUM
-        target[0] = 0
-        loose = ~has_vert & ~has_sacrum
-        loose[0] = False
-        # isolated components: a missed vertebra when it holds enough body, else removed
-        if loose.any():
-            body_count = np.bincount(comp[sem == BODY], minlength=n_comp + 1)
-            min_vox = min_new_instance_mm3 / max(vertebrae.voxel_volume, 1e-9)
-            new_ids = np.flatnonzero(loose & (body_count >= min_vox))
-            next_id = (max(ids) if ids else 0) + 1
-            for c in new_ids:
-                target[c] = 1000 + next_id  # marked, renumbered below
-                next_id += 1
-                st.new_instances += 1
-        assigned = target[comp]
-        st.orphans_assigned = int(((assigned > 0) & (assigned < 1000) & (assigned != SACRUM)).sum())
-        st.orphans_to_sacrum = int((orphan & (assigned == SACRUM)).sum())
-        removed = orphan & (assigned == 0)
-        st.orphans_removed = int(removed.sum())
-        sem[orphan & (assigned == SACRUM)] = SACRUM
-        sem[removed] = 0
-        inst[orphan] = assigned[orphan]
-        if st.orphans_removed:
-            log.info("removed %d isolated vertebra-part voxels that no instance touches", st.orphans_removed)
-        if st.new_instances:
-            log.warning("%d vertebra-sized component(s) touching no instance became new instance(s)",
-                        st.new_instances)
-
-    # consecutive ids 1..M, top to bottom (input order kept; new instances placed by height)
-    present = vertebra_ids(np.where(inst >= 1000, 0, inst)) + sorted(
-        int(v) for v in np.unique(inst) if v >= 1000)
-    st.dropped_instances = [v for v in ids if v not in present]
+    if not orphan.any():
+        return
+    comp, n_comp = cc3d.connected_components(orphan, connectivity=26, return_N=True)
+    comp = comp.astype(np.int64)
+    assigned = _orphan_targets(comp, n_comp, inst, sem, ids, min_vox, st)[comp]
+    st.orphans_assigned = int(((assigned > 0) & (assigned < 1000) & (assigned != SACRUM)).sum())
+    st.orphans_to_sacrum = int((orphan & (assigned == SACRUM)).sum())
+    removed = orphan & (assigned == 0)
+    st.orphans_removed = int(removed.sum())
+    sem[orphan & (assigned == SACRUM)] = SACRUM
+    sem[removed] = 0
+    inst[orphan] = assigned[orphan]
+    if st.orphans_removed:
+        log.info("removed %d isolated vertebra-part voxels that no instance touches", st.orphans_removed)
     if st.new_instances:
-        order = world_superior_order(vertebrae.with_data(inst), present, sem)
-    else:
-        order = present
+        log.warning("%d vertebra-sized component(s) touching no instance became new instance(s)", st.new_instances)
+
+
+def _top_to_bottom(sem: np.ndarray, inst: np.ndarray, ids: list[int], vertebrae: Volume,
+                   st: ConsistencyStats) -> np.ndarray:
+    """Consecutive ids 1..M, top to bottom (input order kept; new instances placed by height),
+    at most ``MAX_VERTEBRAE`` (the surplus lowest become sacrum in both masks)."""
+    present = vertebra_ids(np.where(inst >= 1000, 0, inst)) + sorted(int(v) for v in np.unique(inst) if v >= 1000)
+    st.dropped_instances = [v for v in ids if v not in present]
+    order = world_superior_order(vertebrae.with_data(inst), present, sem) if st.new_instances else present
     if len(order) > MAX_VERTEBRAE:
         # No spine holds more than 25 vertebrae above the sacrum (C2..L5 with T13 and L6). The
         # surplus lowest instances are sacral segments that the semantic phase took for vertebral
@@ -248,20 +188,49 @@ def make_consistent(semantic: Volume, vertebrae: Volume, *, min_new_instance_mm3
         st.surplus_to_sacrum = len(surplus)
         log.warning("%d vertebra instance(s) below the %dth from the top (more than a spine holds above the "
                     "sacrum) were taken as sacral segments", len(surplus), MAX_VERTEBRAE)
-    lut_size = int(inst.max()) + 1
-    lut = np.zeros(max(lut_size, SACRUM + 1), dtype=np.int32)
+    lut = np.zeros(max(int(inst.max()) + 1, SACRUM + 1), dtype=np.int32)
     for new, old in enumerate(order, start=1):
         lut[old] = new
     lut[SACRUM] = SACRUM
-    out = lut[inst].astype(np.int16)
     if st.dropped_instances:
         log.info("instances %s lost all their voxels and were dropped", st.dropped_instances)
+    return lut[inst].astype(np.int16)
+
+
+def make_consistent(semantic: Volume, vertebrae: Volume, *, min_new_instance_mm3: float = 1000.0,
+                    stats: ConsistencyStats | None = None) -> tuple[Volume, Volume]:
+    """Post-process an anonymous vertebra instance mask against its semantic mask.
+
+    Returns ``(semantic2, vertebrae2)``: the semantic mask (orphan fragments removed or
+    relabelled to sacrum) and the instance mask (vertebrae 1..M top to bottom, sacrum 26,
+    nothing else: discs and endplates are left for ``assign_discs_and_endplates``).
+    Every vertebra-part voxel (41..49) of ``semantic2`` carries a vertebra id in
+    ``vertebrae2`` and every non-zero voxel of ``vertebrae2`` is a vertebra part or sacrum.
+    Pass a :class:`ConsistencyStats` as ``stats`` to read what changed.
+    """
+    check_same_grid(semantic, vertebrae)
+    st = stats if stats is not None else ConsistencyStats()
+    sem = np.asarray(semantic.data).astype(np.int32, copy=True)
+    raw = np.asarray(vertebrae.data)
+    if raw.size and raw.min() < 0:
+        raise InputError("instance mask holds negative values")
+    inst = np.where((raw > 0) & (raw < 100) & (raw != SACRUM), raw, 0).astype(np.int32)
+    ids = vertebra_ids(inst)
+    _fill_holes(inst, ids, st)
+    # 2. zero every instance voxel that is not a vertebra part; sacrum -> 26
+    part = np.isin(sem, INSTANCE_PARTS)
+    off = (inst > 0) & ~part
+    st.zeroed = int(off.sum())
+    inst[off] = 0
+    inst[sem == SACRUM] = SACRUM
+    _assign_orphans(sem, inst, part, ids, min_new_instance_mm3 / max(vertebrae.voxel_volume, 1e-9), st)
+    out = _top_to_bottom(sem, inst, ids, vertebrae, st)
     # only 0 and 26 are new semantic values: the input dtype holds them
     return semantic.with_data(sem.astype(np.asarray(semantic.data).dtype)), vertebrae.with_data(out)
 
 
 #: semantic values that must carry an instance value, with the kind of instance they take
-_SPINE_STRUCTURES = (*VERTEBRA_PART_VALUES, ENDPLATE_SUP, ENDPLATE_INF, DISC, SACRUM)
+_SPINE_STRUCTURES = (*INSTANCE_PARTS, ENDPLATE_SUP, ENDPLATE_INF, DISC, SACRUM)
 
 
 def _instance_kind(inst: np.ndarray) -> np.ndarray:
@@ -283,7 +252,7 @@ def consistency_problems(semantic: Volume, instance: Volume) -> list[str]:
     carries an instance value. Exceptions: canal (61) and cord (60) take no instance value,
     and an endplate voxel still valued 62 (no vertebra claimed it) may have none.
     """
-    _check_grids(semantic, instance)
+    check_same_grid(semantic, instance)
     sem = np.asarray(semantic.data)
     inst = np.asarray(instance.data)
     kind = _instance_kind(inst)
@@ -297,9 +266,9 @@ def consistency_problems(semantic: Volume, instance: Volume) -> list[str]:
     _report((inst >= 300) | (inst < 0), "instance value outside 0..299")
     _report((kind > 0) & ((sem == 0) | (sem == CANAL) | (sem == CORD)), "instance on background/canal/cord")
     _report((kind == 0) & np.isin(sem, _SPINE_STRUCTURES), "spine structure without instance value")
-    _report((kind == 1) & ~np.isin(sem, VERTEBRA_PART_VALUES), "vertebra id on a non-vertebra-part voxel")
+    _report((kind == 1) & ~np.isin(sem, INSTANCE_PARTS), "vertebra id on a non-vertebra-part voxel")
     _report((kind == 2) & (sem != DISC), "disc value on a non-disc voxel")
-    _report((kind == 3) & ~np.isin(sem, ENDPLATE_VALUES), "endplate value on a non-endplate voxel")
+    _report((kind == 3) & ~np.isin(sem, ENDPLATES), "endplate value on a non-endplate voxel")
     _report((kind == 4) & (sem != SACRUM), "sacrum value on a non-sacrum voxel")
     _report((sem == SACRUM) & (kind != 4), "sacrum voxel without instance 26")
     return problems

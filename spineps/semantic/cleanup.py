@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
+from typing import Any, Iterable, Literal, Optional, Sequence
 
 import numpy as np
 
@@ -41,7 +41,7 @@ def _voxels_for(mm3: float, spacing: Sequence[float]) -> int:
 
 
 def remove_small_components(mask: np.ndarray, spacing: Sequence[float], min_mm3: float,
-                            connectivity: int = 26) -> np.ndarray:
+                            connectivity: Literal[6, 18, 26] = 26) -> np.ndarray:
     """Zero every connected component of a single label value whose volume is below
     ``min_mm3`` (voxel count x voxel volume)."""
     import cc3d
@@ -53,7 +53,7 @@ def remove_small_components(mask: np.ndarray, spacing: Sequence[float], min_mm3:
 
 
 def keep_spine(mask: np.ndarray, spacing: Sequence[float], margin_mm: float = 15.0,
-               connectivity: int = 26) -> np.ndarray:
+               connectivity: Literal[6, 18, 26] = 26) -> np.ndarray:
     """Keep the largest foreground component and everything that touches its bounding box
     grown by ``margin_mm``; remove foreground components entirely outside it."""
     import cc3d
@@ -94,7 +94,7 @@ def _fill_binary(structure: np.ndarray, sagittal_axis: Optional[int]) -> np.ndar
         # 2D fill in every sagittal slice at once: a structuring element without neighbours
         # along the L-R axis makes the fill slice-wise
         st = np.zeros((3, 3, 3), bool)
-        idx = [slice(None)] * 3
+        idx: list[Any] = [slice(None)] * 3
         idx[sagittal_axis] = 1
         st[tuple(idx)] = ndimage.generate_binary_structure(2, 1)
         filled |= ndimage.binary_fill_holes(structure, structure=st)

@@ -28,17 +28,22 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
 from spineps.errors import InputError, ModelError
 from spineps.geometry.volume import Volume
+from spineps.logging_setup import quiet_stdout
+from spineps.models.device import resolve_device, to_memory_format
 from spineps.models.folder import ModelConfig, folder_checksum
 from spineps.semantic.cleanup import CleanupSettings, clean_semantic
 from spineps.semantic.preprocess import N4Settings, preprocess_image
 
-__all__ = ["NnUNetSemanticSegmenter", "resolve_device"]
+if TYPE_CHECKING:  # pragma: no cover
+    from spineps.models.onnx_engine import OrtForward
+
+__all__ = ["NnUNetSemanticSegmenter"]
 
 log = logging.getLogger(__name__)
 
@@ -49,26 +54,11 @@ def _warn_if_nnunet_caps_threads() -> None:
     pre-processing silently slows inference down (1 instead of 2 threads: 1.5x slower here)."""
     import torch
 
-    with _quiet():
+    with quiet_stdout(log):
         from nnunetv2.configuration import default_num_processes
     if default_num_processes < torch.get_num_threads():
         log.warning("nnUNet_def_n_proc=%d limits nnU-Net's inference to %d thread(s) (asked for %d); unset it "
                     "for full speed", default_num_processes, default_num_processes, torch.get_num_threads())
-
-
-def resolve_device(device: str = "auto") -> Any:
-    """'auto' -> cuda if available else cpu; otherwise torch.device(device)."""
-    import torch
-
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ModelError(f"unknown device {device!r} ({exc})") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ModelError(f"device {device!r} requested but CUDA is not available")
-    return dev
 
 
 class NnUNetSemanticSegmenter:
@@ -83,14 +73,11 @@ class NnUNetSemanticSegmenter:
 
         from spineps.models.precision import resolve_precision
 
-        with _quiet():
-            from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-
         self.loaded = loaded
         self.config: ModelConfig = loaded.folder.config
         self.name: str = self.config.log_name
         self.folder: Path = loaded.folder.path
-        self.device = resolve_device(device)
+        self.device = torch.device(resolve_device(device))
         self.nprocs = nprocs
         if nprocs is not None:
             if nprocs < 1:
@@ -99,20 +86,8 @@ class NnUNetSemanticSegmenter:
         self.n4 = bool(n4)
         self.n4_settings = n4_settings
         self.cleanup = cleanup
-        on_gpu = self.device.type == "cuda"
-        self.mirroring = bool(self.config.inference_augmentation and on_gpu) if mirroring is None else bool(mirroring)
-        self.step_size = float(self.config.default_step_size if step_size is None else step_size)
-        mirror_axes = getattr(loaded, "mirror_axes", None)
-        if self.mirroring and mirror_axes is None:
-            mirror_axes = (0, 1, 2)
-        with _quiet():
-            self.predictor = nnUNetPredictor(tile_step_size=self.step_size, use_gaussian=True,
-                                             use_mirroring=self.mirroring, perform_everything_on_device=on_gpu,
-                                             device=self.device, verbose=False, verbose_preprocessing=False,
-                                             allow_tqdm=False)
-            self.predictor.manual_initialization(loaded.network.to(self.device), loaded.plans_manager,
-                                                 loaded.configuration_manager, loaded.parameters,
-                                                 loaded.folder.dataset_json, loaded.trainer_name, mirror_axes)
+        self.mirroring, self.step_size = self._sliding_window(mirroring, step_size)
+        self.predictor = self._predictor(loaded)
         # precision (spineps.models.precision): "bf16" on CPU = bfloat16 autocast + channels-last
         # weights (the fastest combination in benchmarks/inference_options.py)
         self.precision = resolve_precision(precision or ("bf16" if cpu_bf16 else "fp32"), self.device.type)
@@ -122,37 +97,63 @@ class NnUNetSemanticSegmenter:
         # into the network before predicting (copy_ keeps this layout)
         self.channels_last = False if channels_last is None else bool(channels_last)
         if self.channels_last and isinstance(self.predictor.network, torch.nn.Module):
-            self.predictor.network.to(memory_format=torch.channels_last_3d)
+            to_memory_format(self.predictor.network, torch.channels_last_3d)
         self.cpu_bf16 = False
-        self._ort = None
+        self._ort: Optional[OrtForward] = None
         if self.precision == "bf16":
             self.set_cpu_bf16(True)
         self.engine = self._set_engine(engine, loaded)
         _warn_if_nnunet_caps_threads()
-        n = loaded.num_outputs
-        lut = np.zeros(max(n, 1), np.uint8)
+        self._lut = self._label_lut(loaded.num_outputs)
+        self._checksum: Optional[str] = None
+        self.timings: dict[str, float] = {}
+
+    def _sliding_window(self, mirroring: Optional[bool], step_size: Optional[float]) -> tuple[bool, float]:
+        """Test-time mirroring (the config's choice on GPU, off on CPU unless asked for) and the
+        tile step of nnU-Net's sliding window."""
+        on_gpu = self.device.type == "cuda"
+        mirror = bool(self.config.inference_augmentation and on_gpu) if mirroring is None else bool(mirroring)
+        return mirror, float(self.config.default_step_size if step_size is None else step_size)
+
+    def _predictor(self, loaded: Any) -> Any:
+        """nnU-Net's predictor, initialised by hand from the loaded folder (no trainer lookup)."""
+        with quiet_stdout(log):
+            from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+        mirror_axes = getattr(loaded, "mirror_axes", None)
+        if self.mirroring and mirror_axes is None:
+            mirror_axes = (0, 1, 2)
+        on_gpu = self.device.type == "cuda"
+        with quiet_stdout(log):
+            predictor = nnUNetPredictor(tile_step_size=self.step_size, use_gaussian=True,
+                                        use_mirroring=self.mirroring, perform_everything_on_device=on_gpu,
+                                        device=self.device, verbose=False, verbose_preprocessing=False,
+                                        allow_tqdm=False)
+            predictor.manual_initialization(loaded.network.to(self.device), loaded.plans_manager,
+                                            loaded.configuration_manager, loaded.parameters,
+                                            loaded.folder.dataset_json, loaded.trainer_name, mirror_axes)
+        return predictor
+
+    def _label_lut(self, n_outputs: int) -> np.ndarray:
+        """Network output index -> community label value (uint8)."""
+        lut = np.zeros(max(n_outputs, 1), np.uint8)
         for idx, value in self.config.labels.items():
             if not 0 <= value <= 255:
                 raise ModelError(f"label value {value} does not fit the uint8 semantic mask",
                                  self.folder / "inference_config.json")
             lut[idx] = value
-        self._lut = lut
-        self._checksum: Optional[str] = None
-        self.timings: dict[str, float] = {}
+        return lut
 
     def _set_engine(self, engine: str, loaded: Any) -> str:
         """``torch`` or ``onnxruntime`` (spineps.models.onnx_engine): the latter replaces the
         network's forward by an ONNX Runtime session for nnU-Net's tile shape."""
         import torch
 
-        from spineps.models.onnx_engine import install_or_fall_back, resolve_engine
+        from spineps.models.onnx_engine import install_or_fall_back, wants_onnxruntime
 
-        try:
-            chosen = resolve_engine(engine, self.device.type, self.precision)
-        except ValueError as exc:
-            raise ModelError(str(exc), self.folder) from None
         net = self.predictor.network
-        if chosen != "onnxruntime" or not isinstance(net, torch.nn.Module):
+        if not wants_onnxruntime(engine, self.device.type, self.precision, self.folder) or not isinstance(
+                net, torch.nn.Module):
             return "torch"
         cm = loaded.configuration_manager
         patch = [int(v) for v in cm.patch_size]
@@ -220,7 +221,7 @@ class NnUNetSemanticSegmenter:
         sp = model_image.spacing
         data = np.ascontiguousarray(arr.transpose(2, 1, 0))[None]  # SimpleITK axis order
         props = {"spacing": [float(sp[2]), float(sp[1]), float(sp[0])]}
-        with torch.inference_mode(), _quiet():
+        with torch.inference_mode(), quiet_stdout(log):
             seg = self.predictor.predict_single_npy_array(data, props, None, None, False)
         seg = np.asarray(seg)
         if seg.shape != data.shape[1:]:
@@ -276,7 +277,7 @@ class NnUNetSemanticSegmenter:
         return {
             "name": self.name,
             "folder": str(self.folder),
-            "checksum_sha256": self._checksum,
+            "checksum": f"sha256:{self._checksum}",
             "modeltype": "nnunet",
             "configuration": self.loaded.configuration,
             "trainer_name": self.loaded.trainer_name,
@@ -294,23 +295,3 @@ class NnUNetSemanticSegmenter:
             "channels_last": self.channels_last,
             "n4": self.n4,
         }
-
-
-class _quiet:
-    """Keep nnU-Net's prints off stdout (they go to the debug log)."""
-
-    def __enter__(self):
-        import contextlib
-        import io
-
-        self._buf = io.StringIO()
-        self._cm = contextlib.redirect_stdout(self._buf)
-        self._cm.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._cm.__exit__(*exc)
-        text = self._buf.getvalue().strip()
-        if text:
-            log.debug("nnU-Net said: %s", text[:2000])
-        return False

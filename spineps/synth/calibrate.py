@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 import numpy as np
 
@@ -80,7 +80,7 @@ def measure_real_folder(folder: Path, pattern: str = "*_desc-vert_dseg.nii.gz") 
 
     res: dict[int, list[StructureSize]] = {}
     for path in sorted(Path(folder).glob(pattern)):
-        img = nib.load(str(path))
+        img: Any = nib.load(str(path))  # an image class of nibabel's choosing
         vol = Volume(np.asarray(img.dataobj).astype(np.int32), img.affine)
         for v, size in measure_structures(vol).items():
             res.setdefault(v, []).append(size)

@@ -22,7 +22,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Sequence, Union
 
 import numpy as np
 
@@ -66,7 +66,7 @@ def demo_specs(n_subjects: int = 3, seed: int = 0) -> list[PhantomSpec]:
     return specs
 
 
-def _dseg_tsv(rows: list[tuple[int, str, str, str, object]]) -> str:
+def _dseg_tsv(rows: Sequence[tuple[int, str, str, str, object]]) -> str:
     lines = ["index\tname\tabbreviation\tcolor\tmapping"]
     for value, name, abbr, color, mapping in rows:
         lines.append(f"{value}\t{name}\t{abbr}\t{color}\t{'n/a' if mapping is None else mapping}")

@@ -46,18 +46,11 @@ _PRESET_HELP = "body-disc-canal, body, canal, cord, disc, sacrum, spine, subregi
 
 
 
-def _axis_code(text: str) -> str:
-    t = text.strip().upper()
-    if t not in ("L", "R", "A", "P", "S", "I"):
-        raise argparse.ArgumentTypeError(f"axis code must be one of L R A P S I, got {text!r}")
-    return t
-
-
 def _orientation(text: str) -> tuple[str, str, str]:
     t = text.strip().upper().replace(",", "")
     if len(t) != 3 or len({({"L": 0, "R": 0, "A": 1, "P": 1, "S": 2, "I": 2}).get(c, -1) for c in t} - {-1}) != 3:
         raise argparse.ArgumentTypeError(f"orientation must name L/R, A/P and S/I once each (e.g. PIR), got {text!r}")
-    return tuple(t)  # type: ignore[return-value]
+    return t[0], t[1], t[2]
 
 
 # ------------------------------------------------------------------------------------ fuse
@@ -218,7 +211,7 @@ def _run_export_cutouts(args: argparse.Namespace) -> int:
     orientation = args.orientation or orientation
     spacing = tuple(args.spacing) if args.spacing else spacing
     size = tuple(args.cutout_size) if args.cutout_size else size
-    pairs: list[tuple[Path, Path]] = [tuple(p) for p in (args.pair or [])]  # type: ignore[misc]
+    pairs: list[tuple[Path, Path]] = [(Path(p[0]), Path(p[1])) for p in (args.pair or [])]
     if args.derivatives_dir is not None:
         if not args.derivatives_dir.is_dir():
             raise NoInputError("derivatives folder does not exist", args.derivatives_dir)

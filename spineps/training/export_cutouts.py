@@ -29,12 +29,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
 from spineps.errors import InputError, UsageError
-from spineps.geometry.volume import Volume
+from spineps.geometry.volume import Volume, float3, int3, str3
 
 __all__ = ["Cutout", "export_cutouts", "write_cutouts", "load_cutout", "vertebra_order"]
 
@@ -140,8 +140,7 @@ def export_cutouts(semantic: Volume, instance: Volume, *, spacing: Sequence[floa
             tlut[below] = 3
         target = tlut[inst_c]
         target[inp == 0] = 0
-        out.append(Cutout(v, above, below, c, inp, target, sem_c, inst_c, tuple(float(x) for x in sem.spacing),
-                          tuple(str(x) for x in orientation)))  # type: ignore[arg-type]
+        out.append(Cutout(v, above, below, int3(c), inp, target, sem_c, inst_c, float3(sem.spacing), str3(orientation)))
     log.info("%s: %d cutouts of %s", name, len(out), size)
     return out
 
@@ -155,9 +154,10 @@ def write_cutouts(cutouts: Sequence[Cutout], out_dir: Union[str, Path], case: st
     paths = []
     for c in cutouts:
         path = out_dir / f"{case}_vert-{c.centre_id:02d}.npz"
-        arrays = {"input": c.input, "target": c.target, "ids": np.array([c.above, c.centre_id, c.below], np.int32),
-                  "centre": np.array(c.centre, np.int32), "spacing": np.array(c.spacing, np.float64),
-                  "orientation": np.array("".join(c.orientation))}
+        arrays: dict[str, Any] = {
+            "input": c.input, "target": c.target, "ids": np.array([c.above, c.centre_id, c.below], np.int32),
+            "centre": np.array(c.centre, np.int32), "spacing": np.array(c.spacing, np.float64),
+            "orientation": np.array("".join(c.orientation))}
         if keep_raw:
             arrays["semantic"] = c.semantic
             arrays["instance"] = c.instance
@@ -177,9 +177,9 @@ def load_cutout(path: Union[str, Path]) -> Cutout:
             inp, target = z["input"], z["target"]
             sem = z["semantic"] if "semantic" in z.files else np.zeros_like(inp)
             inst = z["instance"] if "instance" in z.files else np.zeros(inp.shape, np.uint16)
-            centre = tuple(int(x) for x in z["centre"])
-            spacing = tuple(float(x) for x in z["spacing"])
-            orientation = tuple(str(z["orientation"]))
+            centre = int3(z["centre"])
+            spacing = float3(z["spacing"])
+            orientation = str3(str(z["orientation"]))
     except (OSError, KeyError, ValueError) as exc:
         raise InputError(f"not a cutout file ({type(exc).__name__}: {exc})", path) from None
-    return Cutout(ids[1], ids[0], ids[2], centre, inp, target, sem, inst, spacing, orientation)  # type: ignore[arg-type]
+    return Cutout(ids[1], ids[0], ids[2], centre, inp, target, sem, inst, spacing, orientation)

@@ -40,7 +40,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Literal, Optional, Sequence, Union
 
 import numpy as np
 
@@ -161,12 +161,12 @@ def make_splits(cases: Sequence[str], groups: Sequence[str], n_folds: int, seed:
     return splits
 
 
-def _load(obj: PathOrVolume, kind: str) -> Volume:
+def _load(obj: PathOrVolume, kind: Literal["image", "label"]) -> Volume:
     if isinstance(obj, Volume):
         return obj
     from spineps.geometry.io import load_volume
 
-    return load_volume(Path(obj), kind=kind)  # type: ignore[arg-type]
+    return load_volume(Path(obj), kind=kind)
 
 
 @dataclass

@@ -43,6 +43,7 @@ import numpy as np
 
 from spineps.errors import InputError, UsageError
 from spineps.geometry.volume import Volume
+from spineps.labels import BODY, CANAL, CORD, DISC, ENDPLATE, INSTANCE_PARTS, SEMANTIC
 
 __all__ = [
     "LabelSource",
@@ -60,15 +61,14 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-BODY, DISC, ENDPLATE, CORD, CANAL = 49, 100, 62, 60, 61
-_SEMANTIC_VALUES = (41, 42, 43, 44, 45, 46, 47, 48, 49, 52, 53, 60, 61, 62, 100, 26)
+_SEMANTIC_VALUES = tuple(lab.value for lab in SEMANTIC if lab.value)
 
 #: named mappings for common sources (``--source FILE:PRESET``)
 PRESETS: dict[str, dict[int, int]] = {
     # a mask already in the community values (e.g. a SPINEPS output or a corrected reference)
     "spine": {v: v for v in _SEMANTIC_VALUES},
     # vertebra substructures only (41..49), as a subregion tool writes them
-    "subregions": {v: v for v in range(41, 50)},
+    "subregions": {v: v for v in INSTANCE_PARTS},
     # binary masks of single structures
     "cord": {1: CORD},
     "canal": {1: CANAL},
@@ -367,7 +367,7 @@ def write_fusion(result: FusionResult, path: Union[str, Path], *, extra: Optiona
                  ) -> tuple[Path, Path]:
     """Write the fused mask (atomically, uint8) and its JSON sidecar (same name, ``.json``).
     Returns both paths."""
-    from spineps import __version__ as version  # noqa: F401  (package version for provenance)
+    from spineps import __version__ as version  # the package version, for provenance
     from spineps.fsutil import write_json_atomic
     from spineps.geometry.io import save_volume
 

@@ -33,6 +33,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from spineps.labels import INSTANCE_PARTS
+
 __all__ = ["TrainConfig", "Case", "make_case", "sample_cutout", "augment", "train", "main", "FLIP_PAIRS",
            "flip_lr", "evaluate_instances", "model_config_dict", "build_random_instance_folder"]
 
@@ -40,7 +42,7 @@ log = logging.getLogger("spineps.training.instance")
 
 #: left/right label pairs swapped by a left-right flip
 FLIP_PAIRS = ((43, 44), (45, 46), (47, 48))
-VERT_PARTS = tuple(range(41, 50))
+VERT_PARTS = INSTANCE_PARTS  # the nine substructures a vertebra instance covers (41..49)
 
 
 @dataclass
@@ -158,8 +160,10 @@ def _rand_blob(shape: Sequence[int], centre: Sequence[int], radius: float) -> tu
     r = int(math.ceil(radius))
     sl = tuple(slice(max(int(c) - r, 0), min(int(c) + r + 1, n)) for c, n in zip(centre, shape))
     grid = np.ogrid[tuple(slice(s.start - int(c), s.stop - int(c)) for s, c in zip(sl, centre))]
-    d2 = sum(g.astype(float) ** 2 for g in grid)
-    return sl, d2 <= radius ** 2
+    d2 = np.zeros(())
+    for g in grid:
+        d2 = d2 + g.astype(float) ** 2
+    return sl, np.asarray(d2 <= radius ** 2)
 
 
 def augment(sem: np.ndarray, inst: np.ndarray, centre_id: int, rng: np.random.Generator,
@@ -464,6 +468,7 @@ def train(cfg: TrainConfig) -> dict:
     import torch
 
     from spineps.instance.network import InstanceUNet3D, count_parameters
+    from spineps.models.device import to_memory_format
 
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
@@ -487,7 +492,7 @@ def train(cfg: TrainConfig) -> dict:
     log.info("phantoms ready (%d train, %d val) in %.0f s", len(train_cases), len(val_cases),
              time.perf_counter() - t_start)
 
-    net = InstanceUNet3D(in_channels=cfg.in_channels, dim=cfg.dim).to(memory_format=torch.channels_last_3d)
+    net = to_memory_format(InstanceUNet3D(in_channels=cfg.in_channels, dim=cfg.dim), torch.channels_last_3d)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr_start, weight_decay=1e-5)
     ce = torch.nn.CrossEntropyLoss()
     budget = cfg.max_minutes * 60.0
@@ -512,11 +517,11 @@ def train(cfg: TrainConfig) -> dict:
             xs.append(x)
             ys.append(y)
         idx = torch.from_numpy(np.stack(xs).astype(np.int64))
-        x = torch.nn.functional.one_hot(idx, cfg.in_channels).permute(0, 4, 1, 2, 3).float()
-        x = x.contiguous(memory_format=torch.channels_last_3d)
-        y = torch.from_numpy(np.stack(ys).astype(np.int64))
-        logits = net(x)
-        loss = ce(logits, y) + _soft_dice_loss(logits, y)
+        xb = torch.nn.functional.one_hot(idx, cfg.in_channels).permute(0, 4, 1, 2, 3).float()
+        xb = xb.contiguous(memory_format=torch.channels_last_3d)
+        yb = torch.from_numpy(np.stack(ys).astype(np.int64))
+        logits = net(xb)
+        loss = ce(logits, yb) + _soft_dice_loss(logits, yb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -563,7 +568,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m spineps.training.instance", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="model folder to write")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-minutes", type=float, default=TrainConfig.max_minutes, help="wall-clock budget of the training loop")
+    p.add_argument("--max-minutes", type=float, default=TrainConfig.max_minutes,
+                   help="wall-clock budget of the training loop")
     p.add_argument("--max-steps", type=int, default=100000)
     p.add_argument("--train-cases", type=int, default=60, help="phantoms in the end (the pool grows during the run)")
     p.add_argument("--initial-cases", type=int, default=12)
@@ -578,7 +584,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     cfg = TrainConfig(out=args.out, seed=args.seed, max_minutes=args.max_minutes, max_steps=args.max_steps,
-                      n_train_cases=args.train_cases, n_initial_cases=args.initial_cases, n_val_cases=args.val_cases, val_every=args.val_every,
+                      n_train_cases=args.train_cases, n_initial_cases=args.initial_cases, n_val_cases=args.val_cases,
+                      val_every=args.val_every,
                       threads=args.threads, batch_size=args.batch_size, lr_start=args.lr, lr_end=args.lr_end,
                       spacing=tuple(args.spacing), cutout_size=tuple(args.cutout))
     if any(c % 8 for c in cfg.cutout_size):
