@@ -17,7 +17,6 @@ Prints a table and writes ``benchmarks/results/semantic_accuracy.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -29,7 +28,6 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from spineps.geometry.volume import Volume  # noqa: E402
 from spineps.labels import SEMANTIC_BY_VALUE  # noqa: E402
 
 log = logging.getLogger("semantic_accuracy")
@@ -67,7 +65,6 @@ def _name(v: int) -> str:
 
 
 def phantom_benchmark(seg: Any, cases=PHANTOM_CASES) -> list[dict]:
-    from spineps.geometry.orientation import to_orientation
     from spineps.synth.anatomy import PhantomSpec, make_phantom
     from spineps.synth.render import render_t2w
 

@@ -16,7 +16,6 @@ inference tile, and the parameter count. Used to choose the bundled model's grid
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time

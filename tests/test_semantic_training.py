@@ -24,9 +24,9 @@ def test_values_to_indices_maps_community_values_and_unknowns_to_ignore():
     assert idx[0, 0, 8] == IGNORE_INDEX  # 52 is not a network class
 
 
-def _column(levels, P=60, I=80, R=40, lateral=(10, 30)):
+def _column(levels, P=60, n_i=80, R=40, lateral=(10, 30)):
     """Instances stacked along I (P, I, R arrays): ``levels`` = (id, i0, i1, p0, p1)."""
-    inst = np.zeros((P, I, R), np.int64)
+    inst = np.zeros((P, n_i, R), np.int64)
     for v, i0, i1, p0, p1 in levels:
         inst[p0:p1, i0:i1, lateral[0]:lateral[1]] = v
     return inst
@@ -124,7 +124,8 @@ def test_pseudo_target_fills_only_unknown_interiors_of_undecided_classes():
     pred[25:29, 5:25, 10:20] = arcus
     out = pseudo_target(target, pred, ignore=U, decided=(BODY, DISC), erode_vox=1, background_margin_vox=2)
     assert (out[5:12, 5:25, 5:25] == BODY).all()
-    assert (out[4, 5:25, 5:25] == U).all() and (out[12:14, 5:25, 5:25] == U).all()  # body rows the annotation leaves out
+    # body rows the annotation leaves out
+    assert (out[4, 5:25, 5:25] == U).all() and (out[12:14, 5:25, 5:25] == U).all()
     assert (out[17:23, 6:24, 11:19] == canal).all()  # interior adopted
     assert (out[16, 6:24, 11:19] == U).all() and (out[23, 6:24, 11:19] == U).all()  # borders stay unknown
     assert (out[26:28, 6:24, 11:19] == arcus).all()

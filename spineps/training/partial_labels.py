@@ -66,7 +66,7 @@ def stack_order(inst: np.ndarray) -> list[int]:
 
 def _column_ends(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per (P, R) column: the first and last I index of ``mask`` and whether it has any."""
-    has = mask.any(axis=1)
+    has = np.asarray(mask.any(axis=1))
     n = mask.shape[1]
     idx = np.arange(n)[None, :, None]
     first = np.where(mask, idx, n).min(axis=1)
@@ -106,7 +106,7 @@ def surface_zone(mask: np.ndarray, spacing_i: float, depth_mm: float) -> np.ndar
 def _anterior_background(column: np.ndarray, spacing_p: float, margin_mm: float) -> np.ndarray:
     """The region more than ``margin_mm`` anterior to the most anterior voxel of ``column`` in
     each I row (interpolated between rows, only inside the I range of ``column``)."""
-    P, I, R = column.shape
+    P, n_i, _ = column.shape
     rows_any = column.any(axis=2)  # (P, I)
     rows = np.flatnonzero(rows_any.any(axis=0))
     out = np.zeros(column.shape, bool)
@@ -114,7 +114,7 @@ def _anterior_background(column: np.ndarray, spacing_p: float, margin_mm: float)
         return out
     first_p = np.where(rows_any, np.arange(P)[:, None], P).min(axis=0).astype(float)
     span = np.arange(rows[0], rows[-1] + 1)
-    thresh = np.full(I, -1.0)
+    thresh = np.full(n_i, -1.0)
     thresh[span] = np.interp(span, rows, first_p[rows]) - margin_mm / float(spacing_p)
     out[:] = (np.arange(P)[:, None] < thresh[None, :])[:, :, None]
     return out
@@ -126,7 +126,7 @@ def _lateral_background(struct: np.ndarray, spacing: Sequence[float], margin_mm:
     in the front ``front_fraction`` of its depth at that level; rows where ``struct`` touches
     the image's left or right border are left out (its lateral end is not in view)."""
     sp, _, sr = (float(s) for s in spacing)
-    P, I, R = struct.shape
+    P, _, R = struct.shape
     has = struct.any(axis=2)  # (P, I)
     r = np.arange(R)[None, None, :]
     rmin = np.where(struct, r, R).min(axis=2)

@@ -30,12 +30,11 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -234,9 +233,10 @@ def add_pseudo_labels(raw: Path, recipe: Recipe, real_root: Path, nprocs: int = 
     names = []
     for set_name, sub, _img_p, _lab_p, value in real_cases(real_root, "train", recipe.holdout):
         case = f"real{set_name.lower()}_{sub.replace('sub-', '')}"
-        img = nib.load(str(raw / "imagesTr" / f"{case}_0000.nii.gz"))
+        img: Any = nib.load(str(raw / "imagesTr" / f"{case}_0000.nii.gz"))  # an image class of nibabel's choosing
         lab_file = raw / "labelsTr" / f"{case}.nii.gz"
-        target = np.asarray(nib.load(str(lab_file)).dataobj).astype(np.uint8)
+        lab: Any = nib.load(str(lab_file))
+        target = np.asarray(lab.dataobj).astype(np.uint8)
         pred = seg.segment(Volume(np.asarray(img.dataobj, dtype=np.float32), img.affine))
         out = pseudo_target(target, values_to_indices(np.asarray(pred.data)), ignore=IGNORE_INDEX,
                             decided=decided[value])
@@ -263,8 +263,10 @@ def phantom_spec(seed: int, k: int) -> Any:
     from spineps.synth.anatomy import PhantomSpec
 
     rng = np.random.default_rng([seed, 17])
+    spacing: tuple[float, float, float]
     if k % 3 == 2:
-        spacing = tuple(float(x) for x in rng.choice([(0.9, 0.9, 3.3), (1.0, 1.0, 1.0), (1.2, 1.2, 4.0)]))
+        a, b, c = (float(x) for x in rng.choice([(0.9, 0.9, 3.3), (1.0, 1.0, 1.0), (1.2, 1.2, 4.0)]))
+        spacing = (a, b, c)
     else:
         spacing = MODEL_SPACING_PIR
     crop = None
@@ -426,8 +428,8 @@ def make_trainer_class(recipe: Recipe) -> type:
         (scans are upright), regular checkpoints."""
 
         def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                     device: torch.device = torch.device("cpu")):
-            super().__init__(plans, configuration, fold, dataset_json, device)
+                     device: Optional[torch.device] = None):
+            super().__init__(plans, configuration, fold, dataset_json, device or torch.device("cpu"))
             self.num_epochs = recipe.epochs
             self.num_iterations_per_epoch = recipe.iters
             self.num_val_iterations_per_epoch = recipe.val_iters
@@ -531,13 +533,14 @@ def training_log(checkpoint: dict) -> dict:
     names = [LABEL_NAMES[v] for v in LABEL_ORDER]
     start, end = lg.get("epoch_start_timestamps", []), lg.get("epoch_end_timestamps", [])
     epochs = []
+    def at(key: str, e: int) -> Any:
+        vals = lg.get(key, [])
+        return vals[e] if e < len(vals) else None
+
     for e in range(int(checkpoint.get("current_epoch", 0))):
-        def at(key: str) -> Any:
-            vals = lg.get(key, [])
-            return vals[e] if e < len(vals) else None
-        dice = at("dice_per_class_or_region")
-        row = {"epoch": e, "train_loss": at("train_losses"), "val_loss": at("val_losses"), "lr": at("lrs"),
-               "ema_fg_dice": at("ema_fg_dice"),
+        dice = at("dice_per_class_or_region", e)
+        row = {"epoch": e, "train_loss": at("train_losses", e), "val_loss": at("val_losses", e), "lr": at("lrs", e),
+               "ema_fg_dice": at("ema_fg_dice", e),
                "seconds": (end[e] - start[e]) if e < len(start) and e < len(end) else None,
                "pseudo_dice": ({n: float(d) for n, d in zip(names, dice)} if dice is not None else None)}
         epochs.append({k: (round(float(v), 5) if isinstance(v, (float, np.floating)) else v) for k, v in row.items()})
