@@ -112,7 +112,7 @@ def real_benchmark(sem: Any, ins: Any, real_root: Path) -> list[dict]:
         ann_all = np.asarray(load_volume(lab_p, kind="label").data).astype(np.int64)
         ann = (ann_all > 0) if value == 60 else (ann_all == value)
         t0 = time.perf_counter()
-        res = segment_scan(img, sem, ins)
+        res = segment_scan(img, sem, ins, measure=False)
         dt = time.perf_counter() - t0
         ps = np.asarray(res.semantic.data).astype(np.int64)
         row: dict[str, Any] = {"set": set_name, "subject": sub, "class": value, "seconds": round(dt, 2),
@@ -141,7 +141,7 @@ def phantom_benchmark(sem: Any, ins: Any, cases=PHANTOM_CASES) -> list[dict]:
         ph = make_phantom(PhantomSpec(seed=seed, fov=fov, spacing=spacing, orientation=orient))
         img = render_t2w(ph, seed=seed)
         t0 = time.perf_counter()
-        res = segment_scan(img, sem, ins)
+        res = segment_scan(img, sem, ins, measure=False)
         dt = time.perf_counter() - t0
         gt = np.asarray(ph.instance.data).astype(np.int64)
         sacrum = bool((np.asarray(ph.semantic.data) == 26).any())
@@ -206,8 +206,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     from spineps.semantic.predict import NnUNetSemanticSegmenter
 
     torch.set_num_threads(a.nprocs)
-    sem = NnUNetSemanticSegmenter.from_folder(a.semantic_model, device="cpu", nprocs=a.nprocs)
-    ins = UNetInstanceSegmenter.from_folder(a.instance_model, device="cpu", nprocs=a.nprocs)
+    # the app's defaults: precision and engine "auto"
+    sem = NnUNetSemanticSegmenter.from_folder(a.semantic_model, device="cpu", nprocs=a.nprocs, precision="auto",
+                                              engine="auto")
+    ins = UNetInstanceSegmenter.from_folder(a.instance_model, device="cpu", nprocs=a.nprocs, precision="auto",
+                                            engine="auto")
     t0 = time.time()
     real = [] if a.skip_real or not a.real.is_dir() else real_benchmark(sem, ins, a.real)
     ph = [] if a.skip_phantoms else phantom_benchmark(sem, ins)

@@ -144,7 +144,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     from spineps.fsutil import write_json_atomic
     from spineps.semantic.predict import NnUNetSemanticSegmenter
 
-    seg = NnUNetSemanticSegmenter.from_folder(a.model, device="auto", nprocs=a.nprocs, n4=not a.no_n4)
+    seg = NnUNetSemanticSegmenter.from_folder(a.model, device="auto", nprocs=a.nprocs, n4=not a.no_n4,
+                                              precision="auto", engine="auto")  # the app's defaults
     ph = [] if a.skip_phantoms else phantom_benchmark(seg)
     real = [] if (a.skip_real or not a.real.is_dir()) else real_benchmark(seg, a.real)
     summary = summarize(ph, real)

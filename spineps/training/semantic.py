@@ -109,6 +109,8 @@ class Recipe:
     use_real: bool = True
     real_n4: bool = True
     anterior_margin_mm: float = 8.0
+    #: lateral margin of the real targets' background beside bodies / discs (``Margins.lateral_mm``)
+    lateral_margin_mm: float = 4.0
     holdout: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(HOLDOUT))
 
 
@@ -192,7 +194,7 @@ def export_real(raw: Path, recipe: Recipe, real_root: Path) -> list[str]:
     from spineps.training.partial_labels import Margins
 
     names = []
-    margins = Margins(anterior_mm=recipe.anterior_margin_mm)
+    margins = Margins(anterior_mm=recipe.anterior_margin_mm, lateral_mm=recipe.lateral_margin_mm)
     for set_name, sub, img_p, lab_p, value in real_cases(real_root, "train", recipe.holdout):
         case = f"real{set_name.lower()}_{sub.replace('sub-', '')}"
         vert_p = lab_p.with_name(lab_p.name.replace("desc-spine", "desc-vert"))
@@ -703,6 +705,11 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
                    help="packaged model folder whose fold_0 weights start the training (same network)")
     p.add_argument("--pseudo-from", type=Path, default=None,
                    help="stage 'pseudo': this model folder's predictions fill the real targets' unknown voxels")
+    p.add_argument("--anterior-margin-mm", type=float, default=Recipe.anterior_margin_mm,
+                   help="real targets: background from this far in front of the annotated structures")
+    p.add_argument("--lateral-margin-mm", type=float, default=Recipe.lateral_margin_mm,
+                   help="real targets: background from this far beside the annotated structures")
+    p.add_argument("--initial-lr", type=float, default=Recipe.initial_lr)
     p.add_argument("--continue", dest="cont", action="store_true", help="resume from checkpoint_latest")
     p.add_argument("--checkpoint", default="checkpoint_final.pth", help="checkpoint to package")
     p.add_argument("--stages", default="real,pseudo,phantoms,plan,train,package")
@@ -718,6 +725,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                     max_minutes=a.max_minutes, train_precision=a.train_precision,
                     init_from=str(a.init_from) if a.init_from else "",
                     pseudo_from=str(a.pseudo_from) if a.pseudo_from else "",
+                    anterior_margin_mm=a.anterior_margin_mm, lateral_margin_mm=a.lateral_margin_mm,
+                    initial_lr=a.initial_lr,
                     real_n4=not a.no_real_n4)
     work = a.work.resolve()
     set_nnunet_env(work)
