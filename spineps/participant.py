@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 from spineps.errors import BIDSValidationError, ResourceError, ScanFailuresError, SpinepsError, one_line
 from spineps.fsutil import jsonable
@@ -222,16 +223,30 @@ def _run_one(settings: "Settings", scan: Any, tag: str, expected: list[Path],
         summary.processed.append(name)
 
 
-def _scan_lock(settings: "Settings", scan: Any, what: str):  # -> context manager
+@contextmanager
+def _scan_lock(settings: "Settings", scan: Any, what: str) -> Iterator[None]:
     """One scan is computed by one process at a time: an ``fcntl.flock`` on
     ``logs/locks/<scan key>.lock`` in the output folder (removed on release; the kernel
     releases it when a process dies). A second run on the same scan waits, then skips it
-    when the first one completed it (or recomputes it with ``--overwrite``)."""
-    from spineps.fsutil import exclusive_lock
+    when the first one completed it (or recomputes it with ``--overwrite``).
+
+    The lock folder and the scan's output folder must be real folders (no symlink between
+    ``output_dir`` and them; ``spineps.fsutil.check_real_folder``) and the lock file a plain
+    file of its own: ``OutputError`` (73) otherwise, before anything of the scan is touched."""
+    from spineps.bids.derivatives import derivative_dir
+    from spineps.errors import OutputError
+    from spineps.fsutil import check_real_folder, exclusive_lock
 
     path = settings.logs_dir / "locks" / f"{scan.key}.lock"
-    return exclusive_lock(path, on_wait=lambda: log.info("%s: another run is computing this scan; waiting for it",
-                                                         what))
+    with ExitStack() as stack:
+        try:
+            check_real_folder(path.parent, settings.output_dir)
+            check_real_folder(derivative_dir(settings.output_dir, scan), settings.output_dir)
+            stack.enter_context(exclusive_lock(path, on_wait=lambda: log.info(
+                "%s: another run is computing this scan; waiting for it", what)))
+        except OSError as exc:
+            raise OutputError(f"{exc.strerror or exc}", Path(exc.filename) if exc.filename else path) from exc
+        yield
 
 
 def _revoke_complete(settings: "Settings", scan: Any) -> None:

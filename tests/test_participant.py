@@ -322,7 +322,7 @@ def test_load_segmenters_dispatch(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         torch.set_num_threads(threads)
     assert isinstance(sem, BandSemanticSegmenter) and isinstance(ins, ComponentInstanceSegmenter)
     assert calls == [("semantic", sem_dir.resolve(), {"device": "cpu", "nprocs": 2, "n4": False, "precision": "auto",
-                                                      "engine": "auto"}),
+                                                      "engine": "auto", "allow_unsafe": False}),
                      ("instance", ins_dir.resolve(), {"device": "cpu", "nprocs": 2, "precision": "auto",
                                                      "engine": "auto"})]
 

@@ -196,6 +196,12 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--instance-model", "--instance_model", dest="instance_model", type=Path, metavar="DIR",
                    help=f"instance (cutout U-Net) model folder (default: ${INSTANCE_MODEL_ENV}, "
                         "else the bundled model; without one only the semantic mask is written)")
+    m.add_argument("--allow-unsafe-checkpoints", "--allow_unsafe_checkpoints", dest="allow_unsafe_checkpoints",
+                   action="store_true",
+                   help="RISK: load a semantic checkpoint that the safe loader (torch.load weights_only=True) "
+                        "refuses by unpickling it in full, which runs any Python code the file holds, with your "
+                        "rights. Only for a model folder from a source you trust completely (default: such a "
+                        "checkpoint is refused, exit 78)")
 
 
 def add_level_naming_arguments(p: argparse.ArgumentParser) -> None:

@@ -199,11 +199,12 @@ class NnUNetSemanticSegmenter:
     def from_folder(cls, folder: Path, *, device: str = "auto", nprocs: Optional[int] = None, n4: bool = True,
                     folds: Optional[tuple[int, ...]] = None, mirroring: Optional[bool] = None,
                     step_size: Optional[float] = None, precision: str = "fp32",
-                    engine: str = "torch") -> "NnUNetSemanticSegmenter":
-        """Validate and load a model folder (``ModelError`` on any problem, before any scan)."""
+                    engine: str = "torch", allow_unsafe: bool = False) -> "NnUNetSemanticSegmenter":
+        """Validate and load a model folder (``ModelError`` on any problem, before any scan).
+        ``allow_unsafe``: unpickle a checkpoint the safe loader refuses (``--allow-unsafe-checkpoints``)."""
         from spineps.models.nnunet_folder import load_nnunet_folder
 
-        loaded = load_nnunet_folder(Path(folder), folds)
+        loaded = load_nnunet_folder(Path(folder), folds, allow_unsafe=allow_unsafe)
         return cls(loaded, device=device, nprocs=nprocs, n4=n4, mirroring=mirroring, step_size=step_size,
                    precision=precision, engine=engine)
 
