@@ -34,11 +34,29 @@ def _log_precision(settings: "Settings", device: str) -> None:
              settings.precision, describe() if device == "cpu" else device)
 
 
-def _set_threads(n: int) -> None:
+def _set_threads(settings: "Settings") -> int:
+    """Every thread pool of the process within the run's CPUs (``Settings.threads``: the
+    ``--omp-nthreads`` of each step, at most ``--nprocs``): torch's intra-op (OpenMP) threads,
+    ITK's (N4, ``SimpleITK``) and nnU-Net's helper threads (``nnUNet_def_n_proc``, unless the
+    user set it; read when nnU-Net is first imported). The segmenters get the same number for
+    torch and ONNX Runtime. Returns it."""
+    import os
+
     import torch
 
-    torch.set_num_threads(max(1, int(n)))
-    log.debug("torch uses %d thread(s)", torch.get_num_threads())
+    n = settings.threads
+    if settings.omp_nthreads > settings.nprocs:
+        log.warning("--omp-nthreads %d is more than --nprocs %d (the CPUs this run may use): using %d thread(s)",
+                    settings.omp_nthreads, settings.nprocs, n)
+    os.environ.setdefault("nnUNet_def_n_proc", str(n))
+    torch.set_num_threads(n)
+    if settings.n4:
+        import SimpleITK as sitk
+
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(n)
+    log.info("threads: %d per step (--omp-nthreads %d, --nprocs %d; one process, scans one after the other)", n,
+             settings.omp_nthreads, settings.nprocs)
+    return n
 
 
 def _device(settings: "Settings") -> str:
@@ -46,7 +64,7 @@ def _device(settings: "Settings") -> str:
     from spineps.models.device import resolve_device
 
     device = resolve_device(settings.device)
-    _set_threads(settings.omp_nthreads)
+    _set_threads(settings)
     _log_precision(settings, device)
     return device
 
@@ -70,7 +88,7 @@ def load_segmenters(settings: "Settings") -> tuple["SemanticSegmenter", Optional
     except ImportError as exc:
         raise ModelError(f"the nnU-Net semantic segmenter cannot be imported ({exc})", sem_choice.folder) from exc
     semantic = _build(lambda: NnUNetSemanticSegmenter.from_folder(
-        sem_folder, device=device, nprocs=settings.nprocs, n4=settings.n4, precision=settings.precision,
+        sem_folder, device=device, nprocs=settings.threads, n4=settings.n4, precision=settings.precision,
         engine=settings.engine, allow_unsafe=settings.allow_unsafe_checkpoints), sem_choice)
     instance = None
     if ins_cfg is not None:
@@ -101,7 +119,7 @@ def _load_instance(settings: "Settings", choice: ModelChoice, cfg: "ModelConfig"
     except ImportError as exc:
         raise ModelError(f"the instance segmenter cannot be imported ({exc})", choice.folder) from exc
     return _build(lambda: UNetInstanceSegmenter.from_folder(
-        folder, device=device, nprocs=settings.nprocs, precision=settings.precision,
+        folder, device=device, nprocs=settings.threads, precision=settings.precision,
         engine=settings.engine), choice)
 
 

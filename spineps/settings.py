@@ -196,6 +196,13 @@ class Settings:
             out["Tag"] = self.container_tag
         return out
 
+    @property
+    def threads(self) -> int:
+        """Threads of each parallel step (torch/OpenMP intra-op, ONNX Runtime, N4's ITK):
+        ``--omp-nthreads``, never more than ``--nprocs`` (the CPUs the whole run may use; the
+        scans run one after the other in this one process)."""
+        return max(1, min(int(self.omp_nthreads), int(self.nprocs)))
+
     def parameters(self) -> dict[str, Any]:
         """The options that change what is computed (for the sidecars' ``Parameters``)."""
         out: dict[str, Any] = {"device": self.device, "precision": self.precision, "engine": self.engine,

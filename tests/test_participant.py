@@ -321,9 +321,10 @@ def test_load_segmenters_dispatch(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     finally:
         torch.set_num_threads(threads)
     assert isinstance(sem, BandSemanticSegmenter) and isinstance(ins, ComponentInstanceSegmenter)
-    assert calls == [("semantic", sem_dir.resolve(), {"device": "cpu", "nprocs": 2, "n4": False, "precision": "auto",
+    # the segmenters get the threads of each step (--omp-nthreads 1), not the run's CPUs (--nprocs 2)
+    assert calls == [("semantic", sem_dir.resolve(), {"device": "cpu", "nprocs": 1, "n4": False, "precision": "auto",
                                                       "engine": "auto", "allow_unsafe": False}),
-                     ("instance", ins_dir.resolve(), {"device": "cpu", "nprocs": 2, "precision": "auto",
+                     ("instance", ins_dir.resolve(), {"device": "cpu", "nprocs": 1, "precision": "auto",
                                                      "engine": "auto"})]
 
     # a folder of the wrong type for its phase, and a loader that crashes: ModelError naming the folder

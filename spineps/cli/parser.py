@@ -45,6 +45,11 @@ _PRECISION_HELP = ("network arithmetic on CPU: fp32, or bf16 (bfloat16 autocast,
 _ENGINE_HELP = ("what runs the network forward passes on CPU: torch, or onnxruntime (float32 only; the same labels "
                 "as torch, several times faster); auto = onnxruntime for the semantic network when the precision is "
                 "fp32, torch otherwise (default: auto)")
+_NPROCS_HELP = ("CPUs this run may use in all: no thread pool of the process (torch, ONNX Runtime, N4, nnU-Net) "
+                "uses more; the scans run one after the other in this one process (start several participant "
+                "jobs to run scans in parallel). Default: the CPUs this process may use (affinity, SLURM masks)")
+_OMP_HELP = ("threads of each parallel step (torch/OpenMP, ONNX Runtime, N4), at most --nprocs "
+             "(default: --nprocs)")
 #: tool subcommands (not BIDS-App runs), chosen when they are the first argument
 SUBCOMMANDS = ("demo", "instance", "evaluate", "fuse", "export-nnunet", "export-cutouts")
 #: subcommands whose arguments and runner live in their own (light) module:
@@ -179,9 +184,9 @@ def _add_resource_arguments(p: argparse.ArgumentParser) -> None:
                    help="folder for intermediate files (the pybids index, removed after indexing); must not "
                         "lie inside bids_dir (default: none, the index is kept in memory)")
     r.add_argument("--nprocs", "--n-cpus", "--n_cpus", dest="nprocs", type=_positive_int, metavar="N",
-                   help="processes for pre-processing and inference workers (default: the CPUs available)")
+                   help=_NPROCS_HELP)
     r.add_argument("--omp-nthreads", "--omp_nthreads", dest="omp_nthreads", type=_positive_int, metavar="N",
-                   help="threads per process for torch/OpenMP (default: --nprocs)")
+                   help=_OMP_HELP)
     r.add_argument("--device", choices=DEVICES, default="auto",
                    help="where the networks run; auto picks CUDA when available, else CPU (default: auto)")
     r.add_argument("--precision", choices=PRECISIONS, default="auto",
@@ -277,9 +282,9 @@ def add_instance_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help=_PRECISION_HELP)
     p.add_argument("--engine", choices=ENGINES, default="auto", help=_ENGINE_HELP)
     p.add_argument("--nprocs", "--n-cpus", "--n_cpus", dest="nprocs", type=_positive_int, metavar="N",
-                   help="processes (default: the CPUs available)")
+                   help=_NPROCS_HELP)
     p.add_argument("--omp-nthreads", "--omp_nthreads", dest="omp_nthreads", type=_positive_int, metavar="N",
-                   help="threads per process for torch/OpenMP (default: --nprocs)")
+                   help=_OMP_HELP)
     add_level_naming_arguments(p)
     p.add_argument("--overwrite", action="store_true", help="recompute masks whose outputs are complete")
     p.add_argument("-v", "--verbose", dest="verbose", action="count", default=0,

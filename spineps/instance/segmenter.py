@@ -152,6 +152,7 @@ class UNetInstanceSegmenter:
             "spacing": [list(self.config.spacing_min), list(self.config.spacing_max)],
             "cutout_size": list(self.config.cutout_size),
             "device": self.device,
+            "threads": self.nprocs,
             "half_precision": self.half,
             "precision": self.precision,
             "engine": self.engine if self._ort is None else dict(self._ort.describe()),

@@ -15,7 +15,8 @@
 6. back onto the exact input grid (nearest neighbour through world coordinates).
 
 Devices: ``device="auto"`` uses CUDA when present, else CPU. ``nprocs`` sets torch's
-threads. Half precision (autocast) is used by nnU-Net on CUDA only. Test-time mirroring
+threads (and ONNX Runtime's): the threads of each step, ``Settings.threads``. Half precision
+(autocast) is used by nnU-Net on CUDA only. Test-time mirroring
 follows ``inference_augmentation`` on GPU but is off on CPU unless ``mirroring=True`` is
 asked for (it costs 8x on CPU). Opt-in CPU speed options (``benchmarks/inference_options.py``
 measures them): ``channels_last`` (weights in ``torch.channels_last_3d``: identical labels, within
