@@ -142,6 +142,8 @@ def run_participant(settings: "Settings", semantic: Optional["SemanticSegmenter"
     if discovery is None:
         discovery = check_inputs(settings)
     scans = list(discovery.scans)
+    if not from_masks:
+        _check_modality(settings, scans, semantic)
     summary = _summary_of(settings, discovery, len(scans))
     _prepare_output_dir(settings)
     log.info("%d scan(s) selected", len(scans))
@@ -170,6 +172,31 @@ def run_participant(settings: "Settings", semantic: Optional["SemanticSegmenter"
     if summary.failed:
         raise ScanFailuresError(summary.failed, temporary=set(summary.failed) <= summary.temporary)
     return summary
+
+
+def _check_modality(settings: "Settings", scans: list[Any], semantic: Any) -> None:
+    """A scan whose suffix (``T1w``, ...) is no modality of the semantic model (its
+    ``inference_config.json`` ``modality``, e.g. ``["T2w"]``) would get masks of a model that
+    never saw such images (a ``--bids-filter-file`` can select them): ``UsageError`` (64)
+    naming them, before any scan runs, unless ``--allow-modality-mismatch`` (then a warning)."""
+    from spineps.errors import UsageError
+
+    modality = tuple(getattr(semantic, "modality", None) or ())
+    if not modality:
+        return  # a segmenter that does not say
+    foreign = [scan for scan in scans if scan.suffix not in modality]
+    if not foreign:
+        return
+    suffixes = ", ".join(sorted({scan.suffix for scan in foreign}))
+    shown = ", ".join(scan.relpath for scan in foreign[:3]) + (f", ... ({len(foreign)} in all)"
+                                                               if len(foreign) > 3 else "")
+    what = (f"the semantic model {getattr(semantic, 'name', '?')} is for {'/'.join(modality)} scans (modality in its "
+            f"inference_config.json), but {len(foreign)} selected scan(s) are {suffixes}: {shown}")
+    if settings.allow_modality_mismatch:
+        log.warning("%s; segmenting them anyway (--allow-modality-mismatch): their masks are not to be trusted", what)
+        return
+    raise UsageError(f"{what}. Select {'/'.join(modality)} scans (check the --bids-filter-file), give a model for "
+                     f"{suffixes}, or pass --allow-modality-mismatch to segment them anyway")
 
 
 def _summary_of(settings: "Settings", discovery: Any, total: int) -> ParticipantSummary:

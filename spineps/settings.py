@@ -73,6 +73,8 @@ class Settings:
     engine: str = "auto"  # what runs the forward passes on CPU, one of spineps.models.onnx_engine.ENGINES
     #: unpickle semantic checkpoints the safe loader refuses (runs their code): --allow-unsafe-checkpoints
     allow_unsafe_checkpoints: bool = False
+    #: segment scans whose suffix is no modality of the semantic model (--allow-modality-mismatch)
+    allow_modality_mismatch: bool = False
     level_rule: str = "auto"  # one of spineps.labels.LEVEL_RULES
     top_vertebra: Optional[str] = None  # user anchor: the top-most vertebra in view (e.g. "T12")
     verbosity: int = 0
@@ -149,6 +151,7 @@ class Settings:
             instance_model_source=ins_src, overwrite=bool(opts["overwrite"]), n4=not bool(opts["no_n4"]),
             precision=precision, engine=engine, level_rule=str(opts["level_rule"] or "auto"),
             allow_unsafe_checkpoints=bool(opts["allow_unsafe_checkpoints"]),
+            allow_modality_mismatch=bool(opts["allow_modality_mismatch"]),
             top_vertebra=opts["top_vertebra"] or None, verbosity=int(opts["verbose"] or 0),
             run_id=make_run_id(level), version=__version__,
             container_type=environ.get(CONTAINER_TYPE_ENV) or None,
@@ -221,6 +224,7 @@ _OPTIONS: dict[str, Any] = {
     "work_dir": None, "nprocs": None, "omp_nthreads": None, "device": "auto", "semantic_model": None,
     "instance_model": None, "overwrite": False, "no_n4": False, "precision": None, "engine": None,
     "level_rule": None, "top_vertebra": None, "verbose": 0, "pattern": None, "allow_unsafe_checkpoints": False,
+    "allow_modality_mismatch": False,
 }
 
 

@@ -207,6 +207,12 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
                         "refuses by unpickling it in full, which runs any Python code the file holds, with your "
                         "rights. Only for a model folder from a source you trust completely (default: such a "
                         "checkpoint is refused, exit 78)")
+    m.add_argument("--allow-modality-mismatch", "--allow_modality_mismatch", dest="allow_modality_mismatch",
+                   action="store_true",
+                   help="segment scans whose suffix (e.g. T1w, selected by a --bids-filter-file) is not a modality "
+                        "of the semantic model (its inference_config.json 'modality', T2w for the SPINEPS T2w "
+                        "models): their masks come from a model that never saw such images (default: such a "
+                        "selection is refused, exit 64)")
 
 
 def add_level_naming_arguments(p: argparse.ArgumentParser) -> None:

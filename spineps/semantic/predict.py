@@ -195,6 +195,11 @@ class NnUNetSemanticSegmenter:
         self.cpu_bf16 = bool(enabled)
         self.precision = "bf16" if enabled else "fp32"
 
+    @property
+    def modality(self) -> tuple[str, ...]:
+        """The scan suffixes (BIDS) this model is for: the config's ``modality``, e.g. ``("T2w",)``."""
+        return tuple(self.config.modality)
+
     # ------------------------------------------------------------------------------------------
     @classmethod
     def from_folder(cls, folder: Path, *, device: str = "auto", nprocs: Optional[int] = None, n4: bool = True,
