@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from spineps.models.protocols import InstanceSegmenter, SemanticSegmenter
     from spineps.settings import Settings
 
-__all__ = ["load_segmenters", "load_instance_segmenter"]
+__all__ = ["load_segmenters", "load_instance_segmenter", "announce_models"]
 
 log = logging.getLogger("spineps.models.registry")  # the log lines keep the name they always had
 
@@ -67,6 +67,48 @@ def _device(settings: "Settings") -> str:
     _set_threads(settings)
     _log_precision(settings, device)
     return device
+
+
+_SOURCES = {"flag": "--{phase}-model", "env": "${env}", "bundled": "bundled with spineps", "none": "none"}
+
+
+def _describe_choice(choice: ModelChoice) -> tuple[str, Optional[str]]:
+    """``"semantic = <log_name> (<folder>, from --semantic-model)"`` and the bundled model's
+    name when it is a demonstration model. Best effort: a broken folder fails at loading."""
+    from spineps.models.folder import read_model_config
+    from spineps.models.registry import demonstration_model
+    from spineps.settings import INSTANCE_MODEL_ENV, SEMANTIC_MODEL_ENV
+
+    if choice.folder is None:
+        return f"{choice.phase} = none", None
+    try:
+        name = read_model_config(choice.folder).log_name
+    except SpinepsError:
+        name = "(unreadable folder)"
+    env = SEMANTIC_MODEL_ENV if choice.phase == "semantic" else INSTANCE_MODEL_ENV
+    source = _SOURCES.get(choice.source, choice.source).format(phase=choice.phase, env=env)
+    demo = demonstration_model(choice.folder)
+    tag = ", a DEMONSTRATION model" if demo else ""
+    return f"{choice.phase} = {name} ({choice.folder}, {source}{tag})", demo
+
+
+def announce_models(settings: "Settings") -> list[str]:
+    """The start of every participant run: one INFO line naming every model the run uses
+    (phase, name, folder, where the choice came from: flag, environment variable, bundled),
+    and a WARNING when any of them is a demonstration model (bundled, or a copy of one). The
+    models are only named here (no weights are read); they are loaded after the scans are
+    found. Returns the demonstration models' names."""
+    sem_choice, ins_choice = resolve_models(settings)
+    choices = [ins_choice] if settings.input_kind == "semantic-mask" else [sem_choice, ins_choice]
+    described = [_describe_choice(c) for c in choices]
+    log.info("models in use: %s", "; ".join(text for text, _demo in described))
+    demos = [f"{c.phase} ({demo})" for c, (_t, demo) in zip(choices, described) if demo]
+    if demos:
+        from spineps.models.registry import DEMONSTRATION_NOTICE
+
+        log.warning("this run uses the %s model%s: %s", " and ".join(demos), "s" if len(demos) > 1 else "",
+                    DEMONSTRATION_NOTICE)
+    return [demo for _t, demo in described if demo]
 
 
 def load_segmenters(settings: "Settings") -> tuple["SemanticSegmenter", Optional["InstanceSegmenter"]]:

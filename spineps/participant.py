@@ -6,7 +6,8 @@ Order of writes per scan: semantic mask, instance mask, centroids, morphometry t
 figure (``spineps.measure``), then the sidecars. The
 sidecars are the last files of ``expected_outputs``, so a scan counts as complete only
 when everything before them was written (every single write is atomic, see
-``spineps.fsutil``).
+``spineps.fsutil``), and only when its sidecars name this run's models and voxel-changing
+options (``_complete``): outputs of other models or options are recomputed.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from spineps.settings import Settings
 
 __all__ = ["ParticipantSummary", "check_inputs", "run_participant", "process_scan", "process_mask",
-           "load_semantic_mask", "model_provenance"]
+           "load_semantic_mask", "model_provenance", "run_models"]
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +147,7 @@ def run_participant(settings: "Settings", semantic: Optional["SemanticSegmenter"
         _check_modality(settings, scans, semantic)
     summary = _summary_of(settings, discovery, len(scans))
     _prepare_output_dir(settings)
+    models = run_models(semantic, instance)
     log.info("%d scan(s) selected", len(scans))
     current: Optional[str] = None
     try:
@@ -153,12 +155,12 @@ def run_participant(settings: "Settings", semantic: Optional["SemanticSegmenter"
             current = scan.relpath
             tag = f"[{i}/{len(scans)}]"
             expected = expected_outputs(settings.output_dir, scan, with_instances=instance is not None)
-            if not settings.overwrite and all(Path(p).is_file() for p in expected):
+            if _complete(settings, scan, expected, models, f"{tag} {current}"):
                 log.info("%s %s: outputs complete, skipped (use --overwrite to recompute)", tag, current)
                 summary.skipped_complete.append(current)
                 continue
             log.info("%s %s", tag, current)
-            _run_one(settings, scan, tag, expected, semantic, instance, summary)
+            _run_one(settings, scan, tag, expected, (semantic, instance, models), summary)
             current = None
     except KeyboardInterrupt:
         summary.seconds = time.perf_counter() - t_start
@@ -212,25 +214,65 @@ def _summary_of(settings: "Settings", discovery: Any, total: int) -> Participant
     return summary
 
 
-def _run_one(settings: "Settings", scan: Any, tag: str, expected: list[Path],
-             semantic: Optional["SemanticSegmenter"], instance: Optional["InstanceSegmenter"],
+def run_models(semantic: Optional["SemanticSegmenter"],
+               instance: Optional["InstanceSegmenter"]) -> dict[str, dict[str, Any]]:
+    """The ``Models`` of this run's sidecars (role -> :func:`model_provenance`), once per run."""
+    models: dict[str, dict[str, Any]] = {}
+    if semantic is not None:
+        models["semantic"] = model_provenance(semantic)
+    if instance is not None:
+        models["instance"] = model_provenance(instance)
+    return models
+
+
+def _complete(settings: "Settings", scan: Any, expected: list[Path], models: dict[str, dict[str, Any]],
+              what: str) -> bool:
+    """Whether the scan's outputs are complete *and this run's*: every expected file exists and
+    its sidecars name the same models (checksums) and the same voxel-changing options
+    (``spineps.bids.derivatives.sidecar_mismatch``). Outputs of other models or options are
+    recomputed, and the log says why; ``--overwrite`` recomputes every scan."""
+    import json
+
+    from spineps.bids.derivatives import INSTANCE_SIDECAR, SEMANTIC_SIDECAR, sidecar_mismatch
+
+    if settings.overwrite or not all(Path(p).is_file() for p in expected):
+        return False
+    params = settings.parameters()
+    for kind in (SEMANTIC_SIDECAR, INSTANCE_SIDECAR):
+        path = kind.path(settings.output_dir, scan)
+        if path not in expected:
+            continue
+        try:
+            sidecar = json.loads(path.read_text(encoding="utf-8"))
+            why = sidecar_mismatch(sidecar, models, params) if isinstance(sidecar, dict) else "no JSON object"
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            why = f"its sidecar {path.name} cannot be read ({type(exc).__name__})"
+        if why is not None:
+            log.info("%s: outputs exist, but %s: recomputing", what, why)
+            return False
+    return True
+
+
+def _run_one(settings: "Settings", scan: Any, tag: str, expected: list[Path], run: tuple[Any, Any, dict],
              summary: ParticipantSummary) -> None:
     """One scan under its lock; its outcome (processed, skipped, failed and why) into ``summary``.
+    ``run``: the semantic and instance segmenters and their ``Models`` (:func:`run_models`).
     A failure is logged and recorded, never raised (``KeyboardInterrupt`` is)."""
     name = scan.relpath
+    semantic, instance, models = run
     try:
         with _scan_lock(settings, scan, f"{tag} {name}"):
-            if not settings.overwrite and all(Path(p).is_file() for p in expected):
+            if _complete(settings, scan, expected, models, f"{tag} {name}"):
                 log.info("%s %s: outputs completed by another run meanwhile, skipped", tag, name)
                 summary.skipped_complete.append(name)
                 return
             _revoke_complete(settings, scan)
             if settings.input_kind == "semantic-mask":
                 assert instance is not None  # checked by run_participant
-                process_mask(settings, scan, instance)
+                process_mask(settings, scan, instance, models)
             else:
                 assert semantic is not None  # checked by run_participant
-                process_scan(settings, scan, semantic, instance)
+                process_scan(settings, scan, semantic, instance, models)
     except SpinepsError as exc:
         if isinstance(exc, ResourceError):
             summary.temporary.add(name)
@@ -301,8 +343,9 @@ def _naming_options(settings: "Settings") -> "NamingOptions":
 
 
 def process_scan(settings: "Settings", scan: Any, semantic: "SemanticSegmenter",
-                 instance: Optional["InstanceSegmenter"]) -> "ScanResult":
-    """Load, segment and write the outputs of one scan (sidecars last)."""
+                 instance: Optional["InstanceSegmenter"], models: Optional[dict[str, Any]] = None) -> "ScanResult":
+    """Load, segment and write the outputs of one scan (sidecars last). ``models``: the
+    sidecars' ``Models`` (:func:`run_models`, computed here when not given)."""
     from spineps.geometry.io import load_volume, read_header
     from spineps.pipeline import segment_scan
     from spineps.resources import check_scan_resources
@@ -315,9 +358,7 @@ def process_scan(settings: "Settings", scan: Any, semantic: "SemanticSegmenter",
     t_load = time.perf_counter() - t0
     log.debug("loaded %s", image)
     result = segment_scan(image, semantic, instance, _naming_options(settings))
-    models = {"semantic": model_provenance(semantic)}
-    if instance is not None:
-        models["instance"] = model_provenance(instance)
+    models = models if models is not None else run_models(semantic, instance)
     _write_outputs(settings, scan, result, header=header, image=image, t_load=t_load, models=models,
                    semantic_description="Semantic segmentation of the spine (vertebra substructures, discs, spinal "
                                         "canal and cord); values as in desc-spine_dseg.tsv")
@@ -325,7 +366,8 @@ def process_scan(settings: "Settings", scan: Any, semantic: "SemanticSegmenter",
     return result
 
 
-def process_mask(settings: "Settings", scan: Any, instance: "InstanceSegmenter") -> "ScanResult":
+def process_mask(settings: "Settings", scan: Any, instance: "InstanceSegmenter",
+                 models: Optional[dict[str, Any]] = None) -> "ScanResult":
     """``spineps instance``: the instance phase, post-processing and level naming on one
     existing semantic mask (``scan`` is the mask), then the same outputs as
     :func:`process_scan` (no image: the figure shows the masks alone)."""
@@ -340,7 +382,7 @@ def process_mask(settings: "Settings", scan: Any, instance: "InstanceSegmenter")
     t_load = time.perf_counter() - t0
     result = segment_from_semantic(semantic, instance, _naming_options(settings))
     _write_outputs(settings, scan, result, header=header, image=None, t_load=t_load,
-                   models={"instance": model_provenance(instance)},
+                   models=models if models is not None else run_models(None, instance),
                    semantic_description="Semantic segmentation of the spine, post-processed by the instance phase "
                                         "(endplates split, voxels consistent with the instances) from the input "
                                         "mask in Sources; values as in desc-spine_dseg.tsv")
@@ -477,16 +519,25 @@ def _write_measurements_and_figure(out: Path, scan: Any, result: "ScanResult", i
 
 def model_provenance(model: Any) -> dict[str, Any]:
     """A segmenter's ``provenance()`` with the keys every sidecar needs first: ``name``,
-    ``version`` and ``checksum`` (``sha256:<hex>``; a bare hex digest gets the prefix); the
-    rest is kept as it is."""
+    ``version`` and ``checksum`` (``sha256:<hex>``; a bare hex digest gets the prefix), then
+    ``Demonstration`` (true for a model bundled with spineps, or a copy of one, with the
+    ``DemonstrationNotice`` that says what that means; false otherwise); the rest is kept as
+    it is."""
+    from spineps.models.registry import DEMONSTRATION_NOTICE, demonstration_model
+
     prov = dict(model.provenance() or {})
     name = prov.pop("name", None) or getattr(model, "name", None) or type(model).__name__
     checksum = prov.pop("checksum", None)
     if checksum and ":" not in str(checksum):
         checksum = f"sha256:{checksum}"
     version = prov.pop("version", None) or prov.get("log_name") or "unversioned"
+    folder = prov.get("folder")
+    demo = demonstration_model(Path(folder)) if folder else None
+    flags: dict[str, Any] = {"Demonstration": demo is not None}
+    if demo is not None:
+        flags["DemonstrationNotice"] = f"{DEMONSTRATION_NOTICE} (bundled folder {demo})"
     return {"name": str(name), "version": str(version), "checksum": str(checksum) if checksum else "n/a",
-            **jsonable(prov)}
+            **flags, **jsonable(prov)}
 
 
 def _centroids_json(result: "ScanResult", scan: Any) -> dict[str, Any]:

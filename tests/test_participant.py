@@ -246,9 +246,10 @@ def test_model_provenance_puts_name_version_checksum_first() -> None:
             return {"checksum": "sha256:cd34", "log_name": "inst-v1"}
 
     assert model_provenance(A()) == {"name": "nn", "version": "unversioned", "checksum": "sha256:ab12",
-                                     "folds": [0, 1]}
+                                     "Demonstration": False, "folds": [0, 1]}
     assert model_provenance(B()) == {"name": "b", "version": "inst-v1", "checksum": "sha256:cd34",
-                                     "log_name": "inst-v1"}
+                                     "Demonstration": False, "log_name": "inst-v1"}
+    assert list(model_provenance(A()))[:4] == ["name", "version", "checksum", "Demonstration"]
 
 
 # ------------------------------------------------------------------------ registry

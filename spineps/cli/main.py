@@ -181,6 +181,7 @@ def _run(settings: Settings) -> int:
 def _participant(settings: Settings) -> None:
     from spineps import loading, participant
 
+    loading.announce_models(settings)  # before anything else: which models, and whether they are demonstrations
     discovery = participant.check_inputs(settings)
     if settings.input_kind == "semantic-mask":
         participant.run_participant(settings, None, loading.load_instance_segmenter(settings), discovery=discovery)
