@@ -148,6 +148,7 @@ def run_participant(settings: "Settings", semantic: Optional["SemanticSegmenter"
     summary = _summary_of(settings, discovery, len(scans))
     _prepare_output_dir(settings)
     models = run_models(semantic, instance)
+    footprint = _footprint(semantic, instance)
     log.info("%d scan(s) selected", len(scans))
     current: Optional[str] = None
     try:
@@ -160,7 +161,7 @@ def run_participant(settings: "Settings", semantic: Optional["SemanticSegmenter"
                 summary.skipped_complete.append(current)
                 continue
             log.info("%s %s", tag, current)
-            _run_one(settings, scan, tag, expected, (semantic, instance, models), summary)
+            _run_one(settings, scan, tag, expected, (semantic, instance, models, footprint), summary)
             current = None
     except KeyboardInterrupt:
         summary.seconds = time.perf_counter() - t_start
@@ -253,13 +254,23 @@ def _complete(settings: "Settings", scan: Any, expected: list[Path], models: dic
     return True
 
 
-def _run_one(settings: "Settings", scan: Any, tag: str, expected: list[Path], run: tuple[Any, Any, dict],
+def _footprint(semantic: Any, instance: Any) -> Any:  # -> Optional[spineps.resources.Footprint]
+    """The run's networks for the memory estimate (``spineps.resources.Footprint``), logged once."""
+    from spineps.resources import Footprint
+
+    footprint = Footprint.of(semantic, instance)
+    log.debug("memory footprint of the networks: %s", footprint)
+    return footprint
+
+
+def _run_one(settings: "Settings", scan: Any, tag: str, expected: list[Path], run: tuple[Any, Any, dict, Any],
              summary: ParticipantSummary) -> None:
     """One scan under its lock; its outcome (processed, skipped, failed and why) into ``summary``.
-    ``run``: the semantic and instance segmenters and their ``Models`` (:func:`run_models`).
+    ``run``: the semantic and instance segmenters, their ``Models`` (:func:`run_models`) and
+    their memory footprint (``spineps.resources.Footprint``).
     A failure is logged and recorded, never raised (``KeyboardInterrupt`` is)."""
     name = scan.relpath
-    semantic, instance, models = run
+    semantic, instance, models, footprint = run
     try:
         with _scan_lock(settings, scan, f"{tag} {name}"):
             if _complete(settings, scan, expected, models, f"{tag} {name}"):
@@ -269,10 +280,10 @@ def _run_one(settings: "Settings", scan: Any, tag: str, expected: list[Path], ru
             _revoke_complete(settings, scan)
             if settings.input_kind == "semantic-mask":
                 assert instance is not None  # checked by run_participant
-                process_mask(settings, scan, instance, models)
+                process_mask(settings, scan, instance, models, footprint)
             else:
                 assert semantic is not None  # checked by run_participant
-                process_scan(settings, scan, semantic, instance, models)
+                process_scan(settings, scan, semantic, instance, models, footprint)
     except SpinepsError as exc:
         if isinstance(exc, ResourceError):
             summary.temporary.add(name)
@@ -343,16 +354,20 @@ def _naming_options(settings: "Settings") -> "NamingOptions":
 
 
 def process_scan(settings: "Settings", scan: Any, semantic: "SemanticSegmenter",
-                 instance: Optional["InstanceSegmenter"], models: Optional[dict[str, Any]] = None) -> "ScanResult":
+                 instance: Optional["InstanceSegmenter"], models: Optional[dict[str, Any]] = None,
+                 footprint: Any = None) -> "ScanResult":
     """Load, segment and write the outputs of one scan (sidecars last). ``models``: the
-    sidecars' ``Models`` (:func:`run_models`, computed here when not given)."""
+    sidecars' ``Models`` (:func:`run_models`, computed here when not given); ``footprint``: the
+    networks' memory footprint (``spineps.resources.Footprint``, computed here when not given)."""
     from spineps.geometry.io import load_volume, read_header
     from spineps.pipeline import segment_scan
     from spineps.resources import check_scan_resources
 
     t0 = time.perf_counter()
     header = read_header(scan.path)
-    check_scan_resources(header, settings.output_dir)  # InputError / ResourceError before any voxel is read
+    footprint = footprint if footprint is not None else _footprint(semantic, instance)
+    # InputError / ResourceError before any voxel is read
+    check_scan_resources(header, settings.output_dir, footprint=footprint)
     image = load_volume(scan.path, kind="image")
     _check_not_constant(image, scan.path)
     t_load = time.perf_counter() - t0
@@ -367,7 +382,7 @@ def process_scan(settings: "Settings", scan: Any, semantic: "SemanticSegmenter",
 
 
 def process_mask(settings: "Settings", scan: Any, instance: "InstanceSegmenter",
-                 models: Optional[dict[str, Any]] = None) -> "ScanResult":
+                 models: Optional[dict[str, Any]] = None, footprint: Any = None) -> "ScanResult":
     """``spineps instance``: the instance phase, post-processing and level naming on one
     existing semantic mask (``scan`` is the mask), then the same outputs as
     :func:`process_scan` (no image: the figure shows the masks alone)."""
@@ -377,7 +392,8 @@ def process_mask(settings: "Settings", scan: Any, instance: "InstanceSegmenter",
 
     t0 = time.perf_counter()
     header = read_header(scan.path)
-    check_scan_resources(header, settings.output_dir)
+    footprint = footprint if footprint is not None else _footprint(None, instance)
+    check_scan_resources(header, settings.output_dir, footprint=footprint)
     semantic = load_semantic_mask(scan.path)
     t_load = time.perf_counter() - t0
     result = segment_from_semantic(semantic, instance, _naming_options(settings))

@@ -160,6 +160,14 @@ class UNetInstanceSegmenter:
             "epoch": self.meta.get("epoch"),
         }
 
+    def memory_footprint(self) -> dict[str, Any]:
+        """What this network needs beyond the arrays, for ``spineps.resources.InstanceFootprint``."""
+        return {"orientation": list(self.config.orientation), "spacing_min": list(self.config.spacing_min),
+                "spacing_max": list(self.config.spacing_max), "cutout": list(self.config.cutout_size),
+                "in_channels": int(self.in_channels), "dim": int(self.dim), "batch": int(self.batch_size),
+                "precision": self.precision, "engine": self.engine, "channels_last": bool(self.channels_last),
+                "device": str(self.device).split(":")[0]}
+
     # -- the network on cutouts -----------------------------------------------------
     def forward_cutouts(self, mapped: np.ndarray, boxes: Sequence) -> list[np.ndarray]:
         """Class maps (uint8, cutout size) for each box of the mapped volume, in batches."""

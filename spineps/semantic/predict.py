@@ -195,6 +195,19 @@ class NnUNetSemanticSegmenter:
         self.cpu_bf16 = bool(enabled)
         self.precision = "bf16" if enabled else "fp32"
 
+    def memory_footprint(self) -> dict[str, Any]:
+        """What this network needs beyond the arrays, for ``spineps.resources.SemanticFootprint``:
+        tile (nnU-Net's patch, in model orientation), first-stage features, outputs, folds and
+        the resolved precision and engine."""
+        kwargs = getattr(self.loaded.configuration_manager, "network_arch_init_kwargs", None) or {}
+        features = kwargs.get("features_per_stage") or [32]
+        return {"orientation": list(self.config.orientation), "spacing_min": list(self.config.spacing_min),
+                "spacing_max": list(self.config.spacing_max),
+                "tile": [int(v) for v in reversed(tuple(self.loaded.patch_size))],  # nnU-Net's axes are reversed
+                "features": int(features[0]), "classes": int(self.loaded.num_outputs),
+                "folds": len(self.loaded.folder.folds), "precision": self.precision, "engine": self.engine,
+                "device": self.device.type}
+
     @property
     def modality(self) -> tuple[str, ...]:
         """The scan suffixes (BIDS) this model is for: the config's ``modality``, e.g. ``("T2w",)``."""
