@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Optional
 
-from spineps.errors import BIDSValidationError, ResourceError, ScanFailuresError, SpinepsError, one_line
+from spineps.errors import BIDSValidationError, ResourceError, ScanFailuresError, SpinepsError, one_line, write_error
 from spineps.fsutil import jsonable
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -295,6 +295,13 @@ def _run_one(settings: "Settings", scan: Any, tag: str, expected: list[Path], ru
         summary.temporary.add(name)
         log.error("%s %s failed: out of memory", tag, name)
         summary.failed[name] = "out of memory"
+    except OSError as exc:  # a write no typed error wrapped; disk or quota full is temporary (75)
+        err = write_error(f"{type(exc).__name__}: {one_line(str(exc))}", getattr(exc, "filename", None), exc)
+        if isinstance(err, ResourceError):
+            summary.temporary.add(name)
+        log.error("%s %s failed: %s", tag, name, err.reason)
+        log.debug("traceback for %s", name, exc_info=True)
+        summary.failed[name] = err.reason
     except Exception as exc:  # a bug or a library failure: keep going with the other scans
         log.error("%s %s failed: %s: %s", tag, name, type(exc).__name__, one_line(str(exc)))
         log.debug("traceback for %s", name, exc_info=True)
@@ -442,7 +449,6 @@ def _write_outputs(settings: "Settings", scan: Any, result: "ScanResult", *, hea
 
     from spineps.bids.derivatives import CENTROIDS, INSTANCE_MASK, INSTANCE_SIDECAR, SEMANTIC_MASK, SEMANTIC_SIDECAR, \
         make_sidecar, write_sidecar
-    from spineps.fsutil import write_json_atomic
     from spineps.geometry.io import save_volume
 
     out = settings.output_dir
@@ -456,7 +462,7 @@ def _write_outputs(settings: "Settings", scan: Any, result: "ScanResult", *, hea
         save_volume(result.instance.with_data(np.asarray(result.instance.data).astype(np.uint16)), inst_path,
                     dtype=np.uint16, like=header)
         cent_path = CENTROIDS.path(out, scan)
-        write_json_atomic(cent_path, _centroids_json(result, scan))
+        write_sidecar(cent_path, _centroids_json(result, scan))  # a JSON write like the sidecars (typed errors)
     t_write = time.perf_counter() - t1
     extra_timings = _write_measurements_and_figure(out, scan, result, image, sem_path)
     timings = {"load": round(t_load, 3), **{k: round(float(v), 3) for k, v in result.timings.items()},

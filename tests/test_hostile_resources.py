@@ -157,3 +157,33 @@ def test_no_disk_space_fails_each_scan_with_the_numbers(tmp_path: Path, test_mod
     assert len([ln for ln in err.splitlines() if "ResourceError: not enough disk space" in ln
                 and "0.5 MB free" in ln and "ERROR" in ln]) == 2
     assert not [p for p in out.rglob("sub-*") if p.is_file()]
+
+
+@pytest.mark.parametrize("where", ["sidecar", "mask", "unwrapped"])
+def test_disk_full_while_writing_is_a_temporary_failure(tmp_path: Path, test_models: None,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str], where: str) -> None:
+    """A disk (or quota) that fills up while a scan's outputs are written is a lack of disk
+    like the one the check foresees: the run exits 75 (temporary, a rerun with room finishes
+    it), not 1."""
+    import errno
+
+    from spineps.bids import derivatives
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if where == "sidecar":
+        write = derivatives.write_json_atomic
+        monkeypatch.setattr(derivatives, "write_json_atomic", lambda path, obj: full() if str(path).endswith(
+            "_dseg.json") else write(path, obj))
+    ds = BidsFactory(tmp_path / "bids")
+    ds.add("01", acq="sag")
+    if where == "mask":
+        monkeypatch.setattr("nibabel.save", full)
+    elif where == "unwrapped":  # an OSError no write site wrapped (e.g. from a library)
+        monkeypatch.setattr("spineps.participant._write_measurements_and_figure", full)
+    rc = main([str(ds.root), str(tmp_path / "out"), "participant", "--skip-bids-validation"])
+    err = capsys.readouterr().err
+    assert rc == 75, err
+    assert "No space left on device" in err and "sub-01" in err

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
-from ..errors import OutputError
+from ..errors import write_error
 from ..fsutil import write_json_atomic, write_text_atomic
 from .discovery import Scan
 
@@ -213,14 +213,14 @@ def _write_json(path: Path, obj: Any) -> None:
     try:
         write_json_atomic(path, obj)
     except OSError as exc:
-        raise OutputError(f"cannot write: {exc.strerror or exc}", path) from exc
+        raise write_error(f"cannot write: {exc.strerror or exc}", path, exc) from exc
 
 
 def _write_text(path: Path, text: str) -> None:
     try:
         write_text_atomic(path, text)
     except OSError as exc:
-        raise OutputError(f"cannot write: {exc.strerror or exc}", path) from exc
+        raise write_error(f"cannot write: {exc.strerror or exc}", path, exc) from exc
 
 
 def lookup_table_rows(desc: str) -> list[dict[str, Any]]:

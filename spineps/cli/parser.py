@@ -81,9 +81,10 @@ usages:
 _EPILOG = """\
 exit codes: 0 success; 1 some scans failed (the others finished); 16 input failed BIDS
 validation; 17 unknown analysis level; 18 labels or filters selected no files; 64 usage
-error; 65 bad input data (also an unreadable input); 66 input missing; 73 output cannot be
-created (also a failed write); 75 temporary failure (memory, disk); 78 no usable model;
-130/143 interrupted.
+error (also scans the semantic model's modality does not match); 65 bad input data (also an
+unreadable input); 66 input missing; 73 output cannot be created (also a failed write); 75
+temporary failure (memory, disk or quota full; also when every failed scan only lacked
+memory or disk); 78 no usable model; 130/143 interrupted. 74 (I/O error) is not used.
 """
 
 
