@@ -277,7 +277,8 @@ def test_real_run_under_a_memory_limit_fails_with_75_not_killed(tmp_path: Path, 
     small scan is segmented, the large one (512 x 512 x 96 voxels; about 1.3 GB by the
     estimate; measured, it takes the cgroup's usage to about 1 GB: benchmarks/memory_estimate.py
     --cgroup-run) is refused before it is read, naming the cgroup, and the run exits 75. Before,
-    the check saw only MemAvailable (GBs) and the kernel killed the process midway."""
+    the check saw only MemAvailable (GBs) and the kernel killed the process in the semantic
+    phase of the large scan (exit -9, checked on the code before the fix)."""
     from spineps.models import registry
 
     if registry.bundled_model_dir(registry.BUNDLED_SEMANTIC) is None:
@@ -287,7 +288,9 @@ def test_real_run_under_a_memory_limit_fails_with_75_not_killed(tmp_path: Path, 
     ds = BidsFactory(tmp_path / "bids")
     ds.add("01", acq="sag")
     big_shape = (512, 512, 96)
-    big = ds.add("02", acq="sag", shape=big_shape, data=np.zeros(big_shape, np.int16), spacing=(0.5, 0.5, 3.0))
+    # noise, not zeros: a constant image is refused as bad input, which would hide a missing check
+    noise = np.random.default_rng(0).integers(0, 1000, big_shape).astype(np.int16)
+    big = ds.add("02", acq="sag", shape=big_shape, data=noise, spacing=(0.5, 0.5, 3.0))
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPINEPS_")}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
