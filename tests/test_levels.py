@@ -191,8 +191,8 @@ def test_size_rule_on_real_vertebral_bodies(real_data):
 
 def test_size_rule_on_synth_windows():
     """``spineps.synth`` phantoms whose field of view shows neither C2 nor the sacrum.
-    Measured on 24 such windows (2 mm grid, seeds 300..323): size alone 8/24 exact, 18/24
-    within one level; size + ribs (auto) 12/24 exact, 20/24 within one. On this fixed
+    ``benchmarks/level_naming_phantoms.py`` measures 24 such windows (its numbers are in
+    ``benchmarks/results/level_naming_phantoms.json`` and the README's "Limits"). On this fixed
     subset of six (kept small for speed) size alone is 0/6 exact but 5/6 within one: on
     the phantoms it tends to place the window one level too high (their bodies are
     larger than the adult reference table)."""
