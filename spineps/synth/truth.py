@@ -9,8 +9,8 @@ Conventions (world RAS mm; ``n`` an endplate's unit normal pointing superiorly):
 - a curve from an upper to a lower endplate: upper tilt minus lower tilt is positive for a
   kyphosis, so a lordosis is the lower tilt minus the upper one;
 - Cobb angle: the largest ``|coronal tilt(superior endplate of U) - coronal tilt(inferior
-  endplate of B)|`` over vertebrae ``U`` at or above ``B``, with ``U`` and ``B`` the end
-  vertebrae;
+  endplate of B)|`` over thoracic and lumbar vertebrae ``U`` above ``B``, with ``U`` and ``B``
+  the end vertebrae;
 - wedge angle of a body: sagittal tilt of its superior endplate minus that of its inferior one;
 - slip of a motion segment (vertebra ``V`` on the one below, ``W``): the posterior-inferior
   corner of ``V`` minus the posterior-superior corner of ``W``, along ``W``'s superior
@@ -71,10 +71,10 @@ def alignment_truth(meta: Mapping[str, Any], levels: Optional[Sequence[str]] = N
         "wedge": {n: sag[(n, "superior")] - sag[(n, "inferior")] for n in names if (n, "inferior") in sag},
         "slip": {},
     }
-    bodies = [n for n in names if (n, "inferior") in cor]
+    bodies = [n for n in names if (n, "inferior") in cor and n[0] in "TL"]
     best: tuple[float, Optional[str], Optional[str]] = (0.0, None, None)
     for i, u in enumerate(bodies):
-        for b in bodies[i:]:
+        for b in bodies[i + 1:]:
             a = abs(cor[(u, "superior")] - cor[(b, "inferior")])
             if a > best[0]:
                 best = (a, u, b)
