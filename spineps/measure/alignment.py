@@ -43,8 +43,8 @@ from spineps.labels import SACRUM, VERTEBRA_ORDER, vertebra_name, vertebra_value
 from spineps.measure.morphometry import BAND_HALF_MM, Frame, Grid, LevelValue, Morphometry, disc_level_name
 
 __all__ = ["Plane", "BodyPlanes", "Alignment", "endplate_planes", "alignment_from_planes", "measure_alignment",
-           "DEFINITIONS", "REFERENCES", "CURVES", "MIN_COLUMNS", "CENTRAL_FRACTION", "COBB_SE_MAX_DEG",
-           "COBB_LEVELS"]
+           "session_alignment", "DEFINITIONS", "REFERENCES", "CURVES", "MIN_COLUMNS", "CENTRAL_FRACTION",
+           "COBB_SE_MAX_DEG", "COBB_LEVELS"]
 
 #: columns an endplate needs to be fitted
 MIN_COLUMNS = 6
@@ -560,3 +560,38 @@ def measure_alignment(instance: Volume, morph: Morphometry) -> Alignment:
     heights = {(v.level, v.structure, v.measure): v.value for v in morph.values}
     present = [int(v) for v in np.unique(np.asarray(instance.data)) if 0 < v < 100]
     return alignment_from_planes(planes, heights, present)
+
+
+def session_alignment(stations: Sequence[tuple[Alignment, Sequence[float], tuple[float, float],
+                                                Mapping[tuple[str, str, str], float]]]) -> Alignment:
+    """The alignment of a session's stations together: each station's endplates (its
+    ``Alignment.planes``) translated by its offset into the session's frame (``offset``, mm,
+    ``spineps.labeling.stations``), every endplate taken from the station in which it lies
+    deepest (farthest from the station's S borders, ``s_range``), and the measures of
+    :func:`alignment_from_planes` on them (heights: the first station that measured them).
+    ``stations``: ``(alignment, offset, s_range, heights)`` per station."""
+    best: dict[tuple[int, str], tuple[float, Plane]] = {}
+    why: dict[int, dict[str, str]] = {}
+    heights: dict[tuple[str, str, str], float] = {}
+    present: set[int] = set()
+    for al, offset, (bottom, top), hts in stations:
+        t = np.asarray(offset, float)
+        for v, bp in al.planes.items():
+            present.add(v)
+            why.setdefault(v, {}).update({k: w for k, w in bp.why.items() if k not in why.get(v, {})})
+            for side in ("superior", "inferior"):
+                p = bp.plane(side)
+                if p is None:
+                    continue
+                depth = min(float(p.centre[2]) - bottom, top - float(p.centre[2]))
+                if (v, side) not in best or depth > best[(v, side)][0]:
+                    best[(v, side)] = (depth, p.shifted(t))
+        for k, x in hts.items():
+            if math.isfinite(x) and k not in heights:
+                heights[k] = x
+    planes: dict[int, BodyPlanes] = {}
+    for v in present:
+        bp = BodyPlanes(v, best.get((v, "superior"), (0.0, None))[1], best.get((v, "inferior"), (0.0, None))[1])
+        bp.why = {k: w for k, w in why.get(v, {}).items() if bp.plane(k) is None}
+        planes[v] = bp
+    return alignment_from_planes(planes, heights, sorted(present))

@@ -78,6 +78,18 @@ class Measurements:
     body_centroids: dict[int, list[float]] = field(default_factory=dict)
     seconds: float = 0.0
     alignment: Any = None  # spineps.measure.alignment.Alignment, None without instances
+    #: a station of a session: the session's alignment (``Alignment``) and how the stations were
+    #: put together (``Stations``, ``OffsetsMM``); its level-range rows replace the station's own
+    session: Optional[dict[str, Any]] = None
+
+    def use_session_alignment(self, alignment: Any, stations: list[str], offsets: Mapping[str, Any]) -> None:
+        """The whole-spine measures (structure ``spine``) of the session's stations together
+        instead of this station's own (per-level measures stay the station's)."""
+        self.values = [v for v in self.values if v.structure != "spine"]
+        self.values.extend(v for v in alignment.values if v.structure == "spine")
+        self.session = {"Description": "The level-range measures (structure 'spine': kyphosis, lordosis, Cobb) "
+                                       "are of the session's stations together, in the frame of the top one",
+                        "Stations": list(stations), "OffsetsMM": dict(offsets), "Alignment": alignment.as_dict()}
 
     def get(self, level: str, structure: str, measure: str) -> float:
         for v in self.values:
@@ -232,6 +244,8 @@ def write_measurements(m: Measurements, tsv_path: Union[str, Path]) -> tuple[Pat
     }
     if m.alignment is not None:
         meta["Alignment"] = m.alignment.as_dict()
+    if m.session is not None:
+        meta["SessionAlignment"] = m.session
     try:
         write_text_atomic(tsv, "\n".join(lines) + "\n")
         write_json_atomic(js, meta)
