@@ -23,8 +23,9 @@ and the world S-I range of its whole field of view.
    vertebra voxels in the overlap; two vertebrae are the same when each is the other's most
    frequent partner and they share at least ``MATCH_FRACTION`` of the smaller one's voxels
    there. Abutting stations: the vertebrae cut by the common border are matched by their
-   cross-sections on it (within ``ABUT_MATCH_MM``); when no vertebra crosses it (the border
-   runs through a disc) the lower station's top vertebra follows the upper one's lowest.
+   footprints on it (cells of ``ABUT_CELL_MM``, the same share and mutual rule); when no
+   vertebra touches it (the border runs through a disc) the lower station's top vertebra
+   follows the upper one's lowest.
    The matched pairs give the index offset between the two stations (the majority; others
    are dropped with a warning).
 4. **Naming.** The stations joined this way (a *chain*) are resampled (nearest neighbour)
@@ -69,8 +70,8 @@ MAX_SHIFT_MM = 30.0
 SHIFT_PRIOR_PER_MM = 0.004
 #: matched vertebrae share at least this fraction of the smaller one's voxels in the overlap
 MATCH_FRACTION = 0.3
-#: cross-sections of a vertebra cut by the common border of abutting stations: within (mm)
-ABUT_MATCH_MM = 10.0
+#: the cells (mm) of the footprints on the common border of abutting stations
+ABUT_CELL_MM = 2.0
 #: whole vertebrae closer than this (mm) after the translation refine it
 _REFINE_MM = 8.0
 #: the most voxels of the overlap sampled to score a translation
@@ -310,28 +311,34 @@ def _matched_in_overlap(up: Station, lo: Station, zone: tuple[float, float], t: 
     return out
 
 
-def _border_sections(st: Station, at_top: bool) -> dict[int, np.ndarray]:
-    """Vertebra id -> mean world position of its voxels within 1.5 voxel steps of the
-    station's top (``at_top``) or bottom border."""
+def _border_footprints(st: Station, at_top: bool) -> dict[int, set[tuple[int, int]]]:
+    """Vertebra id -> the cells (``ABUT_CELL_MM`` squares in world R-A) its voxels within 1.5
+    voxel steps of the station's top (``at_top``) or bottom border cover."""
     inst = np.asarray(st.instance.data)
     idx = np.argwhere((inst > 0) & (inst < 100) & (inst != SACRUM))
     w = _world(st.instance, idx)
     lo, hi = st.s_range
     near = (w[:, 2] >= hi - 1.5 * st.s_step) if at_top else (w[:, 2] <= lo + 1.5 * st.s_step)
     vals = inst[tuple(idx[near].T)]
-    return {int(v): w[near][vals == v].mean(0) for v in np.unique(vals)}
+    cells = np.floor(w[near][:, :2] / ABUT_CELL_MM).astype(np.int64)
+    return {int(v): {(int(a), int(b)) for a, b in cells[vals == v]} for v in np.unique(vals)}
 
 
 def _matched_at_border(up: Station, lo: Station) -> list[tuple[int, int]]:
-    """Vertebrae crossing the common border of abutting stations (step 3)."""
-    a_sec, b_sec = _border_sections(up, False), _border_sections(lo, True)
+    """Vertebrae crossing the common border of abutting stations (step 3): the pairs whose
+    footprints on the border overlap most, each the other's best, sharing at least
+    ``MATCH_FRACTION`` of the smaller footprint."""
+    a_fp, b_fp = _border_footprints(up, False), _border_footprints(lo, True)
+    share = {(a, b): len(fa & fb) / max(min(len(fa), len(fb)), 1) for a, fa in a_fp.items() for b, fb in b_fp.items()}
     out = []
-    for a, pa in a_sec.items():
-        near = [(float(np.linalg.norm((pa - pb)[:2])), b) for b, pb in b_sec.items()]
-        if near:
-            d, b = min(near)
-            if d <= ABUT_MATCH_MM:
-                out.append((a, b))
+    for a in a_fp:
+        cand = [(x, b) for (aa, b), x in share.items() if aa == a]
+        if not cand:
+            continue
+        x, b = max(cand)
+        best_a = max((y, aa) for (aa, bb), y in share.items() if bb == b)[1]
+        if x >= MATCH_FRACTION and best_a == a:
+            out.append((a, b))
     return out
 
 
@@ -358,8 +365,7 @@ def _index_offset(link: StationLink, up: Station, lo: Station, warnings: list[st
             warnings.append(f"{up.name} / {lo.name}: {len(dropped)} matched vertebra pair(s) out of order, ignored")
         link.matched = [p for p in link.matched if p[0] - p[1] == d]
         return d
-    cu, cl = _centroids(up), _centroids(lo)
-    if cu and cl and cu[max(cu)][1] and cl[min(cl)][1]:
+    if not _border_footprints(up, False) and not _border_footprints(lo, True) and up.n_vertebrae and lo.n_vertebrae:
         link.how += "; no vertebra crosses the border: the lower station continues the upper one"
         return up.n_vertebrae
     return None
@@ -381,7 +387,7 @@ def link_stations(up: Station, lo: Station, warnings: list[str]) -> StationLink:
         link.how = "affines refined by the semantic agreement in the overlap; vertebrae matched by shared voxels"
     else:
         link.matched = _matched_at_border(up, lo)
-        link.how = "affines; vertebrae matched by their cross-sections on the common border"
+        link.how = "affines; vertebrae matched by their footprints on the common border"
     link.index_offset = _index_offset(link, up, lo, warnings)
     if link.index_offset is None:
         warnings.append(f"{up.name} and {lo.name} meet but no vertebra could be matched: named alone")
@@ -481,7 +487,8 @@ def _station_naming(whole: LevelNaming, base: int, n: int, extra_warnings: list[
     mapping = {k: whole.mapping.get(base + k, 0) for k in range(1, n + 1)}
     above = whole.mapping.get(base) if base >= 1 else whole.above_top
     return LevelNaming(mapping, whole.rule_used, dict(whole.evidence, named_on="whole spine of the session"),
-                       whole.confidence, list(whole.warnings) + extra_warnings, whole.variant, above)
+                       whole.confidence, list(whole.warnings) + extra_warnings, whole.variant, above,
+                       list(whole.implausible))
 
 
 def _name_chain(chain: list[Station], offsets: list[np.ndarray], bases: list[int], naming_kw: dict[str, Any],

@@ -102,7 +102,7 @@ class Measurements:
 
 
 def _naming_summary(naming: Mapping[str, Any]) -> dict[str, Any]:
-    keep = ("rule", "rule_used", "levels", "variant", "confidence", "warnings")
+    keep = ("rule", "rule_used", "levels", "variant", "confidence", "warnings", "implausible")
     out = {k: naming[k] for k in keep if k in naming}
     if "rule" not in out and "rule_used" in out:
         out["rule"] = out.pop("rule_used")
