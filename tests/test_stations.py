@@ -167,3 +167,17 @@ def test_spineps_instance_names_a_session_of_stations(tmp_path: Path) -> None:
         rows = (out / anat / f"{stem}_desc-spine_morphometry.tsv").read_text().splitlines()
         spine_rows.append([r for r in rows if "\tspine\t" in r])
     assert spine_rows[0] == spine_rows[1] == spine_rows[2] and any("kyphosis_deg\tn/a" not in r for r in spine_rows[0])
+
+
+def test_the_readme_numbers_are_the_benchmarks() -> None:
+    """The README's station and alignment numbers come from benchmarks/naming_alignment.py."""
+    repo = Path(__file__).resolve().parents[1]
+    summary = json.loads((repo / "benchmarks" / "results" / "naming_alignment.json").read_text())["summary"]
+    readme = " ".join((repo / "README.md").read_text(encoding="utf-8").split())
+    for source in ("reference", "model"):
+        for key in ("level_accuracy_session", "level_accuracy_alone"):
+            assert f"{100 * summary[source][key]:.1f} %" in readme, (source, key)
+    for key in ("curve_deg", "cobb_deg", "wedge_deg"):
+        assert f"{summary['alignment_reference'][key]}°" in readme, key
+    assert f"{summary['alignment_reference']['slip_mm']} mm (slips)" in readme
+    assert summary["alignment_reference"]["curve_deg"] <= 3.0 and summary["alignment_reference"]["slip_mm"] <= 1.0
