@@ -169,6 +169,45 @@ def test_spineps_instance_names_a_session_of_stations(tmp_path: Path) -> None:
     assert spine_rows[0] == spine_rows[1] == spine_rows[2] and any("kyphosis_deg\tn/a" not in r for r in spine_rows[0])
 
 
+def test_a_session_is_complete_only_when_every_station_is_this_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """Stations and issue 17 together: a session is skipped only when every station's sidecars
+    name this run's models and options (``_complete``), another option recomputes the whole
+    session, and each station's memory check gets the run's footprint."""
+    from spineps import loading, participant, resources
+    from spineps.cli.main import main
+    from tests.segmenters import ComponentInstanceSegmenter
+
+    monkeypatch.setattr(loading, "load_instance_segmenter", lambda settings: ComponentInstanceSegmenter())
+    run_footprint, footprints = object(), []  # the run's footprint, and what each station's check got
+    monkeypatch.setattr(participant, "_footprint", lambda semantic, instance: run_footprint)
+    check = resources.check_scan_resources
+    monkeypatch.setattr(resources, "check_scan_resources", lambda *a, footprint=None, **kw: (
+        footprints.append(footprint), check(*a, **kw))[1])
+    ds = write_station_dataset(tmp_path / "ds", [(WHOLE, even_cuts(WHOLE, 2, overlap_mm=40.0))], images=False)
+    out, anat = tmp_path / "out", "sub-01/ses-1/anat"
+    args = ["instance", str(ds / "derivatives" / "reference"), str(out), "--nprocs", "1"]
+
+    def run(extra: list[str]) -> str:
+        capsys.readouterr()
+        assert main(args + extra) == 0
+        return capsys.readouterr().err
+
+    def sidecars() -> list[dict]:
+        return [json.loads((out / anat / f"sub-01_ses-1_acq-sag_chunk-{k}_desc-vertebrae_dseg.json").read_text())
+                for k in (1, 2)]
+
+    text = run([])
+    assert "2 processed" in text and footprints == [run_footprint] * 2
+    assert all(sc["Stations"]["NamedTogether"] and "test-components" in json.dumps(sc["Models"]) for sc in sidecars())
+    text = run([])
+    assert "outputs complete, skipped" in text and "2 skipped" in text and len(footprints) == 2
+    text = run(["--level-rule", "count-from-top"])
+    assert "level_rule was" in text and "recomputing" in text and "2 processed" in text, text
+    assert [sc["Parameters"]["level_rule"] for sc in sidecars()] == ["count-from-top"] * 2
+    assert all("Stations" in sc for sc in sidecars())
+
+
 def test_the_readme_numbers_are_the_benchmarks() -> None:
     """The README's station and alignment numbers come from benchmarks/naming_alignment.py."""
     repo = Path(__file__).resolve().parents[1]
