@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 
 #: (module, function, step name): the fixed-cost steps of a participant run, in their order
 STEPS: tuple[tuple[str, str, str], ...] = (
-    ("spineps.participant", "_validate", "validation"),
+    ("spineps.participant", "finish_validation", "validation"),
     ("spineps.bids.discovery", "discover_scans", "indexing"),
     ("spineps.loading", "load_segmenters", "model_loading"),
 )

@@ -1,0 +1,240 @@
+"""The per-job cost of a participant process (issue 20): what it imports, the validator
+running beside the model loading, and processes that share a cohort sharing its work (the
+per-scan locks taken without waiting first, held scans taken up at the end)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from spineps.cli.main import main
+from spineps.fsutil import LockHeld, exclusive_lock
+from spineps import loading
+from tests.bids_factory import BidsFactory
+from tests.segmenters import make_test_segmenters
+
+REPO = Path(__file__).resolve().parents[1]
+RUNNER = REPO / "tests" / "_run_with_test_models.py"
+
+#: stacks a participant run on images does not use (torch.compile's, ONNX's, training's)
+NOT_NEEDED = ("torch._dynamo", "torch._inductor", "sympy", "torch.distributed.fsdp", "onnx", "onnxruntime",
+              "torch.onnx", "tensorboard", "lightning", "pytorch_lightning", "torchvision")
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("nnUNet_compile", None)
+    env.update(extra)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+_MODULES_OF_A_RUN = """
+import json, sys
+from spineps.cli.main import main
+code = main(sys.argv[2:])
+json.dump({"code": code, "modules": sorted(sys.modules)}, open(sys.argv[1], "w"))
+"""
+
+
+@pytest.mark.slow
+def test_participant_process_imports_only_what_the_run_needs(tmp_path: Path) -> None:
+    """A whole participant run (real nnU-Net semantic folder and instance U-Net, tiny random
+    weights; N4 and BIDS validation as by default) in a fresh process: none of the stacks of
+    ``NOT_NEEDED`` is imported, nnU-Net's predictor is (the real one)."""
+    pytest.importorskip("torch")
+    from tests.tiny_models import build_tiny_model_folders
+
+    sem, inst = build_tiny_model_folders(tmp_path / "models")
+    ds = BidsFactory(tmp_path / "bids")
+    ds.add("01", acq="sag")
+    result = tmp_path / "modules.json"
+    proc = subprocess.run([sys.executable, "-c", _MODULES_OF_A_RUN, str(result), str(ds.root), str(tmp_path / "out"),
+                           "participant", "--semantic-model", str(sem), "--instance-model", str(inst),
+                           "--device", "cpu", "--nprocs", "1"], env=_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(result.read_text())
+    assert got["code"] == 0
+    modules = set(got["modules"])
+    assert "nnunetv2.inference.predict_from_raw_data" in modules  # nnU-Net's own predictor ran
+    assert (tmp_path / "out" / "sub-01" / "anat" / "sub-01_acq-sag_desc-vertebrae_dseg.json").is_file()
+    heavy = sorted(m for m in modules if any(m == h or m.startswith(h + ".") for h in NOT_NEEDED))
+    assert not heavy, f"a participant run imported {heavy}"
+
+
+_PREDICTOR_IMPORT = """
+import json, sys
+from spineps.models.nnunet_import import nnunet_predictor_class
+cls = nnunet_predictor_class()
+mod = sys.modules["nnunetv2.inference.predict_from_raw_data"]
+out = {"class": f"{cls.__module__}.{cls.__qualname__}", "dynamo_after": "torch._dynamo" in sys.modules,
+       "stand_in": mod.OptimizedModule.__module__}
+import torch._dynamo
+out["real"] = f"{torch._dynamo.OptimizedModule.__module__}.{torch._dynamo.OptimizedModule.__qualname__}"
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compile_env", [None, "1"])
+def test_nnunet_predictor_without_dynamo_and_with_it_when_compiling(compile_env: str) -> None:
+    """nnU-Net's class itself, imported without ``torch._dynamo``; a later ``import
+    torch._dynamo`` gets the real module; with ``nnUNet_compile`` set the full import is used."""
+    pytest.importorskip("nnunetv2")
+    env = _env(**({"nnUNet_compile": compile_env} if compile_env else {}))
+    proc = subprocess.run([sys.executable, "-c", _PREDICTOR_IMPORT], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["class"] == "nnunetv2.inference.predict_from_raw_data.nnUNetPredictor"
+    assert out["real"] == "torch._dynamo.eval_frame.OptimizedModule"
+    if compile_env:
+        assert out["dynamo_after"] and out["stand_in"] == "torch._dynamo.eval_frame"
+    else:
+        assert not out["dynamo_after"] and out["stand_in"] == "spineps.models.nnunet_import"
+
+
+# ----------------------------------------------------------------------------- validation beside model loading
+def _fake_validator(tmp_path: Path, seconds: float, errors: int, name: str = "fake-validator") -> Path:
+    """A validator that takes ``seconds``, reports ``errors`` errors and leaves ``<name>.done``."""
+    issues = [{"code": "FAKE_ERROR", "severity": "error", "location": f"/f{i}"} for i in range(errors)]
+    fake = tmp_path / name
+    fake.write_text(f"#!/bin/sh\nsleep {seconds}\necho '{json.dumps({'issues': {'issues': issues}})}'\n"
+                    f"touch '{fake}.done'\nexit {16 if errors else 0}\n")
+    fake.chmod(0o755)
+    return fake
+
+
+def test_validation_starts_in_the_background(tmp_path: Path) -> None:
+    from spineps.bids import validation as V
+
+    ds = BidsFactory(tmp_path / "bids")
+    ds.add("01", acq="sag")
+    t0 = time.monotonic()
+    pending = V.start_validation(ds.root, validator=[str(_fake_validator(tmp_path, 1.0, errors=2))])
+    assert time.monotonic() - t0 < 0.5  # returned at once
+    report = pending.result()
+    assert time.monotonic() - t0 >= 1.0
+    assert report.available and not report.ok and len(report.errors) == 2
+    pending = V.start_validation(ds.root, validator=[str(_fake_validator(tmp_path, 30, errors=0))], timeout=0.5)
+    report = pending.result()
+    assert not report.available and "did not finish" in report.reason
+
+
+def test_models_load_while_the_validator_runs_and_its_verdict_comes_first(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The models are loaded while the validator runs (not after it); an invalid dataset
+    still exits 16 before any scan, also when model loading fails meanwhile."""
+    from spineps.bids import validation as V
+    from spineps.errors import ModelError
+
+    ds = BidsFactory(tmp_path / "bids")
+    ds.add("01", acq="sag")
+    slow = _fake_validator(tmp_path, 6.0, errors=0, name="slow-validator")
+    validator_done_at_load: list[bool] = []
+
+    def load(settings: object) -> object:
+        validator_done_at_load.append(Path(f"{slow}.done").exists())
+        return make_test_segmenters(settings)
+
+    monkeypatch.setattr(loading, "load_segmenters", load)
+    monkeypatch.setattr(V, "find_validator", lambda: [str(slow)])
+    assert main([str(ds.root), str(tmp_path / "out"), "participant"]) == 0
+    assert validator_done_at_load == [False]  # the models were loaded while it ran
+    assert Path(f"{slow}.done").exists()  # and its verdict was awaited
+
+    monkeypatch.setattr(V, "find_validator", lambda: [str(_fake_validator(tmp_path, 0.5, errors=1))])
+    assert main([str(ds.root), str(tmp_path / "out2"), "participant"]) == 16
+    assert not list((tmp_path / "out2").rglob("*_dseg.nii.gz"))
+
+    def broken(settings: object) -> object:
+        raise ModelError("broken model folder")
+
+    monkeypatch.setattr(loading, "load_segmenters", broken)
+    assert main([str(ds.root), str(tmp_path / "out3"), "participant"]) == 16
+
+
+# ----------------------------------------------------------------------------- work sharing
+def test_lock_without_waiting_raises_while_held(tmp_path: Path) -> None:
+    lock = tmp_path / "locks" / "scan.lock"
+    code = ("import sys, time; from pathlib import Path; from spineps.fsutil import exclusive_lock\n"
+            "with exclusive_lock(Path(sys.argv[1])):\n"
+            "    print('held', flush=True); time.sleep(1.5)\n")
+    child = subprocess.Popen([sys.executable, "-c", code, str(lock)], env=_env(), stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None and child.stdout.readline().strip() == "held"
+    with pytest.raises(LockHeld):
+        with exclusive_lock(lock, wait=False):
+            pytest.fail("entered a held lock")
+    assert lock.exists()  # the holder's file is left alone
+    assert child.wait(timeout=60) == 0
+    with exclusive_lock(lock, wait=False) as locked:
+        assert locked
+    assert not lock.exists()
+
+
+def test_a_held_scan_is_left_for_the_end_and_computed_when_its_holder_gives_up(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another process holds sub-01's lock (and does not complete it): this run computes
+    sub-02 first, then comes back to sub-01, waits for the lock and computes it."""
+    from spineps.bids.discovery import Scan
+
+    monkeypatch.setattr(loading, "load_segmenters", lambda settings: make_test_segmenters(settings))
+    ds = BidsFactory(tmp_path / "bids")
+    ds.add("01", acq="sag")
+    ds.add("02", acq="sag", seed=2)
+    out = tmp_path / "out"
+    key = Scan.from_path(ds.root / "sub-01/anat/sub-01_acq-sag_T2w.nii.gz", ds.root).key
+    lock = out / "logs" / "locks" / f"{key}.lock"
+    code = ("import sys, time; from pathlib import Path; from spineps.fsutil import exclusive_lock\n"
+            "with exclusive_lock(Path(sys.argv[1])):\n"
+            "    print('held', flush=True); time.sleep(3)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(lock)], env=_env(), stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    assert main([str(ds.root), str(out), "participant", "--skip-bids-validation"]) == 0
+    assert holder.wait(timeout=60) == 0
+    text = sorted((out / "logs").glob("participant_*.log"))[-1].read_text()
+    assert "sub-01_acq-sag_T2w.nii.gz: another run is computing this scan; taking the next one" in text
+    assert text.index("sub-02_acq-sag_T2w.nii.gz: done in") < text.index("sub-01_acq-sag_T2w.nii.gz: done in")
+    assert "2 processed, 0 skipped" in text
+    assert not list((out / "logs" / "locks").glob("*.lock"))
+
+
+_DONE = re.compile(r"(sub-\d+)_acq-sag_T2w\.nii\.gz: done in")
+_SUMMARY = re.compile(r"summary: (\d+) scan\(s\): (\d+) processed, (\d+) skipped")
+
+
+@pytest.mark.slow
+def test_processes_started_together_share_a_cohort(tmp_path: Path) -> None:
+    """Three real processes started at once on six scans into one output folder: each scan
+    is computed exactly once, by whichever process took it first, and the work is spread
+    over the processes (the first one does not do them all while the others wait)."""
+    ds = BidsFactory(tmp_path / "bids")
+    for i in range(1, 7):
+        ds.add(f"{i:02d}", acq="sag", seed=i)
+    out = tmp_path / "out"
+    procs = [subprocess.Popen([sys.executable, str(RUNNER), str(ds.root), str(out), "participant",
+                               "--skip-bids-validation", "--nprocs", "1"], env=_env(SPINEPS_TEST_DELAY="3"),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(3)]
+    processed, done = [], []
+    for proc in procs:
+        assert proc.wait(timeout=600) == 0
+        assert proc.stderr is not None
+        text = proc.stderr.read().decode()
+        proc.stderr.close()
+        m = _SUMMARY.search(text)
+        assert m, text[-2000:]
+        processed.append(int(m.group(2)))
+        done += _DONE.findall(text)
+    assert sorted(done) == [f"sub-{i:02d}" for i in range(1, 7)]  # each scan computed once
+    assert sum(processed) == 6
+    assert sum(1 for n in processed if n > 0) >= 2, processed
+    assert not list((out / "logs" / "locks").glob("*.lock"))
