@@ -238,3 +238,22 @@ def test_processes_started_together_share_a_cohort(tmp_path: Path) -> None:
     assert sum(processed) == 6
     assert sum(1 for n in processed if n > 0) >= 2, processed
     assert not list((out / "logs" / "locks").glob("*.lock"))
+
+
+# ----------------------------------------------------------------------------- indexing one participant
+def test_participant_labels_index_only_their_folders(tmp_path: Path) -> None:
+    from spineps.bids.discovery import _LayoutHandle, discover_scans
+    from spineps.errors import NoMatchError
+
+    ds = BidsFactory(tmp_path / "bids")
+    for sub in ("01", "010", "02"):
+        ds.add(sub, acq="sag")
+    handle = _LayoutHandle(ds.root, None, ["01"])
+    assert handle.layout.get_subjects() == ["01"]  # not "010", not "02"
+    found = discover_scans(ds.root, participant_labels=["01"])
+    assert [s.subject for s in found.scans] == ["01"]
+    found = discover_scans(ds.root, participant_labels=["sub-010", "02"])
+    assert sorted(s.subject for s in found.scans) == ["010", "02"]
+    assert len(discover_scans(ds.root).scans) == 3
+    with pytest.raises(NoMatchError, match=r"sub-03 \(available: sub-01, sub-02, sub-010\)"):
+        discover_scans(ds.root, participant_labels=["03"])
