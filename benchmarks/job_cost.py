@@ -336,7 +336,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.reference:
         ns.reference_instance_model = reference_instance_folder(MODELS / "instance", args.work)
     started, load0 = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), loadavg()
-    ours, refs = [], []
+    ours: list[dict[str, Any]] = []
+    refs: list[dict[str, Any]] = []
+    sharing: list[dict[str, Any]] = []
+
+    def report(done: bool) -> dict[str, Any]:  # written after every run: a long run keeps what it measured
+        rep = {"started": started, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+               "complete": done, "commit": _git_commit(), "loadavg": [load0, loadavg()],
+               "machine": machine_info(args.threads),
+               "command": " ".join(["benchmarks/job_cost.py", *(argv if argv is not None else sys.argv[1:])]),
+               "case": str(case.spec.path), "threads": args.threads, "repeats": len(ours),
+               "summary": summarise(ours, refs), "ours": [{k: v for k, v in r.items() if k != "modules"} for r in ours],
+               "reference": refs, "sharing": sharing}
+        _write_json(args.json, rep)
+        return rep
+
     for i in range(args.repeats):
         ours.append(run_ours(case.bids_dir, args.work, i, args.threads))
         sys.stderr.write(f"ours #{i}: {ours[-1]['process_wall_s']:.2f} s, {ours[-1]['peak_rss_mib']:.0f} MiB\n")
@@ -344,21 +358,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             refs.append(run_reference(case, i, ns, args.work))
             sys.stderr.write(f"reference #{i}: {refs[-1]['process_wall_s']:.2f} s, "
                              f"{refs[-1]['peak_rss_mib']:.0f} MiB\n")
-    sharing = []
+        report(False)
     if args.sharing:
         cohort = sharing_cohort(case.image, args.work)
         for n in (1, 4):
             sharing.append(run_sharing(cohort, args.work, n, args.sharing_threads))
             sys.stderr.write(f"sharing x{n}: {sharing[-1]['wall_s']:.1f} s {sharing[-1]['per_process']}\n")
-    for r in ours:
-        r.pop("modules", None)
-    report = {"started": started, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "commit": _git_commit(), "loadavg": [load0, loadavg()], "machine": machine_info(args.threads),
-              "command": " ".join(["benchmarks/job_cost.py", *(argv if argv is not None else sys.argv[1:])]),
-              "case": str(case.spec.path), "threads": args.threads, "repeats": args.repeats,
-              "summary": summarise(ours, refs), "ours": ours, "reference": refs, "sharing": sharing}
-    _write_json(args.json, report)
-    sys.stdout.write(format_markdown(report) + "\n")
+            report(False)
+    sys.stdout.write(format_markdown(report(True)) + "\n")
     return 0
 
 
