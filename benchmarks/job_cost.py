@@ -85,6 +85,7 @@ def _spawn(cmd: list[str], log: Path, env: dict[str, str], cwd: Optional[Path] =
     """Start, wait; the whole process's wall time, exit code and the peak resident memory of
     its process tree (sampled every 20 ms)."""
     env = dict(env, JOBCOST_T0=repr(time.time()))
+    cpu0 = children_cpu_s()
     t0 = time.perf_counter()
     peak = 0.0
     with open(log, "w") as fh:
@@ -92,7 +93,22 @@ def _spawn(cmd: list[str], log: Path, env: dict[str, str], cwd: Optional[Path] =
         while proc.poll() is None:
             peak = max(peak, tree_rss_mib(proc.pid))
             time.sleep(0.02)
-    return time.perf_counter() - t0, int(proc.returncode), round(peak, 1)
+    wall = time.perf_counter() - t0
+    global LAST_CPU_S
+    LAST_CPU_S = round(children_cpu_s() - cpu0, 3)
+    return wall, int(proc.returncode), round(peak, 1)
+
+
+LAST_CPU_S = 0.0  # CPU time (user + system) of the process tree of the last run of ``_spawn``
+
+
+def children_cpu_s() -> float:
+    """User + system CPU time of this process's finished (waited-for) children and theirs:
+    less sensitive to the machine's load than wall time."""
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
 
 
 def _our_argv(bids: Path, out: Path, threads: int, extra: Sequence[str] = ()) -> list[str]:
@@ -114,6 +130,7 @@ def run_ours(bids: Path, work: Path, repeat: int, threads: int) -> dict[str, Any
     res = json.loads((run / "result.json").read_text())
     res["process_wall_s"] = round(wall, 3)
     res["tree_peak_rss_mib"] = tree_peak
+    res["cpu_s"] = LAST_CPU_S
     m = _VALIDATOR.search((run / "log.txt").read_text(errors="replace"))
     res["validator_s"] = float(m.group(1)) if m else None
     return res
@@ -141,11 +158,13 @@ def run_reference(case: Any, repeat: int, args: argparse.Namespace, work: Path) 
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
+    cpu0 = children_cpu_s()
     try:
         res = run_ref(case, repeat, args, work)
     finally:
         stop.set()
         sampler.join()
+    res["cpu_s"] = round(children_cpu_s() - cpu0, 3)
     res["tree_peak_rss_mib"] = round(peak[0], 1)
     return res
 
@@ -235,6 +254,7 @@ def summarise(ours: list[dict[str, Any]], refs: list[dict[str, Any]]) -> dict[st
         "ours": {"process_wall_s": _median([r["process_wall_s"] for r in ours]),
                  "peak_rss_mib": _median([r["peak_rss_mib"] for r in ours]),
                  "tree_peak_rss_mib": _median([r["tree_peak_rss_mib"] for r in ours]),
+                 "cpu_s": _median([r.get("cpu_s") for r in ours]),
                  "validator_s": _median([r.get("validator_s") for r in ours]),
                  "fixed_cost_s": {k: _median([f[k] for f in fixed]) for k in fixed[0]},
                  "memory_mib": {k: _median([m.get(k) for m in mem]) for k in mem[0]},
@@ -244,6 +264,7 @@ def summarise(ours: list[dict[str, Any]], refs: list[dict[str, Any]]) -> dict[st
         ref = {"process_wall_s": _median([r["process_wall_s"] for r in refs]),
                "peak_rss_mib": _median([r["peak_rss_mib"] for r in refs]),
                "tree_peak_rss_mib": _median([r["tree_peak_rss_mib"] for r in refs]),
+               "cpu_s": _median([r.get("cpu_s") for r in refs]),
                "imports_s": _median([r["seconds"]["import"] for r in refs]),
                "model_load_s": _median([r["seconds"]["model_load"] for r in refs]),
                "scan_s": _median([r["seconds"]["scan"] for r in refs]),
@@ -251,6 +272,8 @@ def summarise(ours: list[dict[str, Any]], refs: list[dict[str, Any]]) -> dict[st
         ref["before_scan_s"] = round(ref["process_wall_s"] - ref["scan_s"], 3)
         out["reference"] = ref
         out["speedup"] = round(ref["process_wall_s"] / out["ours"]["process_wall_s"], 2)
+        if ref["cpu_s"] and out["ours"]["cpu_s"]:
+            out["cpu_ratio"] = round(ref["cpu_s"] / out["ours"]["cpu_s"], 2)
         out["rss_ratio"] = round(out["ours"]["peak_rss_mib"] / ref["peak_rss_mib"], 3)
         out["tree_rss_ratio"] = round(out["ours"]["tree_peak_rss_mib"] / ref["tree_peak_rss_mib"], 3)
     return out
@@ -264,12 +287,18 @@ def format_markdown(report: dict[str, Any]) -> str:
         lines += [f"| wall time s | {o['process_wall_s']:.2f} | {r['process_wall_s']:.2f} | "
                   f"{s['speedup']:.2f}x faster |",
                   f"| peak RSS MiB | {o['peak_rss_mib']:.0f} | {r['peak_rss_mib']:.0f} | {s['rss_ratio']:.2f} |",
-                  f"| peak RSS of the process tree MiB (sampled, validator included) | "
-                  f"{o['tree_peak_rss_mib']:.0f} | {r['tree_peak_rss_mib']:.0f} | {s['tree_rss_ratio']:.2f} |",
+
                   f"| before the first voxel s | {o['fixed_cost_s']['before_first_voxel']:.2f} | "
                   f"{r['before_scan_s']:.2f} | |",
                   f"| memory floor MiB (before the first voxel) | {o['memory_mib']['floor_at_first_voxel']:.0f} | "
                   f"{r['rss_before_scan_mib'] or float('nan'):.0f} | |"]
+        if "tree_rss_ratio" in s:  # (not in the results of the first version of this script)
+            lines.insert(4, f"| peak RSS of the process tree MiB (sampled, validator included) | "
+                            f"{o['tree_peak_rss_mib']:.0f} | {r['tree_peak_rss_mib']:.0f} | "
+                            f"{s['tree_rss_ratio']:.2f} |")
+        if "cpu_ratio" in s:
+            lines.insert(3, f"| CPU time s (process tree, user + system) | {o['cpu_s']:.2f} | {r['cpu_s']:.2f} | "
+                            f"{s['cpu_ratio']:.2f}x less |")
     else:
         lines += [f"| wall time s | {o['process_wall_s']:.2f} | - | |",
                   f"| peak RSS MiB | {o['peak_rss_mib']:.0f} | - | |"]
@@ -312,8 +341,8 @@ def _git_commit() -> str:
     try:
         return subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    except (OSError, subprocess.CalledProcessError):  # e.g. run from a ``git archive`` copy
+        return os.environ.get("JOBCOST_COMMIT", "unknown")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
