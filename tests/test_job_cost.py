@@ -257,3 +257,47 @@ def test_participant_labels_index_only_their_folders(tmp_path: Path) -> None:
     assert len(discover_scans(ds.root).scans) == 3
     with pytest.raises(NoMatchError, match=r"sub-03 \(available: sub-01, sub-02, sub-010\)"):
         discover_scans(ds.root, participant_labels=["03"])
+
+
+# ----------------------------------------------------------------------------- the benchmark's own parts
+def _job_cost_module():  # benchmarks/job_cost.py, loaded by path
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("job_cost", REPO / "benchmarks" / "job_cost.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_job_cost_timeline_wraps_the_steps_on_import_and_splits_imports() -> None:
+    code = ("import sys, json, time; sys.path.insert(0, sys.argv[1])\n"
+            "from jobcost.timeline import install\n"
+            "tl = install(time.time())\n"
+            "import spineps.bids.discovery as d\n"
+            "try:\n    d.discover_scans('/nonexistent-dataset')\n"
+            "except Exception as exc:\n    err = type(exc).__name__\n"
+            "print(json.dumps({'wrapped': hasattr(d.discover_scans, '__wrapped__'), 'steps': tl.steps, 'err': err,"
+            " 'imports': tl.import_s}))\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(REPO / "benchmarks")], env=_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["wrapped"] and out["err"] == "NoInputError" and out["imports"] > 0
+    assert [s["step"] for s in out["steps"]] == ["indexing"] and out["steps"][0]["rss_after_mib"] > 0
+
+
+def test_job_cost_fixed_cost_parts_add_up() -> None:
+    jc = _job_cost_module()
+    res = {"interpreter_s": 0.1, "first_voxel": {"at_s": 3.0, "imports_s": 2.0, "rss_mib": 400.0},
+           "peak_rss_mib": 600.0,
+           "steps": [{"step": "indexing", "s": 0.5, "imports_s": 0.3, "rss_after_mib": 80.0},
+                     {"step": "model_loading", "s": 2.0, "imports_s": 1.5, "rss_after_mib": 390.0},
+                     {"step": "validation", "s": 0.1, "imports_s": 0.0, "rss_after_mib": 390.0}]}
+    parts = jc.fixed_cost(res)
+    assert parts["before_first_voxel"] == 3.0 and parts["imports"] == pytest.approx(0.2)
+    total = sum(v for k, v in parts.items() if k != "before_first_voxel")
+    assert total == pytest.approx(3.0)
+    assert jc.memory(res) == {"after_indexing": 80.0, "after_model_loading": 390.0, "after_validation": 390.0,
+                              "floor_at_first_voxel": 400.0, "peak": 600.0}
+    assert jc.tree_rss_mib(os.getpid()) > 0
