@@ -208,6 +208,70 @@ def test_a_held_scan_is_left_for_the_end_and_computed_when_its_holder_gives_up(
     assert not list((out / "logs" / "locks").glob("*.lock"))
 
 
+def test_a_session_with_a_held_station_is_left_for_the_end_without_keeping_its_other_locks(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Work sharing on units (issue 18's sessions of stations): another process holds the
+    lock of sub-01's second station. This run does not take sub-01's first station alone
+    (it takes every station's lock or none, so none is held while it computes sub-02), computes
+    sub-02's session, then comes back to sub-01, waits for the lock and names its two stations
+    together."""
+    from spineps import participant
+    from spineps.bids.masks import mask_scan
+    from spineps.synth.anatomy import PhantomSpec
+    from spineps.synth.stations import even_cuts, write_station_dataset
+    from tests.segmenters import ComponentInstanceSegmenter
+
+    monkeypatch.setattr(loading, "load_instance_segmenter", lambda settings: ComponentInstanceSegmenter())
+    spec = PhantomSpec(seed=2, fov="whole", spacing=(2.0, 2.0, 3.5))
+    cuts = even_cuts(spec, 2, overlap_mm=40.0)
+    ds = write_station_dataset(tmp_path / "ds", [(spec, cuts), (spec, cuts)], images=False)
+    ref = ds / "derivatives" / "reference"
+    out, locks = tmp_path / "out", tmp_path / "out" / "logs" / "locks"
+
+    def lock_of(sub: str, k: int) -> Path:
+        name = f"{sub}/ses-1/anat/{sub}_ses-1_acq-sag_chunk-{k}_desc-spine_dseg.nii.gz"
+        return locks / f"{mask_scan(ref / name, ref).key}.lock"
+
+    release = tmp_path / "release"
+    code = ("import sys, time; from pathlib import Path; from spineps.fsutil import exclusive_lock\n"
+            "with exclusive_lock(Path(sys.argv[1])):\n"
+            "    print('held', flush=True)\n"
+            "    t = time.time()\n"
+            "    while not Path(sys.argv[2]).exists() and time.time() - t < 120: time.sleep(0.05)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(lock_of("sub-01", 2)), str(release)], env=_env(),
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    first_free, predict = [], participant._predict_station
+
+    def predict_and_look(settings, scan, run):  # type: ignore[no-untyped-def]
+        if scan.subject == "02" and not first_free:  # sub-01 deferred: is its first station's lock free?
+            try:
+                with exclusive_lock(lock_of("sub-01", 1), wait=False):
+                    first_free.append(True)
+            except LockHeld:
+                first_free.append(False)
+            release.touch()  # the holder gives up without completing sub-01
+        return predict(settings, scan, run)
+
+    monkeypatch.setattr(participant, "_predict_station", predict_and_look)
+    capsys.readouterr()
+    code_ = main(["instance", str(ref), str(out), "--nprocs", "1"])
+    text = capsys.readouterr().err
+    assert holder.wait(timeout=60) == 0
+    assert code_ == 0, text[-3000:]
+    assert first_free == [True]
+    assert "sub-01_ses-1_acq-sag_chunk-2_desc-spine_dseg.nii.gz: another run is computing this station" in text
+    assert "back to 2 scan(s) other runs were computing" in text
+    second_pass = text.index("[1-2/4] sub-01/ses-1/anat/sub-01_ses-1_acq-sag_chunk-1_desc-spine_dseg.nii.gz, ")
+    assert text.index("[3-4/4] sub-02") < second_pass
+    assert "4 processed, 0 skipped" in text
+    for sub in ("sub-01", "sub-02"):
+        for k in (1, 2):
+            side = out / sub / "ses-1" / "anat" / f"{sub}_ses-1_acq-sag_chunk-{k}_desc-vertebrae_dseg.json"
+            assert len(json.loads(side.read_text())["Stations"]["NamedTogether"]) == 2
+    assert not list(locks.glob("*.lock"))
+
+
 _DONE = re.compile(r"(sub-\d+)_acq-sag_T2w\.nii\.gz: done in")
 _SUMMARY = re.compile(r"summary: (\d+) scan\(s\): (\d+) processed, (\d+) skipped")
 
