@@ -94,8 +94,8 @@ def test_quick_start_numbers_come_from_the_demo_benchmark() -> None:
     assert all(f(k) == f(k, e32) for k in e)  # "the same to the second decimal with --precision fp32"
     agree = d["default_vs_fp32"]["spine"]["voxel_agreement"]
     assert f"agree with the default run's on {100 * agree:.2f} % of the voxels" in flat
-    level = (f"level accuracy {e['vertebra_instances/level_accuracy']:g}, "
-             f"offset {e['vertebra_instances/level_offset_median']:g}")
+    level = (f"level accuracy {e['vertebra_instances/level_accuracy']:.2g}, "
+             f"offset {e['vertebra_instances/level_offset_median']:.2g}")
     assert level in flat
 
 
