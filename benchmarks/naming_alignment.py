@@ -61,14 +61,9 @@ ALIGNMENT_CASES: list[tuple[str, dict[str, Any]]] = [
 
 
 def _anonymous(instance):
-    from spineps.labels import SACRUM, VERTEBRA_ORDER
+    from spineps.synth.truth import anonymous_vertebrae
 
-    inst = np.asarray(instance.data)
-    vals = [v for v in VERTEBRA_ORDER if v != SACRUM and (inst == v).any()]
-    out = np.zeros(inst.shape, np.uint16)
-    for k, v in enumerate(vals, start=1):
-        out[inst == v] = k
-    return instance.with_data(out)
+    return anonymous_vertebrae(instance)
 
 
 def _level_accuracy(truth: np.ndarray, named: np.ndarray) -> tuple[int, int]:

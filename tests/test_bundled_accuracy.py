@@ -26,7 +26,8 @@ INSTANCE = REPO / "spineps" / "data" / "models" / "instance"
 PHANTOM_FLOORS: dict[int, float] = {
     41: 0.77, 42: 0.82, 43: 0.74, 44: 0.73, 45: 0.67, 46: 0.56, 47: 0.61, 48: 0.57,
     49: 0.90, 60: 0.88, 61: 0.86, 62: 0.63, 100: 0.86, 26: 0.88,
-}  # measured for the packaged weights: 0.816 0.864 0.788 0.774 0.712 0.609 0.656 0.618 0.937 0.923 0.904 0.679 0.899 0.923
+}  # measured for the packaged weights (same order):
+#   0.816 0.864 0.788 0.774 0.712 0.609 0.656 0.618 0.937 0.923 0.904 0.679 0.899 0.923
 #: (set, subject, annotated value) -> Dice floor inside the annotation's box + 10 mm
 REAL_FLOORS: dict[tuple[str, str, int], float] = {
     ("VB2", "sub-vb212", 49): 0.80,  # measured 0.843 (benchmarks/results/semantic_accuracy.json)

@@ -11,21 +11,17 @@ from scipy import ndimage
 
 from spineps.geometry.volume import Volume
 from spineps.labeling.levels import IMPLAUSIBLE_CONFIDENCE
-from spineps.labels import BODY, SACRUM, VERTEBRA_ORDER
+from spineps.labels import BODY
 from spineps.measure.scan import measure_scan
 from spineps.pipeline import postprocess
 from spineps.synth.anatomy import PhantomSpec, make_phantom
+from spineps.synth.truth import anonymous_vertebrae
 
 SAGITTAL = np.array([[0.0, 0.0, 3.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
 
 
 def _anonymous(instance: Volume) -> Volume:
-    inst = np.asarray(instance.data)
-    vals = [v for v in VERTEBRA_ORDER if v != SACRUM and (inst == v).any()]
-    out = np.zeros(inst.shape, np.uint16)
-    for k, v in enumerate(vals, start=1):
-        out[inst == v] = k
-    return instance.with_data(out)
+    return anonymous_vertebrae(instance)
 
 
 def _blobs(seed: int, n_max: int = 24) -> tuple[Volume, Volume]:

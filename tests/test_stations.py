@@ -15,25 +15,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from spineps.labels import SACRUM, VERTEBRA_ORDER, vertebra_name
+from spineps.labels import SACRUM, vertebra_name
 from spineps.pipeline import StationPrediction, name_stations, postprocess_anonymous
 from spineps.synth.anatomy import PhantomSpec, make_phantom
 from spineps.synth.stations import StationCut, cut_stations, even_cuts, write_station_dataset
 from spineps.synth.truth import alignment_truth
+from spineps.synth.truth import anonymous_vertebrae
 
 WHOLE = PhantomSpec(seed=2, fov="whole", spacing=(2.0, 2.0, 3.5))
 THORACOLUMBAR = PhantomSpec(seed=6, fov="thoracolumbar", spacing=(1.5, 1.5, 3.0))
 
 
 def _anonymous_vertebrae(st):
-    """The station's reference vertebrae without their names: 1..N from the top (what the
-    instance phase hands over)."""
-    inst = np.asarray(st.instance.data)
-    vals = [v for v in VERTEBRA_ORDER if v != SACRUM and (inst == v).any()]
-    out = np.zeros(inst.shape, np.uint16)
-    for k, v in enumerate(vals, start=1):
-        out[inst == v] = k
-    return st.instance.with_data(out)
+    return anonymous_vertebrae(st.instance)
 
 
 def _named(spec: PhantomSpec, cuts):

@@ -24,7 +24,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["sagittal_tilt_deg", "coronal_tilt_deg", "alignment_truth"]
+__all__ = ["sagittal_tilt_deg", "coronal_tilt_deg", "alignment_truth", "anonymous_vertebrae"]
 
 _ORDER = ([f"C{i}" for i in range(1, 8)] + [f"T{i}" for i in range(1, 14)] + [f"L{i}" for i in range(1, 7)]
           + ["S1"])
@@ -83,3 +83,18 @@ def alignment_truth(meta: Mapping[str, Any], levels: Optional[Sequence[str]] = N
         if (u, "inferior") in sag and (w, "superior") in sag:
             out["slip"][f"{u}/{w}"] = _slip(ep[u]["inferior"], ep[w]["superior"])
     return out
+
+
+def anonymous_vertebrae(instance: Any) -> Any:
+    """A named instance mask (a phantom's truth, a ``Volume``) without its names: vertebrae
+    1..N from the top, everything else 0 — what the instance phase hands to naming."""
+    import numpy as np
+
+    from spineps.labels import SACRUM, VERTEBRA_ORDER
+
+    inst = np.asarray(instance.data)
+    vals = [v for v in VERTEBRA_ORDER if v != SACRUM and (inst == v).any()]
+    out = np.zeros(inst.shape, np.uint16)
+    for k, v in enumerate(vals, start=1):
+        out[inst == v] = k
+    return instance.with_data(out)
