@@ -143,6 +143,7 @@ def run_participant(settings: "Settings", semantic: Optional["SemanticSegmenter"
     scans = list(discovery.scans)
     summary = _summary_of(settings, discovery, len(scans))
     _prepare_output_dir(settings)
+    _write_methods(settings, semantic, instance)
     log.info("%d scan(s) selected", len(scans))
     current: Optional[str] = None
     try:
@@ -169,6 +170,20 @@ def run_participant(settings: "Settings", semantic: Optional["SemanticSegmenter"
     if summary.failed:
         raise ScanFailuresError(summary.failed, temporary=set(summary.failed) <= summary.temporary)
     return summary
+
+
+def _write_methods(settings: "Settings", semantic: Optional["SemanticSegmenter"],
+                   instance: Optional["InstanceSegmenter"]) -> None:
+    """The run's methods boilerplate (``spineps.methods``) under ``logs/``; a failure to
+    write it is logged, never fatal (the scans' outputs do not depend on it)."""
+    from spineps.methods import write_methods
+
+    models = {role: model_provenance(m) for role, m in (("semantic", semantic), ("instance", instance))
+              if m is not None}
+    try:
+        write_methods(settings, models)
+    except OSError as exc:
+        log.warning("methods boilerplate not written: %s", one_line(str(exc)))
 
 
 def _summary_of(settings: "Settings", discovery: Any, total: int) -> ParticipantSummary:

@@ -407,8 +407,9 @@ def _scan_blob(r: ScanRecord, kidx: dict[tuple[str, str, str], int]) -> dict[str
 
 
 def render_html(records: Sequence[ScanRecord], stats: dict, *, title: str, output_dir_name: str, software: str,
-                threshold: float, min_scans: int) -> str:
-    """The report page (a string): templates + one inline JSON blob."""
+                threshold: float, min_scans: int, extra: Optional[dict[str, Any]] = None) -> str:
+    """The report page (a string): templates + one inline JSON blob (``extra`` is added to
+    the blob: the methods texts, the failed scans)."""
     from spineps.measure.qc import FLAG_CODES
 
     keys = _plot_keys(records)
@@ -426,6 +427,7 @@ def render_html(records: Sequence[ScanRecord], stats: dict, *, title: str, outpu
         "software": software, "output_dir_name": output_dir_name, "report_id": ident,
         "threshold": threshold, "min_scans": min_scans, "flag_codes": dict(FLAG_CODES),
         "keys": [list(k) for k in keys], "stats": st_rows, "measure_choices": choices, "scans": scans,
+        **(extra or {}),
     }
     blob = json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     blob = blob.replace("</", "<\\/").replace("<!--", "<\\!--")
@@ -436,6 +438,14 @@ def render_html(records: Sequence[ScanRecord], stats: dict, *, title: str, outpu
     html = html.replace("__SPINEPS_CSS__", _template("report.css"))
     html = html.replace("__SPINEPS_JS__", _template("report.js"))
     return html.replace("__SPINEPS_DATA__", blob)
+
+
+def _methods_blob(out: Path) -> list[dict[str, Any]]:
+    """The distinct methods texts of the participant runs (``spineps.methods``), as HTML."""
+    from spineps.methods import collect_methods, markdown_to_html
+
+    return [{"html": markdown_to_html(m["markdown"]), "bibtex": m["bibtex"], "runs": m["runs"]}
+            for m in collect_methods(out)]
 
 
 # ------------------------------------------------------------------------------ main
@@ -547,7 +557,8 @@ def build_group(output_dir: Union[str, Path], *, participant_labels: Optional[It
     write_json_atomic(files["table_json"], cols)
     _write_levels(files["levels"], files["levels_json"], records, stats, thr, mins)
     html = render_html(records, stats, title=title or f"SPINEPS group report \u2014 {len(records)} scan(s)",
-                       output_dir_name=out.resolve().name, software=_software(), threshold=thr, min_scans=mins)
+                       output_dir_name=out.resolve().name, software=_software(), threshold=thr, min_scans=mins,
+                       extra={"methods": _methods_blob(out)})
     _write(files["report"], html)
     write_bidsignore(out)
     n_flagged = sum(1 for r in records if (r.qc.get("flags") or r.outliers))

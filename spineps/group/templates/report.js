@@ -348,6 +348,21 @@
     $("scan-view").hidden = true;
   }
 
+  /* ---------------- about / methods ---------------- */
+  function renderMethods() {
+    var m = D.methods || [];
+    if (!m.length) {
+      $("methods").innerHTML = "<p class='hint'>No methods text found (participant runs write logs/*_methods.md).</p>";
+      return;
+    }
+    $("methods").innerHTML = m.map(function (e, i) {
+      return "<div class='methods'>" + (m.length > 1 ? "<h3>Runs " + esc(e.runs.join(", ")) + "</h3>" : "") + e.html +
+        "<details><summary>BibTeX</summary><pre class='bib' id='bib-" + i + "'></pre></details>" +
+        "<p class='hint'>From run(s) " + esc(e.runs.join(", ")) + "</p></div>";
+    }).join("");
+    m.forEach(function (e, i) { $("bib-" + i).textContent = e.bibtex; });
+  }
+
   /* ---------------- wiring ---------------- */
   function init() {
     renderCards();
@@ -355,6 +370,7 @@
     renderPlot();
     renderTable();
     renderRatingSummary();
+    renderMethods();
     $("filter").addEventListener("input", function () { state.filter = this.value; state.page = 0; renderTable(); });
     $("flagged-only").addEventListener("change", function () { state.flagged = this.checked; state.page = 0; renderTable(); });
     $("unrated-only").addEventListener("change", function () { state.unrated = this.checked; state.page = 0; renderTable(); });
