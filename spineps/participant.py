@@ -136,6 +136,7 @@ def run_participant(settings: "Settings", semantic: Optional["SemanticSegmenter"
     if not from_masks and semantic is None:
         raise ValueError("a participant run on images needs a semantic model")
     from spineps.bids.derivatives import expected_outputs
+    from spineps.failures import clear_failure
 
     t_start = time.perf_counter()
     if discovery is None:
@@ -154,6 +155,7 @@ def run_participant(settings: "Settings", semantic: Optional["SemanticSegmenter"
             if not settings.overwrite and all(Path(p).is_file() for p in expected):
                 log.info("%s %s: outputs complete, skipped (use --overwrite to recompute)", tag, current)
                 summary.skipped_complete.append(current)
+                clear_failure(settings, scan.key)
                 continue
             log.info("%s %s", tag, current)
             _run_one(settings, scan, tag, expected, semantic, instance, summary)
@@ -191,25 +193,32 @@ def _summary_of(settings: "Settings", discovery: Any, total: int) -> Participant
     (meant as input: failed scans)."""
     summary = ParticipantSummary(total=total)
     summary.not_selected = {_rel(Path(p), settings.bids_dir): str(why) for p, why in discovery.skipped}
+    from spineps.failures import record_failure
+
     for p, why in getattr(discovery, "unusable", ()):
         rel = _rel(Path(p), settings.bids_dir)
         summary.not_selected.pop(rel, None)
         summary.failed[rel] = one_line(f"InputError: {why}")
         log.error("%s failed: %s", rel, summary.failed[rel])
+        record_failure(settings, rel, "InputError", str(why))
     return summary
 
 
 def _run_one(settings: "Settings", scan: Any, tag: str, expected: list[Path],
              semantic: Optional["SemanticSegmenter"], instance: Optional["InstanceSegmenter"],
              summary: ParticipantSummary) -> None:
-    """One scan under its lock; its outcome (processed, skipped, failed and why) into ``summary``.
-    A failure is logged and recorded, never raised (``KeyboardInterrupt`` is)."""
+    """One scan under its lock; its outcome (processed, skipped, failed and why) into ``summary``
+    and, for a failure, a record in the output dataset (``spineps.failures``; cleared when the
+    scan completes). A failure is logged and recorded, never raised (``KeyboardInterrupt`` is)."""
+    from spineps.failures import clear_failure
+
     name = scan.relpath
     try:
         with _scan_lock(settings, scan, f"{tag} {name}"):
             if not settings.overwrite and all(Path(p).is_file() for p in expected):
                 log.info("%s %s: outputs completed by another run meanwhile, skipped", tag, name)
                 summary.skipped_complete.append(name)
+                clear_failure(settings, scan.key)
                 return
             _revoke_complete(settings, scan)
             if settings.input_kind == "semantic-mask":
@@ -222,19 +231,26 @@ def _run_one(settings: "Settings", scan: Any, tag: str, expected: list[Path],
         if isinstance(exc, ResourceError):
             summary.temporary.add(name)
         why = exc.reason if exc.path is not None and Path(exc.path) == Path(scan.path) else str(exc)
-        why = f"{type(exc).__name__}: {why}"
-        log.error("%s %s failed: %s", tag, name, one_line(why))
-        summary.failed[name] = one_line(why)
+        _failed(settings, summary, scan, tag, type(exc).__name__, why)
     except MemoryError:
         summary.temporary.add(name)
-        log.error("%s %s failed: out of memory", tag, name)
-        summary.failed[name] = "out of memory"
+        _failed(settings, summary, scan, tag, "MemoryError", "out of memory")
     except Exception as exc:  # a bug or a library failure: keep going with the other scans
-        log.error("%s %s failed: %s: %s", tag, name, type(exc).__name__, one_line(str(exc)))
         log.debug("traceback for %s", name, exc_info=True)
-        summary.failed[name] = f"{type(exc).__name__}: {one_line(str(exc))}"
+        _failed(settings, summary, scan, tag, type(exc).__name__, str(exc))
     else:
         summary.processed.append(name)
+        clear_failure(settings, scan.key)
+
+
+def _failed(settings: "Settings", summary: ParticipantSummary, scan: Any, tag: str, error: str, why: str) -> None:
+    """Log a scan's failure, note it in the summary and write its record."""
+    from spineps.failures import record_failure
+
+    text = "out of memory" if error == "MemoryError" else f"{error}: {one_line(why)}"
+    log.error("%s %s failed: %s", tag, scan.relpath, text)
+    summary.failed[scan.relpath] = text
+    record_failure(settings, scan.relpath, error, why, bids_name=scan.key)
 
 
 def _scan_lock(settings: "Settings", scan: Any, what: str):  # -> context manager

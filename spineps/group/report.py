@@ -106,6 +106,8 @@ class GroupSummary:
     n_outliers: int
     seconds: float
     timings: dict[str, float] = field(default_factory=dict)
+    #: failed, incomplete and unreadable scans (``spineps.group.failed``), one dict per scan
+    problems: list[dict[str, str]] = field(default_factory=list)
 
     @property
     def n_scans(self) -> int:
@@ -532,6 +534,7 @@ def build_group(output_dir: Union[str, Path], *, participant_labels: Optional[It
     from spineps.bids.derivatives import write_bidsignore
     from spineps.fsutil import write_json_atomic
     from spineps.group import outliers as om
+    from spineps.group.failed import problem_rows, write_failed_table
 
     t0 = time.perf_counter()
     out = Path(output_dir)
@@ -556,9 +559,11 @@ def build_group(output_dir: Union[str, Path], *, participant_labels: Optional[It
     _write(files["table"], "\n".join(["\t".join(names)] + ["\t".join(r) for r in rows]) + "\n")
     write_json_atomic(files["table_json"], cols)
     _write_levels(files["levels"], files["levels_json"], records, stats, thr, mins)
+    problems = problem_rows(out, failed, participant_labels)
+    files["failed"], files["failed_json"] = write_failed_table(out, problems)
     html = render_html(records, stats, title=title or f"SPINEPS group report \u2014 {len(records)} scan(s)",
                        output_dir_name=out.resolve().name, software=_software(), threshold=thr, min_scans=mins,
-                       extra={"methods": _methods_blob(out)})
+                       extra={"methods": _methods_blob(out), "failed": problems})
     _write(files["report"], html)
     write_bidsignore(out)
     n_flagged = sum(1 for r in records if (r.qc.get("flags") or r.outliers))
@@ -568,7 +573,7 @@ def build_group(output_dir: Union[str, Path], *, participant_labels: Optional[It
              files["report"].name, len(html.encode()) / 1024, seconds)
     return GroupSummary(out, records, failed, files, n_flagged, len(outs), seconds,
                         {"read": round(t_read, 3), "stats": round(t_stats, 3),
-                         "write": round(seconds - t_read - t_stats, 3)})
+                         "write": round(seconds - t_read - t_stats, 3)}, problems)
 
 
 def run_group(settings: "Settings") -> GroupSummary:

@@ -3,6 +3,7 @@
   "use strict";
   var D = JSON.parse(document.getElementById("report-data").textContent);
   var SCANS = D.scans;
+  var FAILED = D.failed || [];
   var PAGE = 50;
   var SVGNS = "http://www.w3.org/2000/svg";
   var STORE = "spineps-ratings:" + D.report_id;
@@ -121,7 +122,8 @@
     var cards = [
       ["Scans", SCANS.length, ""], ["Subjects", Object.keys(subs).length, ""],
       ["Flagged scans", flagged, flagged ? "bad" : ""], ["Outlier measurements", outl, outl ? "warn" : ""],
-      ["Vertebrae found", levels, ""], ["Rated", "0", "", "card-rated"]
+      ["Vertebrae found", levels, ""], ["Rated", "0", "", "card-rated"],
+      ["Failed / incomplete", FAILED.length, FAILED.length ? "bad" : "", "card-failed"]
     ];
     var html = cards.map(function (c) {
       return "<div class='card " + c[2] + "'><div class='num'" + (c[3] ? " id='" + c[3] + "'" : "") + ">" + esc(c[1]) +
@@ -348,6 +350,20 @@
     $("scan-view").hidden = true;
   }
 
+  /* ---------------- failed and incomplete scans ---------------- */
+  function renderFailed() {
+    if (!FAILED.length) { $("failed-list").innerHTML = "<p class='ok'>none: every scan of the participant runs is in the report</p>"; return; }
+    var cols = [["bids_name", "Scan"], ["status", "Status"], ["error", "Error"], ["reason", "Reason"], ["log_file", "Log"], ["time", "Time (UTC)"]];
+    $("failed-list").innerHTML = "<table id='failed-table'><thead><tr>" + cols.map(function (c) { return "<th>" + esc(c[1]) + "</th>"; }).join("") +
+      "</tr></thead><tbody>" + FAILED.map(function (f) {
+        return "<tr class='failed-row'>" + cols.map(function (c) {
+          var v = f[c[0]] == null ? "n/a" : f[c[0]];
+          if (c[0] === "log_file" && v !== "n/a") return "<td><a href='" + esc(v) + "'>" + esc(v) + "</a></td>";
+          return "<td>" + (c[0] === "status" ? "<span class='flag'>" + esc(v) + "</span>" : esc(v)) + "</td>";
+        }).join("") + "</tr>";
+      }).join("") + "</tbody></table>";
+  }
+
   /* ---------------- about / methods ---------------- */
   function renderMethods() {
     var m = D.methods || [];
@@ -371,6 +387,7 @@
     renderTable();
     renderRatingSummary();
     renderMethods();
+    renderFailed();
     $("filter").addEventListener("input", function () { state.filter = this.value; state.page = 0; renderTable(); });
     $("flagged-only").addEventListener("change", function () { state.flagged = this.checked; state.page = 0; renderTable(); });
     $("unrated-only").addEventListener("change", function () { state.unrated = this.checked; state.page = 0; renderTable(); });
