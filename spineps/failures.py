@@ -1,5 +1,5 @@
 """Failure records: one small JSON file per failed scan in the output dataset, so that the
-group level can list what is missing and why (``logs/failures/<bids name>.json``; ``logs/``
+group level can list what is missing and why (``logs/failures/failed_<bids name>.json``; ``logs/``
 is in ``.bidsignore``: these are run records, not derivatives).
 
 A record holds the scan (its path in the input dataset and its BIDS name), the error class,
@@ -22,12 +22,15 @@ from spineps.errors import one_line
 if TYPE_CHECKING:  # pragma: no cover
     from spineps.settings import Settings
 
-__all__ = ["FAILURES_DIR", "FIELDS", "bids_name_of", "record_failure", "clear_failure", "read_failures"]
+__all__ = ["FAILURES_DIR", "RECORD_PREFIX", "FIELDS", "bids_name_of", "record_failure", "clear_failure",
+           "read_failures"]
 
 log = logging.getLogger(__name__)
 
 #: the records' folder, relative to the output folder
 FAILURES_DIR = "logs/failures"
+#: a record's name: the prefix, then the scan's BIDS name (so no record looks like a scan output)
+RECORD_PREFIX = "failed_"
 #: the fields of a record, in the order of the group level's table
 FIELDS = ("bids_name", "scan", "error", "reason", "log_file", "run_id", "time")
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -44,7 +47,7 @@ def bids_name_of(path: str) -> str:
 
 
 def _record_path(output_dir: Path, bids_name: str) -> Path:
-    return Path(output_dir) / FAILURES_DIR / (_SAFE.sub("_", bids_name) + ".json")
+    return Path(output_dir) / FAILURES_DIR / f"{RECORD_PREFIX}{_SAFE.sub('_', bids_name)}.json"
 
 
 def record_failure(settings: "Settings", scan: str, error: str, reason: str, bids_name: str = "") -> Path:
@@ -88,9 +91,7 @@ def read_failures(output_dir: Path) -> list[dict[str, Any]]:
     logged and skipped."""
     folder = Path(output_dir) / FAILURES_DIR
     out = []
-    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-        if path.name.startswith("."):
-            continue
+    for path in sorted(folder.glob(f"{RECORD_PREFIX}*.json")) if folder.is_dir() else []:
         try:
             rec = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:

@@ -71,7 +71,7 @@ def load_segmenters(settings: "Settings") -> tuple["SemanticSegmenter", Optional
         raise ModelError(f"the nnU-Net semantic segmenter cannot be imported ({exc})", sem_choice.folder) from exc
     semantic = _build(lambda: NnUNetSemanticSegmenter.from_folder(
         sem_folder, device=device, nprocs=settings.nprocs, n4=settings.n4, precision=settings.precision,
-        engine=settings.engine), sem_choice)
+        engine=settings.engine, tta=settings.tta, probabilities=settings.save_probabilities), sem_choice)
     instance = None
     if ins_cfg is not None:
         instance = _load_instance(settings, ins_choice, ins_cfg, device)

@@ -43,12 +43,16 @@ class ParticipantSummary:
     not_selected: dict[str, str] = field(default_factory=dict)  # discovery's skips: path -> reason
     seconds: float = 0.0
     temporary: set[str] = field(default_factory=set)  # failed scans that only lacked memory or disk
+    not_attempted: list[str] = field(default_factory=list)  # left after the first failure (--stop-on-first-crash)
 
     def lines(self) -> list[str]:
         out = [f"{self.total} scan(s): {len(self.processed)} processed, {len(self.skipped_complete)} skipped "
                f"(outputs complete), {len(self.failed)} failed; {len(self.not_selected)} other file(s) not used; "
                f"{self.seconds:.1f} s"]
         out += [f"  failed: {name}: {why}" for name, why in self.failed.items()]
+        if self.not_attempted:
+            out.append(f"  not attempted (--stop-on-first-crash): {len(self.not_attempted)} scan(s): "
+                       + ", ".join(self.not_attempted))
         return out
 
 
@@ -135,23 +139,53 @@ def run_participant(settings: "Settings", semantic: Optional["SemanticSegmenter"
         raise ValueError("the instance phase on semantic masks needs an instance model")
     if not from_masks and semantic is None:
         raise ValueError("a participant run on images needs a semantic model")
-    from spineps.bids.derivatives import expected_outputs
-    from spineps.failures import clear_failure
-
     t_start = time.perf_counter()
     if discovery is None:
         discovery = check_inputs(settings)
     scans = list(discovery.scans)
     summary = _summary_of(settings, discovery, len(scans))
+    if settings.stop_on_first_crash and summary.failed:  # an unreadable input: stop before any scan
+        summary.not_attempted, scans = [s.relpath for s in scans], []
+        log.error("stopping at the first failure (--stop-on-first-crash): %d scan(s) not attempted",
+                  len(summary.not_attempted))
     _prepare_output_dir(settings)
     _write_methods(settings, semantic, instance)
     log.info("%d scan(s) selected", len(scans))
+    try:
+        _process_all(settings, scans, semantic, instance, summary)
+    finally:
+        summary.seconds = time.perf_counter() - t_start
+    for line in summary.lines():
+        log.info("summary: %s", line.strip())
+    if summary.failed:
+        raise ScanFailuresError(summary.failed, temporary=set(summary.failed) <= summary.temporary)
+    return summary
+
+
+def expected_scan_outputs(settings: "Settings", scan: Any, with_instances: bool) -> list[Path]:
+    """The files that make ``scan`` complete (``expected_outputs``; with ``--save-probabilities``
+    also its ``_probseg`` map, put first: the sidecars stay last)."""
+    from spineps.bids.derivatives import PROBSEG, PROBSEG_SIDECAR, expected_outputs
+
+    expected = list(expected_outputs(settings.output_dir, scan, with_instances=with_instances))
+    if settings.save_probabilities and settings.input_kind == "image":
+        expected = [PROBSEG.path(settings.output_dir, scan), PROBSEG_SIDECAR.path(settings.output_dir, scan),
+                    *expected]
+    return expected
+
+
+def _process_all(settings: "Settings", scans: list[Any], semantic: Optional["SemanticSegmenter"],
+                 instance: Optional["InstanceSegmenter"], summary: ParticipantSummary) -> None:
+    """The scans in order, skipping complete ones; with ``--stop-on-first-crash`` the loop
+    ends at the first failure."""
+    from spineps.failures import clear_failure
+
     current: Optional[str] = None
     try:
         for i, scan in enumerate(scans, start=1):
             current = scan.relpath
             tag = f"[{i}/{len(scans)}]"
-            expected = expected_outputs(settings.output_dir, scan, with_instances=instance is not None)
+            expected = expected_scan_outputs(settings, scan, with_instances=instance is not None)
             if not settings.overwrite and all(Path(p).is_file() for p in expected):
                 log.info("%s %s: outputs complete, skipped (use --overwrite to recompute)", tag, current)
                 summary.skipped_complete.append(current)
@@ -160,18 +194,16 @@ def run_participant(settings: "Settings", semantic: Optional["SemanticSegmenter"
             log.info("%s %s", tag, current)
             _run_one(settings, scan, tag, expected, semantic, instance, summary)
             current = None
+            if settings.stop_on_first_crash and summary.failed:
+                summary.not_attempted = [s.relpath for s in scans[i:]]
+                log.error("stopping at the first failure (--stop-on-first-crash): %d scan(s) not attempted",
+                          len(summary.not_attempted))
+                break
     except KeyboardInterrupt:
-        summary.seconds = time.perf_counter() - t_start
         log.error("interrupted while processing %s (its outputs are incomplete and will be recomputed by a rerun); "
                   "finished before: %d processed, %d already complete, %d failed",
                   current or "no scan", len(summary.processed), len(summary.skipped_complete), len(summary.failed))
         raise
-    summary.seconds = time.perf_counter() - t_start
-    for line in summary.lines():
-        log.info("summary: %s", line.strip())
-    if summary.failed:
-        raise ScanFailuresError(summary.failed, temporary=set(summary.failed) <= summary.temporary)
-    return summary
 
 
 def _write_methods(settings: "Settings", semantic: Optional["SemanticSegmenter"],
@@ -298,7 +330,8 @@ def process_scan(settings: "Settings", scan: Any, semantic: "SemanticSegmenter",
 
     t0 = time.perf_counter()
     header = read_header(scan.path)
-    check_scan_resources(header, settings.output_dir)  # InputError / ResourceError before any voxel is read
+    # InputError / ResourceError before any voxel is read
+    check_scan_resources(header, settings.output_dir, memory_budget_mb=settings.mem_mb)
     image = load_volume(scan.path, kind="image")
     _check_not_constant(image, scan.path)
     t_load = time.perf_counter() - t0
@@ -307,6 +340,8 @@ def process_scan(settings: "Settings", scan: Any, semantic: "SemanticSegmenter",
     models = {"semantic": model_provenance(semantic)}
     if instance is not None:
         models["instance"] = model_provenance(instance)
+    if settings.save_probabilities:
+        _write_probabilities(settings, scan, semantic, header, image.affine, models)
     _write_outputs(settings, scan, result, header=header, image=image, t_load=t_load, models=models,
                    semantic_description="Semantic segmentation of the spine (vertebra substructures, discs, spinal "
                                         "canal and cord); values as in desc-spine_dseg.tsv")
@@ -324,7 +359,7 @@ def process_mask(settings: "Settings", scan: Any, instance: "InstanceSegmenter")
 
     t0 = time.perf_counter()
     header = read_header(scan.path)
-    check_scan_resources(header, settings.output_dir)
+    check_scan_resources(header, settings.output_dir, memory_budget_mb=settings.mem_mb)
     semantic = load_semantic_mask(scan.path)
     t_load = time.perf_counter() - t0
     result = segment_from_semantic(semantic, instance, _naming_options(settings))
@@ -411,6 +446,31 @@ def _write_outputs(settings: "Settings", scan: Any, result: "ScanResult", *, hea
                         "endplates 200+X; values as in desc-vertebrae_dseg.tsv",
             sources=[source, inst_source], software_version=settings.version, models=models,
             parameters=params, timings=timings, extra=inst_extra))
+
+
+def _write_probabilities(settings: "Settings", scan: Any, semantic: "SemanticSegmenter", header: Any,
+                         affine: Any, models: dict[str, Any]) -> None:
+    """``--save-probabilities``: the ``_probseg`` map and its sidecar, before the masks'
+    sidecars (which mark the scan complete). ``ModelError`` for a segmenter that gives none."""
+    from spineps.bids.derivatives import PROBSEG, PROBSEG_SIDECAR, make_sidecar, write_sidecar
+    from spineps.errors import ModelError
+    from spineps.semantic.probabilities import save_probseg, volume_labels
+
+    found = getattr(semantic, "last_probabilities", None)
+    if found is None:
+        raise ModelError("--save-probabilities: the semantic segmenter gives no class probabilities")
+    data, labels = found
+    t0 = time.perf_counter()
+    path = save_probseg(PROBSEG.path(settings.output_dir, scan), data, affine, like=header)
+    write_sidecar(PROBSEG_SIDECAR.path(settings.output_dir, scan), make_sidecar(
+        description="Class probabilities of the semantic network (softmax, before the clean-up that the "
+                    "desc-spine mask had), linearly interpolated onto the source grid and stored as 16-bit fixed "
+                    "point (scl_slope 1/65535); one volume per class along the 4th axis, as listed in VolumeLabels",
+        sources=[f"bids:{_source_name(settings)}:{scan.relpath}"], software_version=settings.version,
+        models={"semantic": models["semantic"]}, parameters={**settings.parameters(), "RunId": settings.run_id},
+        timings={"write": round(time.perf_counter() - t0, 3)}, extra={"VolumeLabels": volume_labels(labels)}))
+    semantic.last_probabilities = None  # type: ignore[attr-defined]
+    log.info("%s: class probabilities written (%s, %.1f MB)", scan.relpath, path.name, path.stat().st_size / 2**20)
 
 
 def _check_not_constant(image: Any, path: Path) -> None:

@@ -57,7 +57,7 @@ def test_truncated_scan_is_recorded_listed_and_cleared(tmp_path: Path, test_mode
     assert rec["error"] == "InputError" and "truncated" in rec["reason"] and "\n" not in rec["reason"]
     assert (out / rec["log_file"]).is_file() and "sub-02" in (out / rec["log_file"]).read_text()
     assert datetime.fromisoformat(rec["time"]).tzinfo is not None
-    assert (out / FAILURES_DIR / "sub-02_acq-sag.json").is_file()
+    assert (out / FAILURES_DIR / "failed_sub-02_acq-sag.json").is_file()
 
     assert main([str(ds.root), str(out), "group"]) == 0
     [row] = _tsv(out / FAILED_TSV)

@@ -68,7 +68,7 @@ class NnUNetSemanticSegmenter:
                  mirroring: Optional[bool] = None, step_size: Optional[float] = None,
                  cleanup: CleanupSettings = CleanupSettings(), n4_settings: N4Settings = N4Settings(),
                  channels_last: Optional[bool] = None, cpu_bf16: bool = False, precision: Optional[str] = None,
-                 engine: str = "torch"):
+                 engine: str = "torch", tta: Optional[bool] = None, probabilities: bool = False):
         import torch
 
         from spineps.models.precision import resolve_precision
@@ -87,6 +87,13 @@ class NnUNetSemanticSegmenter:
         self.n4_settings = n4_settings
         self.cleanup = cleanup
         self.mirroring, self.step_size = self._sliding_window(mirroring, step_size)
+        if tta is not None:  # --tta: mirroring along the axes the model allows, or none
+            self.mirroring = bool(tta) and self._tta_allowed(loaded)
+        #: --save-probabilities: ``segment`` leaves (4D float16 on the image grid, label values)
+        #: in ``last_probabilities``
+        self.save_probabilities = bool(probabilities)
+        self.last_probabilities: Optional[tuple[np.ndarray, list[int]]] = None
+        self._model_probs: Optional[np.ndarray] = None
         self.predictor = self._predictor(loaded)
         # precision (spineps.models.precision): "bf16" on CPU = bfloat16 autocast + channels-last
         # weights (the fastest combination in benchmarks/inference_options.py)
@@ -114,6 +121,18 @@ class NnUNetSemanticSegmenter:
         on_gpu = self.device.type == "cuda"
         mirror = bool(self.config.inference_augmentation and on_gpu) if mirroring is None else bool(mirroring)
         return mirror, float(self.config.default_step_size if step_size is None else step_size)
+
+    def _tta_allowed(self, loaded: Any) -> bool:
+        """Whether the model allows test-time mirroring: its checkpoint names the axes
+        (``inference_allowed_mirroring_axes``) or its ``inference_config.json`` has
+        ``inference_augmentation``. Logged either way."""
+        if getattr(loaded, "mirror_axes", None) is not None or self.config.inference_augmentation:
+            log.info("test-time mirroring (--tta) along axes %s", getattr(loaded, "mirror_axes", None) or (0, 1, 2))
+            return True
+        log.warning("--tta: the semantic model %s allows no test-time mirroring (no "
+                    "inference_allowed_mirroring_axes in its checkpoint, inference_augmentation false): run "
+                    "without it", self.name)
+        return False
 
     def _predictor(self, loaded: Any) -> Any:
         """nnU-Net's predictor, initialised by hand from the loaded folder (no trainer lookup)."""
@@ -199,13 +218,14 @@ class NnUNetSemanticSegmenter:
     def from_folder(cls, folder: Path, *, device: str = "auto", nprocs: Optional[int] = None, n4: bool = True,
                     folds: Optional[tuple[int, ...]] = None, mirroring: Optional[bool] = None,
                     step_size: Optional[float] = None, precision: str = "fp32",
-                    engine: str = "torch") -> "NnUNetSemanticSegmenter":
+                    engine: str = "torch", tta: Optional[bool] = None,
+                    probabilities: bool = False) -> "NnUNetSemanticSegmenter":
         """Validate and load a model folder (``ModelError`` on any problem, before any scan)."""
         from spineps.models.nnunet_folder import load_nnunet_folder
 
         loaded = load_nnunet_folder(Path(folder), folds)
         return cls(loaded, device=device, nprocs=nprocs, n4=n4, mirroring=mirroring, step_size=step_size,
-                   precision=precision, engine=engine)
+                   precision=precision, engine=engine, tta=tta, probabilities=probabilities)
 
     # ------------------------------------------------------------------------------------------
     def predict_indices(self, model_image: Volume) -> np.ndarray:
@@ -222,7 +242,13 @@ class NnUNetSemanticSegmenter:
         data = np.ascontiguousarray(arr.transpose(2, 1, 0))[None]  # SimpleITK axis order
         props = {"spacing": [float(sp[2]), float(sp[1]), float(sp[0])]}
         with torch.inference_mode(), quiet_stdout(log):
-            seg = self.predictor.predict_single_npy_array(data, props, None, None, False)
+            out = self.predictor.predict_single_npy_array(data, props, None, None, self.save_probabilities)
+        if self.save_probabilities:
+            seg, probs = out
+            # (classes, x, y, z) on the model grid; float16 halves what is held until written
+            self._model_probs = np.ascontiguousarray(np.asarray(probs).transpose(0, 3, 2, 1)).astype(np.float16)
+        else:
+            seg = out
         seg = np.asarray(seg)
         if seg.shape != data.shape[1:]:
             raise ModelError(f"nnU-Net returned shape {seg.shape} for input {data.shape[1:]}", self.folder)
@@ -253,6 +279,7 @@ class NnUNetSemanticSegmenter:
         from spineps.geometry.resampling import back_to_grid
 
         self.timings = {}
+        self.last_probabilities, self._model_probs = None, None
         t_all = time.perf_counter()
         if image.data.ndim != 3 or min(image.shape) < 1:
             raise InputError(f"need a non-empty 3D image, got shape {image.shape}")
@@ -268,8 +295,28 @@ class NnUNetSemanticSegmenter:
         t0 = time.perf_counter()
         back = back_to_grid(mask_m, image, order=0)
         self.timings["back_to_grid"] = time.perf_counter() - t0
+        if self._model_probs is not None:
+            t0 = time.perf_counter()
+            self.last_probabilities = self._probabilities_on(mask_m, image)
+            self.timings["probabilities"] = time.perf_counter() - t0
         self.timings["total"] = time.perf_counter() - t_all
         return Volume(np.ascontiguousarray(back.data, dtype=np.uint8), image.affine.copy())
+
+    def _probabilities_on(self, model_grid: Volume, image: Volume) -> tuple[np.ndarray, list[int]]:
+        """The network's class probabilities (softmax, before the clean-up of the mask) on
+        ``image``'s grid by linear interpolation: (x, y, z, classes) float16, and the label
+        value of each class (0: background)."""
+        from spineps.geometry.resampling import back_to_grid
+
+        probs = self._model_probs
+        assert probs is not None
+        self._model_probs = None
+        out = np.empty((*image.shape, probs.shape[0]), np.float16)
+        for c in range(probs.shape[0]):
+            vol = back_to_grid(model_grid.with_data(probs[c].astype(np.float32)), image, order=1)
+            out[..., c] = np.clip(np.asarray(vol.data), 0.0, 1.0)
+        labels = [int(self._lut[c]) if c < self._lut.size else -1 for c in range(probs.shape[0])]
+        return out, labels
 
     def provenance(self) -> dict[str, Any]:
         if self._checksum is None:
