@@ -94,6 +94,7 @@ class ScanRecord:
     naming: dict[str, Any] = field(default_factory=dict)
     source: str = "morphometry"  # or "masks" when measured at the group level
     outliers: list[Any] = field(default_factory=list)
+    page: Optional[str] = None  # the scan's page (spineps.group.scan_page), relative to output_dir
 
 
 @dataclass
@@ -394,7 +395,7 @@ def _scan_blob(r: ScanRecord, kidx: dict[tuple[str, str, str], int]) -> dict[str
     flags = _flags_of(r)
     conf = r.naming.get("confidence")
     return {
-        "n": r.bids_name, "sub": r.subject, "ses": r.session, "fig": r.figure,
+        "n": r.bids_name, "sub": r.subject, "ses": r.session, "fig": r.figure, "pg": r.page,
         "lv": ",".join(qc.get("levels") or []), "nv": qc.get("n_vertebrae") if r.instance_path else None,
         "rule": r.naming.get("rule"), "conf": _r(float(conf), 3) if isinstance(conf, (int, float)) else None,
         "flags": flags,
@@ -535,6 +536,7 @@ def build_group(output_dir: Union[str, Path], *, participant_labels: Optional[It
     from spineps.fsutil import write_json_atomic
     from spineps.group import outliers as om
     from spineps.group.failed import problem_rows, write_failed_table
+    from spineps.group.scan_page import write_scan_pages
 
     t0 = time.perf_counter()
     out = Path(output_dir)
@@ -561,6 +563,10 @@ def build_group(output_dir: Union[str, Path], *, participant_labels: Optional[It
     _write_levels(files["levels"], files["levels_json"], records, stats, thr, mins)
     problems = problem_rows(out, failed, participant_labels)
     files["failed"], files["failed_json"] = write_failed_table(out, problems)
+    pages = write_scan_pages(out, records, software=_software(), level_order=_level_order(),
+                             css=_template("report.css") + "\n" + _template("scan.css"))
+    for r in records:
+        r.page = pages.get(r.bids_name)
     html = render_html(records, stats, title=title or f"SPINEPS group report \u2014 {len(records)} scan(s)",
                        output_dir_name=out.resolve().name, software=_software(), threshold=thr, min_scans=mins,
                        extra={"methods": _methods_blob(out), "failed": problems})

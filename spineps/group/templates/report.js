@@ -275,7 +275,8 @@
     var body = $("scan-body");
     body.innerHTML = rows.map(function (i) {
       var s = SCANS[i];
-      return "<tr data-scan='" + i + "'><td><a href='#scan=" + encodeURIComponent(s.n) + "'>" + esc(s.n) + "</a></td><td>" +
+      return "<tr data-scan='" + i + "'><td><a href='#scan=" + encodeURIComponent(s.n) + "'>" + esc(s.n) + "</a>" +
+        (s.pg ? " <a class='pg' title='the scan&#39;s own page (self-contained)' href='" + esc(s.pg) + "'>page</a>" : "") + "</td><td>" +
         esc(s.sub) + "</td><td>" + esc(s.ses || "") + "</td><td>" + esc(s.lv || "n/a") + "</td><td class='num'>" +
         esc(s.nv == null ? "n/a" : s.nv) + "</td><td>" + esc(s.rule || "n/a") + "</td><td class='num'>" + fmt(s.conf, 2) +
         "</td><td>" + flagHtml(s) + "</td><td class='num'>" + s.ot.length + "</td><td>" + ratingHtml(s.n) + "</td></tr>";
@@ -315,7 +316,8 @@
     }).join("") + "<label><input type='radio' name='rating' value=''" + (!r.rating ? " checked" : "") + "> unrated</label>";
     view.innerHTML =
       "<div class='head'><h2 id='scan-title'>" + esc(s.n) + "</h2><button type='button' id='scan-prev'>&larr; previous</button>" +
-      "<button type='button' id='scan-next'>next &rarr;</button><a href='#'>close</a></div>" +
+      "<button type='button' id='scan-next'>next &rarr;</button>" +
+      (s.pg ? "<a id='scan-page-link' href='" + esc(s.pg) + "'>open the scan's page</a>" : "") + "<a href='#'>close</a></div>" +
       "<div class='cols'><div class='fig'>" + (s.fig ? "<a href='" + esc(s.fig) + "'><img loading='lazy' alt='" + esc(s.n) +
       " overlay' src='" + esc(s.fig) + "'></a>" : "<div class='nofig'>no figure for this scan</div>") + "</div>" +
       "<div class='side'><div class='rating' id='rating-box'><b>Rating</b><br>" + opts +
