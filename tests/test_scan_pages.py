@@ -14,7 +14,7 @@ import pytest
 from spineps import loading
 from spineps.cli.main import main
 from spineps.group.report import REPORT_HTML, build_group
-from spineps.group.scan_page import SCAN_PAGES_DIR
+from spineps.group.scan_page import SCAN_PAGES_DIR, VOLATILE_RE
 from tests.bids_factory import BidsFactory
 from tests.group_cohort import make_cohort, make_templates
 from tests.segmenters import make_test_segmenters
@@ -70,6 +70,10 @@ def test_every_scan_has_a_linked_self_contained_page(run_outputs: Path) -> None:
         assert "What each cue alone suggests" in html and "<td>height_middle_mm</td>" not in html  # measures: columns
         assert "<th>height_middle_mm</th>" in html or "<th>volume_mm3</th>" in html
         assert f"href='../{REPORT_HTML}#scan={s['n']}'" in html
+        # tools comparing two runs strip what differs between them: the run id and the timings
+        stable = VOLATILE_RE.sub("", html)
+        assert "RunId=" in html and "RunId=" not in stable and "semantic_total" not in stable
+        assert "level_rule=auto" in stable and "Models and timings" in stable
 
 
 def test_qc_flags_name_their_triggers(tmp_path: Path) -> None:

@@ -161,7 +161,9 @@ def _normalised(path: Path) -> Any:
                 obj.get("Parameters", {}).pop(key, None)
         return obj
     if name.endswith(".html"):
-        return re.sub(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}(:\d{2})? UTC", "TIME", path.read_text())
+        from spineps.group.scan_page import VOLATILE_RE  # a scan page's run id and timings
+
+        return re.sub(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}(:\d{2})? UTC", "TIME", VOLATILE_RE.sub("", path.read_text()))
     return path.read_bytes()
 
 

@@ -17,14 +17,19 @@ import html
 import json
 import logging
 import math
+import re
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-__all__ = ["SCAN_PAGES_DIR", "page_path", "render_scan_page", "write_scan_pages"]
+__all__ = ["SCAN_PAGES_DIR", "VOLATILE_RE", "page_path", "render_scan_page", "write_scan_pages"]
 
 log = logging.getLogger(__name__)
 
 SCAN_PAGES_DIR = "group_T2w_scans"
+#: what differs between two runs of the same inputs on a page (the run id, the timings): for
+#: tools that compare output trees, ``VOLATILE_RE.sub("", text)``
+VOLATILE_RE = re.compile(r"<(span|div) data-volatile='[a-z]+'>.*?</\1>", re.S)
+_RUN_KEYS = ("SettingsFile", "RunId")
 _REPORT = "group_T2w_report.html"
 
 
@@ -167,8 +172,10 @@ def _provenance_html(sem_meta: Mapping[str, Any], inst_meta: Mapping[str, Any]) 
             + "<details><summary>Full model provenance (JSON)</summary><pre>" + _e(json.dumps(models, indent=1))
             + "</pre></details>"
             + f"<p>Software: spineps {_e(sem_meta.get('SoftwareVersion'))} &middot; parameters: "
-            + _e(", ".join(f"{k}={v}" for k, v in params.items())) + "</p>"
-            + "<h3>Timings (s)</h3>" + _table(["step", "seconds"], trow, "timings"))
+            + _e(", ".join(f"{k}={v}" for k, v in params.items() if k not in _RUN_KEYS))
+            + f"<span data-volatile='run'>{_e(''.join(f', {k}={params[k]}' for k in _RUN_KEYS if k in params))}"
+            + "</span></p><h3>Timings (s)</h3>"
+            + f"<div data-volatile='timings'>{_table(['step', 'seconds'], trow, 'timings')}</div>")
 
 
 #: the page's only script: counts errors and marks the page ready once the figure is decoded

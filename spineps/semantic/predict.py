@@ -15,9 +15,11 @@
 6. back onto the exact input grid (nearest neighbour through world coordinates).
 
 Devices: ``device="auto"`` uses CUDA when present, else CPU. ``nprocs`` sets torch's
-threads. Half precision (autocast) is used by nnU-Net on CUDA only. Test-time mirroring
-follows ``inference_augmentation`` on GPU but is off on CPU unless ``mirroring=True`` is
-asked for (it costs 8x on CPU). Opt-in CPU speed options (``benchmarks/inference_options.py``
+threads. Half precision (autocast) is used by nnU-Net on CUDA only. Test-time mirroring:
+``tta`` (the app's ``--tta``, off by default on every device) mirrors along the axes the model
+allows and refuses, with a warning, for a model that allows none; without ``tta``,
+``mirroring`` decides (None: ``inference_augmentation`` on GPU, off on CPU; True forces all
+three axes, e.g. for ``benchmarks/tta_probabilities.py``). Opt-in CPU speed options (``benchmarks/inference_options.py``
 measures them): ``channels_last`` (weights in ``torch.channels_last_3d``: identical labels, within
 noise of the default speed on 2 cores) and ``cpu_bf16`` (bfloat16 autocast: several times faster
 on CPUs with native bf16, labels differ in a few boundary voxels).
