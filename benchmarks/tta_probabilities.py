@@ -8,8 +8,8 @@ folder and its own process, measured against the plain run.
 Configurations: ``plain``; ``tta`` (``--tta`` with a copy of the bundled semantic model whose
 ``inference_config.json`` allows mirroring: the bundled model itself does not, so ``--tta``
 alone would run without it); ``probabilities`` (``--save-probabilities``). Per run: the wall
-time of the process, its peak resident memory (``wait4`` rusage), the semantic phase's time
-(``semantic_total`` in the sidecar's ``Timings``: N4,
+time and the CPU time (user + system) of the process, its peak resident memory (``wait4``
+rusage), the semantic phase's time (``semantic_total`` in the sidecar's ``Timings``: N4,
 resampling, network, clean-up), the mask's agreement with the plain run's (fraction of equal
 voxels), and the bytes on disk of the ``_probseg`` map next to the masks. ``--rounds``
 repeats the list interleaved (machine load hits all alike); minimum times, maximum memory kept.
@@ -47,7 +47,8 @@ def _mirroring_model(work: Path) -> Path:
 
 
 def _run(argv: list[str]) -> dict[str, Any]:
-    """One process: wall time and peak RSS (MiB)."""
+    """One process: wall time, CPU time (user + system, seconds: what the machine's other load
+    changes least) and peak RSS (MiB)."""
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, str(REPO / "run.py"), *argv], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -58,7 +59,8 @@ def _run(argv: list[str]) -> dict[str, Any]:
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"run failed ({proc.returncode}): {' '.join(argv)}\n{err[-3000:]}")
-    return {"wall_s": round(wall, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
+    return {"wall_s": round(wall, 2), "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
+            "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
 
 
 def _outputs(out: Path) -> dict[str, Any]:
@@ -89,6 +91,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from spineps.fsutil import write_json_atomic
 
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    load_start = list(os.getloadavg())
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     demo = work / "demo"
@@ -111,15 +114,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if name == "plain" and not reference:
                 reference.update(masks)
             agree = [float(np.mean(masks[k] == reference[k])) for k in reference if k in masks]
-            r = results.setdefault(name, {"args": extra[:1], "wall_s_runs": [], "semantic_s_runs": []})
+            r = results.setdefault(name, {"args": extra[:1], "wall_s_runs": [], "cpu_s_runs": [],
+                                          "semantic_s_runs": []})
             r["wall_s_runs"].append(run["wall_s"])
+            r["cpu_s_runs"].append(run["cpu_s"])
             r["semantic_s_runs"].append(found["semantic_s"])
             r["peak_rss_mib"] = max(r.get("peak_rss_mib", 0.0), run["peak_rss_mib"])
-            r.update({"wall_s": min(r["wall_s_runs"]), "semantic_s": min(r["semantic_s_runs"]),
+            r.update({"wall_s": min(r["wall_s_runs"]), "cpu_s": min(r["cpu_s_runs"]),
+                      "semantic_s": min(r["semantic_s_runs"]),
                       "mask_agreement_with_plain": round(min(agree), 6) if agree else None,
                       "dseg_bytes": found["dseg_bytes"], "probseg_bytes": found["probseg_bytes"],
                       "probseg_shape": found["probseg_shape"]})
-            print(f"round {rnd} {name:14s} wall {run['wall_s']:.1f} s, semantic phase "
+            print(f"round {rnd} {name:14s} wall {run['wall_s']:.1f} s, CPU {run['cpu_s']:.1f} s, semantic phase "
                   f"{found['semantic_s']:.2f} s, peak RSS {run['peak_rss_mib']:.0f} MiB, "
                   f"probseg {found['probseg_bytes'] / 2**20:.2f} MiB", flush=True)
             shutil.rmtree(out)
@@ -127,6 +133,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     summary = {
         "tta_semantic_inference_x": round(results["tta"]["semantic_s"] / plain["semantic_s"], 2),
         "tta_wall_x": round(results["tta"]["wall_s"] / plain["wall_s"], 2),
+        "tta_cpu_x": round(results["tta"]["cpu_s"] / plain["cpu_s"], 2),
+        "tta_extra_cpu_s": round(results["tta"]["cpu_s"] - plain["cpu_s"], 1),
+        "probabilities_extra_cpu_s": round(results["probabilities"]["cpu_s"] - plain["cpu_s"], 1),
         "probabilities_extra_rss_mib": round(results["probabilities"]["peak_rss_mib"] - plain["peak_rss_mib"], 1),
         "probabilities_extra_wall_s": round(results["probabilities"]["wall_s"] - plain["wall_s"], 2),
         "probseg_mib_per_scan": round(results["probabilities"]["probseg_bytes"] / 2**20 / args.subjects, 2),
@@ -137,7 +146,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "machine": {"cores_usable": len(os.sched_getaffinity(0)), "python": platform.python_version(),
                           "platform": platform.platform(), "loadavg_end": list(os.getloadavg())},
-              "subjects": args.subjects, "configs": results, "summary": summary}
+              "loadavg_start": load_start, "subjects": args.subjects, "configs": results, "summary": summary}
     write_json_atomic(args.json, report)
     print(json.dumps(summary, indent=1))
     return 0
