@@ -7,7 +7,8 @@ folder and its own process, measured against the plain run.
 
 Configurations: ``plain``; ``tta`` (``--tta`` with a copy of the bundled semantic model whose
 ``inference_config.json`` allows mirroring: the bundled model itself does not, so ``--tta``
-alone would run without it); ``probabilities`` (``--save-probabilities``). Per run: the wall
+alone would run without it; with its left/right labels, along the two axes that are not
+left-right); ``probabilities`` (``--save-probabilities``). Per run: the wall
 time and the CPU time (user + system) of the process, its peak resident memory (``wait4``
 rusage), the semantic phase's time (``semantic_total`` in the sidecar's ``Timings``: N4,
 resampling, network, clean-up), the mask's agreement with the plain run's (fraction of equal
@@ -131,7 +132,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             shutil.rmtree(out)
     plain = results["plain"]
     summary = {
-        "tta_semantic_inference_x": round(results["tta"]["semantic_s"] / plain["semantic_s"], 2),
+        "tta_semantic_phase_x": round(results["tta"]["semantic_s"] / plain["semantic_s"], 2),
         "tta_wall_x": round(results["tta"]["wall_s"] / plain["wall_s"], 2),
         "tta_cpu_x": round(results["tta"]["cpu_s"] / plain["cpu_s"], 2),
         "tta_extra_cpu_s": round(results["tta"]["cpu_s"] - plain["cpu_s"], 1),

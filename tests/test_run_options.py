@@ -83,7 +83,7 @@ def random_models(tmp_path_factory) -> dict[bool, Path]:
             for aug in (False, True)}
 
 
-def test_tta_mirrors_where_the_model_allows(random_models, caplog: pytest.LogCaptureFixture) -> None:
+def test_tta_mirrors_where_the_model_allows(random_models, caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
     from spineps.semantic.predict import NnUNetSemanticSegmenter
 
     img = Volume(np.random.default_rng(0).random((20, 40, 12)).astype(np.float32) * 300,
@@ -102,7 +102,15 @@ def test_tta_mirrors_where_the_model_allows(random_models, caplog: pytest.LogCap
 
     tta.predictor.network.forward = counting
     assert tta.segment(img).same_grid(img)
-    assert calls["n"] >= 8  # every tile predicted unmirrored and along the 7 mirror combinations of 3 axes
+    # the model has left/right labels: never mirrored left-right (network axis 0: P-I-R reversed)
+    assert tta.tta_axes == (1, 2) and tta.provenance()["mirror_axes"] == [1, 2]
+    assert calls["n"] >= 4 and calls["n"] % 4 == 0  # every tile plain and along the 3 combinations of 2 axes
+    from spineps.training.semantic import build_random_model_folder
+
+    no_sides = build_random_model_folder(tmp_path / "no_sides", folds=1, inference_augmentation=True,
+                                         label_values=(49, 61, 100))
+    assert NnUNetSemanticSegmenter.from_folder(no_sides, device="cpu", nprocs=1, n4=False, tta=True).tta_axes == \
+        (0, 1, 2)
     with caplog.at_level(logging.WARNING, logger="spineps"):
         refused = NnUNetSemanticSegmenter.from_folder(random_models[False], device="cpu", nprocs=1, n4=False,
                                                       tta=True)

@@ -89,6 +89,7 @@ class NnUNetSemanticSegmenter:
         self.n4_settings = n4_settings
         self.cleanup = cleanup
         self.mirroring, self.step_size = self._sliding_window(mirroring, step_size)
+        self.tta_axes: Optional[tuple[int, ...]] = None  # --tta: the network axes mirrored
         if tta is not None:  # --tta: mirroring along the axes the model allows, or none
             self.mirroring = bool(tta) and self._tta_allowed(loaded)
         #: --save-probabilities: ``segment`` leaves (4D float16 on the image grid, label values)
@@ -125,15 +126,30 @@ class NnUNetSemanticSegmenter:
         return mirror, float(self.config.default_step_size if step_size is None else step_size)
 
     def _tta_allowed(self, loaded: Any) -> bool:
-        """Whether the model allows test-time mirroring: its checkpoint names the axes
-        (``inference_allowed_mirroring_axes``) or its ``inference_config.json`` has
-        ``inference_augmentation``. Logged either way."""
-        if getattr(loaded, "mirror_axes", None) is not None or self.config.inference_augmentation:
-            log.info("test-time mirroring (--tta) along axes %s", getattr(loaded, "mirror_axes", None) or (0, 1, 2))
+        """Whether the model allows test-time mirroring, and along which axes (kept in
+        ``self.tta_axes``): the ones its checkpoint names (``inference_allowed_mirroring_axes``),
+        else all three when its ``inference_config.json`` has ``inference_augmentation``; never
+        the left-right axis when the model has lateralised labels (left / right processes: a
+        mirrored copy would swap them). Logged either way."""
+        from spineps.labels import SEMANTIC_BY_VALUE
+
+        axes = getattr(loaded, "mirror_axes", None)
+        if axes is None and self.config.inference_augmentation:
+            axes = (0, 1, 2)
+        lateral = any(lab is not None and ("left" in lab.name or "right" in lab.name)
+                      for lab in (SEMANTIC_BY_VALUE.get(int(v)) for v in self.config.labels.values()))
+        if axes is not None and lateral:
+            net_order = tuple(reversed(self.config.orientation))  # the network's arrays: model grid reversed
+            lr = next((i for i, c in enumerate(net_order) if c in ("L", "R")), None)
+            axes = tuple(a for a in axes if a != lr)
+        if axes:
+            self.tta_axes = tuple(int(a) for a in axes)
+            log.info("test-time mirroring (--tta) along network axes %s%s", self.tta_axes,
+                     " (not left-right: the model has left/right labels)" if lateral else "")
             return True
         log.warning("--tta: the semantic model %s allows no test-time mirroring (no "
-                    "inference_allowed_mirroring_axes in its checkpoint, inference_augmentation false): run "
-                    "without it", self.name)
+                    "inference_allowed_mirroring_axes in its checkpoint, inference_augmentation false%s): run "
+                    "without it", self.name, ", left-right excluded" if lateral and axes is not None else "")
         return False
 
     def _predictor(self, loaded: Any) -> Any:
@@ -141,7 +157,7 @@ class NnUNetSemanticSegmenter:
         with quiet_stdout(log):
             from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-        mirror_axes = getattr(loaded, "mirror_axes", None)
+        mirror_axes = self.tta_axes if self.tta_axes is not None else getattr(loaded, "mirror_axes", None)
         if self.mirroring and mirror_axes is None:
             mirror_axes = (0, 1, 2)
         on_gpu = self.device.type == "cuda"
@@ -334,6 +350,7 @@ class NnUNetSemanticSegmenter:
             "checkpoints": list(self.loaded.checkpoint_names),
             "step_size": self.step_size,
             "mirroring": self.mirroring,
+            **({"mirror_axes": list(self.tta_axes)} if self.mirroring and self.tta_axes else {}),
             "orientation": list(self.config.orientation),
             "spacing": [list(self.config.spacing_min), list(self.config.spacing_max)]
             if not self.config.fixed_spacing else list(self.config.spacing_min),
