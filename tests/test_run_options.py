@@ -144,3 +144,16 @@ def test_save_probabilities_writes_a_valid_probseg(tmp_path: Path, random_models
     assert main(argv) == 0 and "outputs complete, skipped" in _log(out)
     prob.unlink()
     assert main(argv) == 0 and prob.is_file()
+
+
+def test_readme_costs_are_the_benchmark_s() -> None:
+    """The README's --tta / --save-probabilities costs are benchmarks/tta_probabilities.py's."""
+    res = json.loads((REPO / "benchmarks" / "results" / "tta_probabilities.json").read_text())
+    s, c = res["summary"], res["configs"]
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    tta = (f"{s['tta_cpu_x']:g}x the CPU time of a whole participant run ({c['plain']['cpu_s']:.0f} -> "
+           f"{c['tta']['cpu_s']:.0f} CPU-s for one demo scan")
+    assert tta in readme and f"agree on {c['tta']['mask_agreement_with_plain']:.1%} of the voxels" in readme
+    prob = (f"+{s['probabilities_extra_rss_mib']:.0f} MiB peak memory, +{s['probabilities_extra_cpu_s']:g} CPU-s "
+            f"and {s['probseg_mib_per_scan']:g} MiB on disk for one demo scan")
+    assert prob in readme
