@@ -22,6 +22,7 @@ __all__ = [
     "ModelError",
     "ScanFailuresError",
     "one_line",
+    "write_error",
 ]
 
 
@@ -107,3 +108,18 @@ class ScanFailuresError(SpinepsError):
             self.exit_code = ResourceError.exit_code
         lines = "\n".join(f"  {name}: {why}" for name, why in self.failures.items())
         super().__init__(f"{len(self.failures)} scan(s) failed:\n{lines}")
+
+
+#: errno values of a write that failed for lack of room (disk full, quota): a temporary failure
+_NO_ROOM = (28, 122)  # ENOSPC, EDQUOT (Linux)
+
+
+def write_error(message: str, path: Optional[Union[str, Path]], exc: OSError) -> SpinepsError:
+    """The error of a failed write: ``ResourceError`` (75, temporary: rerun with more room) when
+    the disk or the quota is full, ``OutputError`` (73) otherwise."""
+    import errno
+
+    no_room = {getattr(errno, "ENOSPC", 28), getattr(errno, "EDQUOT", 122)}
+    if exc.errno in no_room or exc.errno in _NO_ROOM:
+        return ResourceError(f"{message} (no room left: disk or quota full)", path)
+    return OutputError(message, path)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 __all__ = ["atomic_path", "write_text_atomic", "write_json_atomic", "remove_stale_temps", "exclusive_lock",
-           "remove_stale_locks", "TEMP_PREFIX", "is_within", "jsonable"]
+           "remove_stale_locks", "check_real_folder", "TEMP_PREFIX", "is_within", "jsonable"]
 
 log = logging.getLogger(__name__)
 
@@ -65,28 +65,78 @@ def _host() -> str:
     return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
 
 
+def _flock_nb(fd: int) -> Optional[bool]:
+    """Try an exclusive ``flock`` without waiting: True (got it), False (another open file
+    holds it), None (this file system has no ``flock``)."""
+    import errno
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError as exc:
+        if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            return None
+        raise
+
+
+def _same_file(path: Path, fd: int) -> bool:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return st.st_ino == os.fstat(fd).st_ino and st.st_dev == os.fstat(fd).st_dev
+
+
+def _locked_temp(final: Path) -> tuple[Path, int]:
+    """A new temporary file beside ``final`` and an open descriptor holding an exclusive
+    ``flock`` on it for as long as it is written: that lock, not the host name and pid in
+    its name, tells :func:`remove_stale_temps` that a writer is alive (pids mean nothing
+    across containers that share a host name, or across nodes). A name whose lock a cleaner
+    took first (between the creation and the lock) is given up for a new one."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    while True:
+        tmp = final.with_name(f"{TEMP_PREFIX}{_host()}-{os.getpid()}-{uuid.uuid4().hex[:12]}-{final.name}")
+        fd = os.open(tmp, flags, 0o666)
+        try:
+            got = _flock_nb(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        if got is None or (got and _same_file(tmp, fd)):
+            return tmp, fd  # locked (or no flock here: the name's host and pid are the fallback)
+        os.close(fd)  # a cleaner holds it and will remove it: take another name
+
+
 @contextmanager
-def atomic_path(final: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``final`` (same extension, hidden name); on success it
-    is renamed onto ``final``, on any error it is removed and ``final`` is untouched."""
+def atomic_path(final: Path, *, allow_empty: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``final`` (same extension, hidden name, created empty
+    and locked, see :func:`_locked_temp`); on success it is renamed onto ``final``, on any
+    error it is removed and ``final`` is untouched. A writer that leaves the file empty (or
+    removes it) is an error unless ``allow_empty``."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f"{TEMP_PREFIX}{_host()}-{os.getpid()}-{uuid.uuid4().hex[:12]}-{final.name}")
+    tmp, fd = _locked_temp(final)
     try:
         yield tmp
-        if not tmp.exists():
+        if not tmp.exists() or (not allow_empty and tmp.stat().st_size == 0):
             raise FileNotFoundError(f"nothing was written to the temporary file for {final}")
         os.replace(tmp, final)
     finally:
-        if tmp.exists():
-            try:
-                tmp.unlink()
-            except OSError:  # pragma: no cover - best effort
-                log.warning("could not remove temporary file %s", tmp)
+        try:
+            if tmp.exists():
+                try:
+                    tmp.unlink()
+                except OSError:  # pragma: no cover - best effort
+                    log.warning("could not remove temporary file %s", tmp)
+        finally:
+            os.close(fd)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    with atomic_path(Path(path)) as tmp:
+    with atomic_path(Path(path), allow_empty=True) as tmp:
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
@@ -107,26 +157,90 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _stale_temp(path: Path) -> bool:
+    """Whether the temporary file ``path`` was left by a writer that is gone, removing it if so.
+    Its writer holds an ``flock`` on it while it lives (:func:`_locked_temp`), so a lock this
+    process can take means nobody writes it, whatever host or pid its name holds (containers
+    that share a host name, pid namespaces, other nodes where the file system passes locks on).
+    Where the file system has no ``flock``, only this host's files of dead pids count."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError:  # gone meanwhile, a symlink (never ours), unreadable
+        return False
+    try:
+        got = _flock_nb(fd)
+        if got is None:
+            m = _TEMP_RE.match(path.name)
+            got = bool(m and m.group(1) == _host() and not _pid_alive(int(m.group(2))))
+        if got and _same_file(path, fd):
+            os.unlink(path)  # still holding the lock: a writer that just created it gives the name up
+            return True
+        return False
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
 def remove_stale_temps(root: Path) -> list[Path]:
-    """Remove temporary files under ``root`` left by processes that no longer run
-    (e.g. a killed job) on this host. Files of live processes, and of other hosts, are left
-    alone. Returns what was removed."""
+    """Remove temporary files under ``root`` left by writers that no longer run (e.g. a killed
+    job), see :func:`_stale_temp`. Returns what was removed."""
     removed: list[Path] = []
     root = Path(root)
     if not root.is_dir():
         return removed
     for path in root.rglob(f"{TEMP_PREFIX}*"):
-        m = _TEMP_RE.match(path.name)
-        # only this host's files: on a shared file system another node's pid means nothing here
-        if m and m.group(1) == _host() and not _pid_alive(int(m.group(2))):
-            try:
-                path.unlink()
-                removed.append(path)
-            except OSError:
-                pass
+        if _TEMP_RE.match(path.name) and _stale_temp(path):
+            removed.append(path)
     if removed:
         log.info("removed %d temporary file(s) left by interrupted runs", len(removed))
     return removed
+
+
+_LOCK_FLAGS = os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
+
+
+def _open_lock_file(path: Path, create: bool = True) -> int:
+    """Open a lock file without following a symlink (``O_NOFOLLOW``; ``O_NONBLOCK`` so a
+    planted FIFO cannot hang the run) and check it is a plain file of its own (one link): in
+    a shared ``logs/locks/`` a planted symlink or hard link would otherwise have the holder
+    truncate and overwrite whatever file it points to. ``OSError`` (``ELOOP`` for a symlink,
+    ``EPERM`` for anything else that is no lock file of ours)."""
+    import errno
+    import stat
+
+    fd = os.open(path, _LOCK_FLAGS | (os.O_CREAT if create else 0), 0o666)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            what = "not a plain file" if not stat.S_ISREG(st.st_mode) else f"a file with {st.st_nlink} links"
+            raise OSError(errno.EPERM, f"refusing the lock file: it is {what} (planted?)", str(path))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def check_real_folder(folder: Path, root: Path) -> None:
+    """Raise ``OSError`` (``ELOOP``) when ``folder`` or a folder between ``root`` and it is a
+    symlink (or not a folder): outputs must land where their names say, never through a link
+    planted in a shared output folder (e.g. ``out/sub-01 -> bids_dir/sub-01``). Folders that
+    do not exist yet are fine (they will be created as real folders)."""
+    import errno
+    import stat
+
+    folder, root = Path(folder), Path(root)
+    rel = folder.relative_to(root)
+    probe = root
+    for part in rel.parts:
+        probe = probe / part
+        try:
+            st = os.lstat(probe)
+        except FileNotFoundError:
+            return
+        if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+            raise OSError(errno.ELOOP, "is a symlink or not a folder; outputs are never written through links",
+                          str(probe))
 
 
 @contextmanager
@@ -144,7 +258,7 @@ def exclusive_lock(path: Path, on_wait: Optional[Callable[[], None]] = None) -> 
     path.parent.mkdir(parents=True, exist_ok=True)
     waited = False
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        fd = _open_lock_file(path)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -195,8 +309,8 @@ def remove_stale_locks(folder: Path) -> list[Path]:
         return removed
     for path in sorted(folder.glob("*.lock")):
         try:
-            fd = os.open(path, os.O_RDWR)
-        except OSError:
+            fd = _open_lock_file(path, create=False)
+        except OSError:  # gone, a symlink, a hard link, not a file: never ours to remove
             continue
         try:
             try:

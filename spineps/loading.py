@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from spineps.models.protocols import InstanceSegmenter, SemanticSegmenter
     from spineps.settings import Settings
 
-__all__ = ["load_segmenters", "load_instance_segmenter"]
+__all__ = ["load_segmenters", "load_instance_segmenter", "announce_models"]
 
 log = logging.getLogger("spineps.models.registry")  # the log lines keep the name they always had
 
@@ -34,11 +34,29 @@ def _log_precision(settings: "Settings", device: str) -> None:
              settings.precision, describe() if device == "cpu" else device)
 
 
-def _set_threads(n: int) -> None:
+def _set_threads(settings: "Settings") -> int:
+    """Every thread pool of the process within the run's CPUs (``Settings.threads``: the
+    ``--omp-nthreads`` of each step, at most ``--nprocs``): torch's intra-op (OpenMP) threads,
+    ITK's (N4, ``SimpleITK``) and nnU-Net's helper threads (``nnUNet_def_n_proc``, unless the
+    user set it; read when nnU-Net is first imported). The segmenters get the same number for
+    torch and ONNX Runtime. Returns it."""
+    import os
+
     import torch
 
-    torch.set_num_threads(max(1, int(n)))
-    log.debug("torch uses %d thread(s)", torch.get_num_threads())
+    n = settings.threads
+    if settings.omp_nthreads > settings.nprocs:
+        log.warning("--omp-nthreads %d is more than --nprocs %d (the CPUs this run may use): using %d thread(s)",
+                    settings.omp_nthreads, settings.nprocs, n)
+    os.environ.setdefault("nnUNet_def_n_proc", str(n))
+    torch.set_num_threads(n)
+    if settings.n4:
+        import SimpleITK as sitk
+
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(n)
+    log.info("threads: %d per step (--omp-nthreads %d, --nprocs %d; one process, scans one after the other)", n,
+             settings.omp_nthreads, settings.nprocs)
+    return n
 
 
 def _device(settings: "Settings") -> str:
@@ -46,9 +64,51 @@ def _device(settings: "Settings") -> str:
     from spineps.models.device import resolve_device
 
     device = resolve_device(settings.device)
-    _set_threads(settings.omp_nthreads)
+    _set_threads(settings)
     _log_precision(settings, device)
     return device
+
+
+_SOURCES = {"flag": "--{phase}-model", "env": "${env}", "bundled": "bundled with spineps", "none": "none"}
+
+
+def _describe_choice(choice: ModelChoice) -> tuple[str, Optional[str]]:
+    """``"semantic = <log_name> (<folder>, from --semantic-model)"`` and the bundled model's
+    name when it is a demonstration model. Best effort: a broken folder fails at loading."""
+    from spineps.models.folder import read_model_config
+    from spineps.models.registry import demonstration_model
+    from spineps.settings import INSTANCE_MODEL_ENV, SEMANTIC_MODEL_ENV
+
+    if choice.folder is None:
+        return f"{choice.phase} = none", None
+    try:
+        name = read_model_config(choice.folder).log_name
+    except SpinepsError:
+        name = "(unreadable folder)"
+    env = SEMANTIC_MODEL_ENV if choice.phase == "semantic" else INSTANCE_MODEL_ENV
+    source = _SOURCES.get(choice.source, choice.source).format(phase=choice.phase, env=env)
+    demo = demonstration_model(choice.folder)
+    tag = ", a DEMONSTRATION model" if demo else ""
+    return f"{choice.phase} = {name} ({choice.folder}, {source}{tag})", demo
+
+
+def announce_models(settings: "Settings") -> list[str]:
+    """The start of every participant run: one INFO line naming every model the run uses
+    (phase, name, folder, where the choice came from: flag, environment variable, bundled),
+    and a WARNING when any of them is a demonstration model (bundled, or a copy of one). The
+    models are only named here (no weights are read); they are loaded after the scans are
+    found. Returns the demonstration models' names."""
+    sem_choice, ins_choice = resolve_models(settings)
+    choices = [ins_choice] if settings.input_kind == "semantic-mask" else [sem_choice, ins_choice]
+    described = [_describe_choice(c) for c in choices]
+    log.info("models in use: %s", "; ".join(text for text, _demo in described))
+    demos = [f"{c.phase} ({demo})" for c, (_t, demo) in zip(choices, described) if demo]
+    if demos:
+        from spineps.models.registry import DEMONSTRATION_NOTICE
+
+        log.warning("this run uses the %s model%s: %s", " and ".join(demos), "s" if len(demos) > 1 else "",
+                    DEMONSTRATION_NOTICE)
+    return [demo for _t, demo in described if demo]
 
 
 def load_segmenters(settings: "Settings") -> tuple["SemanticSegmenter", Optional["InstanceSegmenter"]]:
@@ -70,8 +130,9 @@ def load_segmenters(settings: "Settings") -> tuple["SemanticSegmenter", Optional
     except ImportError as exc:
         raise ModelError(f"the nnU-Net semantic segmenter cannot be imported ({exc})", sem_choice.folder) from exc
     semantic = _build(lambda: NnUNetSemanticSegmenter.from_folder(
-        sem_folder, device=device, nprocs=settings.nprocs, n4=settings.n4, precision=settings.precision,
-        engine=settings.engine, tta=settings.tta, probabilities=settings.save_probabilities), sem_choice)
+        sem_folder, device=device, nprocs=settings.threads, n4=settings.n4, precision=settings.precision,
+        engine=settings.engine, allow_unsafe=settings.allow_unsafe_checkpoints, tta=settings.tta,
+        probabilities=settings.save_probabilities), sem_choice)
     instance = None
     if ins_cfg is not None:
         instance = _load_instance(settings, ins_choice, ins_cfg, device)
@@ -101,7 +162,7 @@ def _load_instance(settings: "Settings", choice: ModelChoice, cfg: "ModelConfig"
     except ImportError as exc:
         raise ModelError(f"the instance segmenter cannot be imported ({exc})", choice.folder) from exc
     return _build(lambda: UNetInstanceSegmenter.from_folder(
-        folder, device=device, nprocs=settings.nprocs, precision=settings.precision,
+        folder, device=device, nprocs=settings.threads, precision=settings.precision,
         engine=settings.engine), choice)
 
 

@@ -6,18 +6,20 @@ Order of writes per scan: semantic mask, instance mask, centroids, morphometry t
 figure (``spineps.measure``), then the sidecars. The
 sidecars are the last files of ``expected_outputs``, so a scan counts as complete only
 when everything before them was written (every single write is atomic, see
-``spineps.fsutil``).
+``spineps.fsutil``), and only when its sidecars name this run's models and voxel-changing
+options (``_complete``): outputs of other models or options are recomputed.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
-from spineps.errors import BIDSValidationError, ResourceError, ScanFailuresError, SpinepsError, one_line
+from spineps.errors import BIDSValidationError, ResourceError, ScanFailuresError, SpinepsError, one_line, write_error
 from spineps.fsutil import jsonable
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -26,7 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from spineps.settings import Settings
 
 __all__ = ["ParticipantSummary", "check_inputs", "run_participant", "process_scan", "process_mask",
-           "load_semantic_mask", "model_provenance"]
+           "load_semantic_mask", "model_provenance", "run_models"]
 
 log = logging.getLogger(__name__)
 
@@ -143,16 +145,20 @@ def run_participant(settings: "Settings", semantic: Optional["SemanticSegmenter"
     if discovery is None:
         discovery = check_inputs(settings)
     scans = list(discovery.scans)
+    if not from_masks:
+        _check_modality(settings, scans, semantic)
     summary = _summary_of(settings, discovery, len(scans))
     if settings.stop_on_first_crash and summary.failed:  # an unreadable input: stop before any scan
         summary.not_attempted, scans = [s.relpath for s in scans], []
         log.error("stopping at the first failure (--stop-on-first-crash): %d scan(s) not attempted",
                   len(summary.not_attempted))
     _prepare_output_dir(settings)
-    _write_methods(settings, semantic, instance)
+    models = run_models(semantic, instance)
+    footprint = _footprint(semantic, instance)
+    _write_methods(settings, models)
     log.info("%d scan(s) selected", len(scans))
     try:
-        _process_all(settings, scans, semantic, instance, summary)
+        _process_all(settings, scans, (semantic, instance, models, footprint), summary)
     finally:
         summary.seconds = time.perf_counter() - t_start
     for line in summary.lines():
@@ -160,6 +166,31 @@ def run_participant(settings: "Settings", semantic: Optional["SemanticSegmenter"
     if summary.failed:
         raise ScanFailuresError(summary.failed, temporary=set(summary.failed) <= summary.temporary)
     return summary
+
+
+def _check_modality(settings: "Settings", scans: list[Any], semantic: Any) -> None:
+    """A scan whose suffix (``T1w``, ...) is no modality of the semantic model (its
+    ``inference_config.json`` ``modality``, e.g. ``["T2w"]``) would get masks of a model that
+    never saw such images (a ``--bids-filter-file`` can select them): ``UsageError`` (64)
+    naming them, before any scan runs, unless ``--allow-modality-mismatch`` (then a warning)."""
+    from spineps.errors import UsageError
+
+    modality = tuple(getattr(semantic, "modality", None) or ())
+    if not modality:
+        return  # a segmenter that does not say
+    foreign = [scan for scan in scans if scan.suffix not in modality]
+    if not foreign:
+        return
+    suffixes = ", ".join(sorted({scan.suffix for scan in foreign}))
+    shown = ", ".join(scan.relpath for scan in foreign[:3]) + (f", ... ({len(foreign)} in all)"
+                                                               if len(foreign) > 3 else "")
+    what = (f"the semantic model {getattr(semantic, 'name', '?')} is for {'/'.join(modality)} scans (modality in its "
+            f"inference_config.json), but {len(foreign)} selected scan(s) are {suffixes}: {shown}")
+    if settings.allow_modality_mismatch:
+        log.warning("%s; segmenting them anyway (--allow-modality-mismatch): their masks are not to be trusted", what)
+        return
+    raise UsageError(f"{what}. Select {'/'.join(modality)} scans (check the --bids-filter-file), give a model for "
+                     f"{suffixes}, or pass --allow-modality-mismatch to segment them anyway")
 
 
 def expected_scan_outputs(settings: "Settings", scan: Any, with_instances: bool) -> list[Path]:
@@ -174,25 +205,26 @@ def expected_scan_outputs(settings: "Settings", scan: Any, with_instances: bool)
     return expected
 
 
-def _process_all(settings: "Settings", scans: list[Any], semantic: Optional["SemanticSegmenter"],
-                 instance: Optional["InstanceSegmenter"], summary: ParticipantSummary) -> None:
-    """The scans in order, skipping complete ones; with ``--stop-on-first-crash`` the loop
-    ends at the first failure."""
+def _process_all(settings: "Settings", scans: list[Any], run: tuple[Any, Any, dict, Any],
+                 summary: ParticipantSummary) -> None:
+    """The scans in order, skipping complete ones (``_complete``); with ``--stop-on-first-crash``
+    the loop ends at the first failure. ``run``: as for :func:`_run_one`."""
     from spineps.failures import clear_failure
 
+    instance, models = run[1], run[2]
     current: Optional[str] = None
     try:
         for i, scan in enumerate(scans, start=1):
             current = scan.relpath
             tag = f"[{i}/{len(scans)}]"
             expected = expected_scan_outputs(settings, scan, with_instances=instance is not None)
-            if not settings.overwrite and all(Path(p).is_file() for p in expected):
+            if _complete(settings, scan, expected, models, f"{tag} {current}"):
                 log.info("%s %s: outputs complete, skipped (use --overwrite to recompute)", tag, current)
                 summary.skipped_complete.append(current)
                 clear_failure(settings, scan.key)
                 continue
             log.info("%s %s", tag, current)
-            _run_one(settings, scan, tag, expected, semantic, instance, summary)
+            _run_one(settings, scan, tag, expected, run, summary)
             current = None
             if settings.stop_on_first_crash and summary.failed:
                 summary.not_attempted = [s.relpath for s in scans[i:]]
@@ -206,14 +238,12 @@ def _process_all(settings: "Settings", scans: list[Any], semantic: Optional["Sem
         raise
 
 
-def _write_methods(settings: "Settings", semantic: Optional["SemanticSegmenter"],
-                   instance: Optional["InstanceSegmenter"]) -> None:
-    """The run's methods boilerplate (``spineps.methods``) under ``logs/``; a failure to
-    write it is logged, never fatal (the scans' outputs do not depend on it)."""
+def _write_methods(settings: "Settings", models: dict[str, dict[str, Any]]) -> None:
+    """The run's methods boilerplate (``spineps.methods``) under ``logs/``, from the run's
+    ``Models`` (:func:`run_models`); a failure to write it is logged, never fatal (the scans'
+    outputs do not depend on it)."""
     from spineps.methods import write_methods
 
-    models = {role: model_provenance(m) for role, m in (("semantic", semantic), ("instance", instance))
-              if m is not None}
     try:
         write_methods(settings, models)
     except OSError as exc:
@@ -236,18 +266,68 @@ def _summary_of(settings: "Settings", discovery: Any, total: int) -> Participant
     return summary
 
 
-def _run_one(settings: "Settings", scan: Any, tag: str, expected: list[Path],
-             semantic: Optional["SemanticSegmenter"], instance: Optional["InstanceSegmenter"],
+def run_models(semantic: Optional["SemanticSegmenter"],
+               instance: Optional["InstanceSegmenter"]) -> dict[str, dict[str, Any]]:
+    """The ``Models`` of this run's sidecars (role -> :func:`model_provenance`), once per run."""
+    models: dict[str, dict[str, Any]] = {}
+    if semantic is not None:
+        models["semantic"] = model_provenance(semantic)
+    if instance is not None:
+        models["instance"] = model_provenance(instance)
+    return models
+
+
+def _complete(settings: "Settings", scan: Any, expected: list[Path], models: dict[str, dict[str, Any]],
+              what: str) -> bool:
+    """Whether the scan's outputs are complete *and this run's*: every expected file exists and
+    its sidecars name the same models (checksums) and the same voxel-changing options
+    (``spineps.bids.derivatives.sidecar_mismatch``). Outputs of other models or options are
+    recomputed, and the log says why; ``--overwrite`` recomputes every scan."""
+    import json
+
+    from spineps.bids.derivatives import INSTANCE_SIDECAR, SEMANTIC_SIDECAR, sidecar_mismatch
+
+    if settings.overwrite or not all(Path(p).is_file() for p in expected):
+        return False
+    params = settings.parameters()
+    for kind in (SEMANTIC_SIDECAR, INSTANCE_SIDECAR):
+        path = kind.path(settings.output_dir, scan)
+        if path not in expected:
+            continue
+        try:
+            sidecar = json.loads(path.read_text(encoding="utf-8"))
+            why = sidecar_mismatch(sidecar, models, params) if isinstance(sidecar, dict) else "no JSON object"
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            why = f"its sidecar {path.name} cannot be read ({type(exc).__name__})"
+        if why is not None:
+            log.info("%s: outputs exist, but %s: recomputing", what, why)
+            return False
+    return True
+
+
+def _footprint(semantic: Any, instance: Any) -> Any:  # -> Optional[spineps.resources.Footprint]
+    """The run's networks for the memory estimate (``spineps.resources.Footprint``), logged once."""
+    from spineps.resources import Footprint
+
+    footprint = Footprint.of(semantic, instance)
+    log.debug("memory footprint of the networks: %s", footprint)
+    return footprint
+
+
+def _run_one(settings: "Settings", scan: Any, tag: str, expected: list[Path], run: tuple[Any, Any, dict, Any],
              summary: ParticipantSummary) -> None:
     """One scan under its lock; its outcome (processed, skipped, failed and why) into ``summary``
     and, for a failure, a record in the output dataset (``spineps.failures``; cleared when the
-    scan completes). A failure is logged and recorded, never raised (``KeyboardInterrupt`` is)."""
-    from spineps.failures import clear_failure
+    scan completes). ``run``: the semantic and instance segmenters, their ``Models``
+    (:func:`run_models`) and their memory footprint (``spineps.resources.Footprint``).
+    A failure is logged and recorded, never raised (``KeyboardInterrupt`` is)."""
+    from spineps.failures import clear_failure, record_failure
 
     name = scan.relpath
+    semantic, instance, models, footprint = run
     try:
         with _scan_lock(settings, scan, f"{tag} {name}"):
-            if not settings.overwrite and all(Path(p).is_file() for p in expected):
+            if _complete(settings, scan, expected, models, f"{tag} {name}"):
                 log.info("%s %s: outputs completed by another run meanwhile, skipped", tag, name)
                 summary.skipped_complete.append(name)
                 clear_failure(settings, scan.key)
@@ -255,10 +335,10 @@ def _run_one(settings: "Settings", scan: Any, tag: str, expected: list[Path],
             _revoke_complete(settings, scan)
             if settings.input_kind == "semantic-mask":
                 assert instance is not None  # checked by run_participant
-                process_mask(settings, scan, instance)
+                process_mask(settings, scan, instance, models, footprint)
             else:
                 assert semantic is not None  # checked by run_participant
-                process_scan(settings, scan, semantic, instance)
+                process_scan(settings, scan, semantic, instance, models, footprint)
     except SpinepsError as exc:
         if isinstance(exc, ResourceError):
             summary.temporary.add(name)
@@ -267,6 +347,14 @@ def _run_one(settings: "Settings", scan: Any, tag: str, expected: list[Path],
     except MemoryError:
         summary.temporary.add(name)
         _failed(settings, summary, scan, tag, "MemoryError", "out of memory")
+    except OSError as exc:  # a write no typed error wrapped; disk or quota full is temporary (75)
+        err = write_error(f"{type(exc).__name__}: {one_line(str(exc))}", getattr(exc, "filename", None), exc)
+        if isinstance(err, ResourceError):
+            summary.temporary.add(name)
+        log.error("%s %s failed: %s", tag, name, err.reason)
+        log.debug("traceback for %s", name, exc_info=True)
+        summary.failed[name] = err.reason
+        record_failure(settings, name, type(err).__name__, err.reason, bids_name=scan.key)
     except Exception as exc:  # a bug or a library failure: keep going with the other scans
         log.debug("traceback for %s", name, exc_info=True)
         _failed(settings, summary, scan, tag, type(exc).__name__, str(exc))
@@ -285,16 +373,30 @@ def _failed(settings: "Settings", summary: ParticipantSummary, scan: Any, tag: s
     record_failure(settings, scan.relpath, error, why, bids_name=scan.key)
 
 
-def _scan_lock(settings: "Settings", scan: Any, what: str):  # -> context manager
+@contextmanager
+def _scan_lock(settings: "Settings", scan: Any, what: str) -> Iterator[None]:
     """One scan is computed by one process at a time: an ``fcntl.flock`` on
     ``logs/locks/<scan key>.lock`` in the output folder (removed on release; the kernel
     releases it when a process dies). A second run on the same scan waits, then skips it
-    when the first one completed it (or recomputes it with ``--overwrite``)."""
-    from spineps.fsutil import exclusive_lock
+    when the first one completed it (or recomputes it with ``--overwrite``).
+
+    The lock folder and the scan's output folder must be real folders (no symlink between
+    ``output_dir`` and them; ``spineps.fsutil.check_real_folder``) and the lock file a plain
+    file of its own: ``OutputError`` (73) otherwise, before anything of the scan is touched."""
+    from spineps.bids.derivatives import derivative_dir
+    from spineps.errors import OutputError
+    from spineps.fsutil import check_real_folder, exclusive_lock
 
     path = settings.logs_dir / "locks" / f"{scan.key}.lock"
-    return exclusive_lock(path, on_wait=lambda: log.info("%s: another run is computing this scan; waiting for it",
-                                                         what))
+    with ExitStack() as stack:
+        try:
+            check_real_folder(path.parent, settings.output_dir)
+            check_real_folder(derivative_dir(settings.output_dir, scan), settings.output_dir)
+            stack.enter_context(exclusive_lock(path, on_wait=lambda: log.info(
+                "%s: another run is computing this scan; waiting for it", what)))
+        except OSError as exc:
+            raise OutputError(f"{exc.strerror or exc}", Path(exc.filename) if exc.filename else path) from exc
+        yield
 
 
 def _revoke_complete(settings: "Settings", scan: Any) -> None:
@@ -322,24 +424,26 @@ def _naming_options(settings: "Settings") -> "NamingOptions":
 
 
 def process_scan(settings: "Settings", scan: Any, semantic: "SemanticSegmenter",
-                 instance: Optional["InstanceSegmenter"]) -> "ScanResult":
-    """Load, segment and write the outputs of one scan (sidecars last)."""
+                 instance: Optional["InstanceSegmenter"], models: Optional[dict[str, Any]] = None,
+                 footprint: Any = None) -> "ScanResult":
+    """Load, segment and write the outputs of one scan (sidecars last). ``models``: the
+    sidecars' ``Models`` (:func:`run_models`, computed here when not given); ``footprint``: the
+    networks' memory footprint (``spineps.resources.Footprint``, computed here when not given)."""
     from spineps.geometry.io import load_volume, read_header
     from spineps.pipeline import segment_scan
     from spineps.resources import check_scan_resources
 
     t0 = time.perf_counter()
     header = read_header(scan.path)
+    footprint = footprint if footprint is not None else _footprint(semantic, instance)
     # InputError / ResourceError before any voxel is read
-    check_scan_resources(header, settings.output_dir, memory_budget_mb=settings.mem_mb)
+    check_scan_resources(header, settings.output_dir, footprint=footprint, memory_budget_mb=settings.mem_mb)
     image = load_volume(scan.path, kind="image")
     _check_not_constant(image, scan.path)
     t_load = time.perf_counter() - t0
     log.debug("loaded %s", image)
     result = segment_scan(image, semantic, instance, _naming_options(settings))
-    models = {"semantic": model_provenance(semantic)}
-    if instance is not None:
-        models["instance"] = model_provenance(instance)
+    models = models if models is not None else run_models(semantic, instance)
     if settings.save_probabilities:
         _write_probabilities(settings, scan, semantic, header, image.affine, models)
     _write_outputs(settings, scan, result, header=header, image=image, t_load=t_load, models=models,
@@ -349,7 +453,8 @@ def process_scan(settings: "Settings", scan: Any, semantic: "SemanticSegmenter",
     return result
 
 
-def process_mask(settings: "Settings", scan: Any, instance: "InstanceSegmenter") -> "ScanResult":
+def process_mask(settings: "Settings", scan: Any, instance: "InstanceSegmenter",
+                 models: Optional[dict[str, Any]] = None, footprint: Any = None) -> "ScanResult":
     """``spineps instance``: the instance phase, post-processing and level naming on one
     existing semantic mask (``scan`` is the mask), then the same outputs as
     :func:`process_scan` (no image: the figure shows the masks alone)."""
@@ -359,12 +464,13 @@ def process_mask(settings: "Settings", scan: Any, instance: "InstanceSegmenter")
 
     t0 = time.perf_counter()
     header = read_header(scan.path)
-    check_scan_resources(header, settings.output_dir, memory_budget_mb=settings.mem_mb)
+    footprint = footprint if footprint is not None else _footprint(None, instance)
+    check_scan_resources(header, settings.output_dir, footprint=footprint, memory_budget_mb=settings.mem_mb)
     semantic = load_semantic_mask(scan.path)
     t_load = time.perf_counter() - t0
     result = segment_from_semantic(semantic, instance, _naming_options(settings))
     _write_outputs(settings, scan, result, header=header, image=None, t_load=t_load,
-                   models={"instance": model_provenance(instance)},
+                   models=models if models is not None else run_models(None, instance),
                    semantic_description="Semantic segmentation of the spine, post-processed by the instance phase "
                                         "(endplates split, voxels consistent with the instances) from the input "
                                         "mask in Sources; values as in desc-spine_dseg.tsv")
@@ -408,7 +514,6 @@ def _write_outputs(settings: "Settings", scan: Any, result: "ScanResult", *, hea
 
     from spineps.bids.derivatives import CENTROIDS, INSTANCE_MASK, INSTANCE_SIDECAR, SEMANTIC_MASK, SEMANTIC_SIDECAR, \
         make_sidecar, write_sidecar
-    from spineps.fsutil import write_json_atomic
     from spineps.geometry.io import save_volume
 
     out = settings.output_dir
@@ -422,7 +527,7 @@ def _write_outputs(settings: "Settings", scan: Any, result: "ScanResult", *, hea
         save_volume(result.instance.with_data(np.asarray(result.instance.data).astype(np.uint16)), inst_path,
                     dtype=np.uint16, like=header)
         cent_path = CENTROIDS.path(out, scan)
-        write_json_atomic(cent_path, _centroids_json(result, scan))
+        write_sidecar(cent_path, _centroids_json(result, scan))  # a JSON write like the sidecars (typed errors)
     t_write = time.perf_counter() - t1
     extra_timings = _write_measurements_and_figure(out, scan, result, image, sem_path)
     timings = {"load": round(t_load, 3), **{k: round(float(v), 3) for k, v in result.timings.items()},
@@ -526,16 +631,25 @@ def _write_measurements_and_figure(out: Path, scan: Any, result: "ScanResult", i
 
 def model_provenance(model: Any) -> dict[str, Any]:
     """A segmenter's ``provenance()`` with the keys every sidecar needs first: ``name``,
-    ``version`` and ``checksum`` (``sha256:<hex>``; a bare hex digest gets the prefix); the
-    rest is kept as it is."""
+    ``version`` and ``checksum`` (``sha256:<hex>``; a bare hex digest gets the prefix), then
+    ``Demonstration`` (true for a model bundled with spineps, or a copy of one, with the
+    ``DemonstrationNotice`` that says what that means; false otherwise); the rest is kept as
+    it is."""
+    from spineps.models.registry import DEMONSTRATION_NOTICE, demonstration_model
+
     prov = dict(model.provenance() or {})
     name = prov.pop("name", None) or getattr(model, "name", None) or type(model).__name__
     checksum = prov.pop("checksum", None)
     if checksum and ":" not in str(checksum):
         checksum = f"sha256:{checksum}"
     version = prov.pop("version", None) or prov.get("log_name") or "unversioned"
+    folder = prov.get("folder")
+    demo = demonstration_model(Path(folder)) if folder else None
+    flags: dict[str, Any] = {"Demonstration": demo is not None}
+    if demo is not None:
+        flags["DemonstrationNotice"] = f"{DEMONSTRATION_NOTICE} (bundled folder {demo})"
     return {"name": str(name), "version": str(version), "checksum": str(checksum) if checksum else "n/a",
-            **jsonable(prov)}
+            **flags, **jsonable(prov)}
 
 
 def _centroids_json(result: "ScanResult", scan: Any) -> dict[str, Any]:

@@ -71,6 +71,10 @@ class Settings:
     n4: bool = True
     precision: str = "auto"  # network precision, one of spineps.models.precision.PRECISIONS
     engine: str = "auto"  # what runs the forward passes on CPU, one of spineps.models.onnx_engine.ENGINES
+    #: unpickle semantic checkpoints the safe loader refuses (runs their code): --allow-unsafe-checkpoints
+    allow_unsafe_checkpoints: bool = False
+    #: segment scans whose suffix is no modality of the semantic model (--allow-modality-mismatch)
+    allow_modality_mismatch: bool = False
     level_rule: str = "auto"  # one of spineps.labels.LEVEL_RULES
     top_vertebra: Optional[str] = None  # user anchor: the top-most vertebra in view (e.g. "T12")
     verbosity: int = 0
@@ -150,6 +154,8 @@ class Settings:
             device=device, semantic_model=sem, instance_model=ins, semantic_model_source=sem_src,
             instance_model_source=ins_src, overwrite=bool(opts["overwrite"]), n4=not bool(opts["no_n4"]),
             precision=precision, engine=engine, level_rule=str(opts["level_rule"] or "auto"),
+            allow_unsafe_checkpoints=bool(opts["allow_unsafe_checkpoints"]),
+            allow_modality_mismatch=bool(opts["allow_modality_mismatch"]),
             top_vertebra=opts["top_vertebra"] or None, verbosity=int(opts["verbose"] or 0),
             run_id=make_run_id(level), version=__version__,
             container_type=environ.get(CONTAINER_TYPE_ENV) or None,
@@ -199,6 +205,13 @@ class Settings:
             out["Tag"] = self.container_tag
         return out
 
+    @property
+    def threads(self) -> int:
+        """Threads of each parallel step (torch/OpenMP intra-op, ONNX Runtime, N4's ITK):
+        ``--omp-nthreads``, never more than ``--nprocs`` (the CPUs the whole run may use; the
+        scans run one after the other in this one process)."""
+        return max(1, min(int(self.omp_nthreads), int(self.nprocs)))
+
     def parameters(self) -> dict[str, Any]:
         """The options that change what is computed (for the sidecars' ``Parameters``)."""
         out: dict[str, Any] = {"device": self.device, "precision": self.precision, "engine": self.engine,
@@ -218,7 +231,8 @@ _OPTIONS: dict[str, Any] = {
     "participant_label": None, "session_label": None, "bids_filter_file": None, "skip_bids_validation": False,
     "work_dir": None, "nprocs": None, "omp_nthreads": None, "device": "auto", "semantic_model": None,
     "instance_model": None, "overwrite": False, "no_n4": False, "precision": None, "engine": None,
-    "level_rule": None, "top_vertebra": None, "verbose": 0, "pattern": None,
+    "level_rule": None, "top_vertebra": None, "verbose": 0, "pattern": None, "allow_unsafe_checkpoints": False,
+    "allow_modality_mismatch": False,
     "stop_on_first_crash": False, "mem_mb": None, "tta": False, "save_probabilities": False,
 }
 

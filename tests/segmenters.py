@@ -51,6 +51,7 @@ class BandSemanticSegmenter:
     percentile: float = 40.0
     n_bands: int = 8
     delay_s: float = 0.0  # lets subprocess tests kill a run in the middle of a scan
+    modality: tuple[str, ...] = ("T2w",)  # the scan suffixes it is "for", like a model's inference_config.json
 
     def segment(self, image: Volume) -> Volume:
         if self.delay_s:

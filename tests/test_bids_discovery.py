@@ -392,3 +392,21 @@ def test_minimal_dataset_helper(tmp_path):
     assert [s.stem for s in discover_scans(f.root).scans] == [
         "sub-01_ses-a_acq-sag", "sub-01_ses-b_acq-sag", "sub-02_ses-a_acq-sag", "sub-02_ses-b_acq-sag"]
     assert (f.root / "participants.tsv").read_text() == "participant_id\nsub-01\nsub-02\n"
+
+
+# --------------------------------------------------------------------------- pybids #1270
+@pytest.mark.parametrize("parent", ["perf", "anat", "func", "motion", "sub-project", "ses-2"])
+def test_dataset_below_a_folder_named_like_a_datatype_or_entity(tmp_path, parent):
+    """pybids 0.22.0 parses entities from the absolute path: under ``/projects/perf/bids/``
+    every file got ``datatype=perf`` and no T2w scan was found (pybids issue #1270)."""
+    std = standard_dataset(tmp_path / "projects" / parent / "bids")
+    found = discover_scans(std.root)
+    assert _rel(found.scans, std.root) == std.expected
+    assert discover_scans(std.root, participant_labels=["02"], session_labels=["1"]).scans
+    runs = {"t2w": {"acquisition": "sag", "run": [1]}}  # numbers match zero-padded or not
+    assert _rel(discover_scans(std.root, bids_filters=runs).scans, std.root) == std.expected[1:3]
+
+
+def test_filter_on_an_unknown_entity_is_a_usage_error(std):
+    with pytest.raises(UsageError, match="'acq' is no BIDS entity"):
+        discover_scans(std.root, bids_filters={"t2w": {"acq": "sag"}})

@@ -299,3 +299,22 @@ def test_shared_argument_types_reject_out_of_range_values():
                           (nonneg_float, "nan?"), (unit_open, "1"), (unit_open, "0")]:
         with pytest.raises(argparse.ArgumentTypeError, match="expected"):
             convert(text)
+
+
+def test_readme_and_help_name_the_same_exit_codes() -> None:
+    """The exit codes the README's table documents are the ones --help lists and the ones the
+    typed errors carry; 74 (I/O error of the draft spec) is used nowhere (a failed read is 65,
+    a failed write 73, a full disk or quota 75)."""
+    import re
+
+    from spineps import errors
+    from spineps.cli.parser import _EPILOG
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme[readme.index("## Exit codes"):readme.index("## Containers")]
+    in_readme = {int(c) for row in re.findall(r"^\| ([\d /]+) \|", table, re.M) for c in row.split("/")}
+    in_help = {int(c) for c in re.findall(r"(?<![\d.])(\d{1,3})(?=[\s/])", _EPILOG.split("74 (I/O error)")[0])}
+    carried = {cls.exit_code for cls in vars(errors).values()
+               if isinstance(cls, type) and issubclass(cls, errors.SpinepsError)}
+    assert in_readme == in_help, (in_readme, in_help)
+    assert carried <= in_readme and 74 not in in_readme | carried

@@ -45,42 +45,44 @@ def test_estimate_scales_with_voxels_and_model_resolution() -> None:
     assert a.disk_bytes > 100_000 * 3
 
 
-def test_memory_limit_env_and_cgroup_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                           caplog: pytest.LogCaptureFixture) -> None:
+@pytest.fixture
+def no_own_rss(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``SPINEPS_MEMORY_LIMIT_MB`` limits the whole process (its resident memory is subtracted);
+    the tests with tiny budgets leave the test process's own memory out."""
+    monkeypatch.setattr(resources, "_process_rss", lambda: 0)
+
+
+def test_memory_limit_env(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+                          no_own_rss: None) -> None:
     real, _ = available_memory_bytes({})
     assert real is None or real > 0
     got, src = available_memory_bytes({MEMORY_LIMIT_ENV: "12"})
-    assert (got, src) == (12 * MB, MEMORY_LIMIT_ENV)
+    assert (got, src) == (12 * MB, f"{MEMORY_LIMIT_ENV}=12 MB")
     with caplog.at_level(logging.WARNING, logger="spineps.resources"):
-        assert available_memory_bytes({MEMORY_LIMIT_ENV: "lots"})[1] != MEMORY_LIMIT_ENV
+        assert not available_memory_bytes({MEMORY_LIMIT_ENV: "lots"})[1].startswith(MEMORY_LIMIT_ENV)
     assert "not a number" in caplog.text
 
-    # cgroup v2: limit - usage + reclaimable page cache
-    cg = tmp_path / "cg"
-    cg.mkdir()
-    (cg / "memory.max").write_text(f"{1000 * MB}\n")
-    (cg / "memory.current").write_text(f"{700 * MB}\n")
-    (cg / "memory.stat").write_text(f"anon 1\ninactive_file {100 * MB}\n")
-    assert resources._cgroup_room(cg) == 400 * MB
-    (cg / "memory.max").write_text("max\n")
-    assert resources._cgroup_room(cg) is None
-    # cgroup v1
-    v1 = tmp_path / "v1"
-    (v1 / "memory").mkdir(parents=True)
-    (v1 / "memory" / "memory.limit_in_bytes").write_text(f"{500 * MB}\n")
-    (v1 / "memory" / "memory.usage_in_bytes").write_text(f"{450 * MB}\n")
-    assert resources._cgroup_room(v1) == 50 * MB
-    (v1 / "memory" / "memory.limit_in_bytes").write_text(str(2 ** 63 - 4096))  # "unlimited"
-    assert resources._cgroup_room(v1) is None
+    monkeypatch.setattr(resources, "_meminfo_available", lambda: 900 * MB)
+    monkeypatch.setattr(resources, "cgroup_memory_room", lambda: (300 * MB, "cgroup v2 /x: limit 1,000 MB"))
+    assert available_memory_bytes({}) == (300 * MB, "cgroup memory limit: cgroup v2 /x: limit 1,000 MB")
+    assert available_memory_bytes({MEMORY_LIMIT_ENV: "100"}) == (100 * MB, f"{MEMORY_LIMIT_ENV}=100 MB")
 
+
+def test_memory_limit_env_is_a_limit_on_the_whole_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SLURM job's --mem arrives as SPINEPS_MEMORY_LIMIT_MB: what this process already holds
+    (Python, torch, the models) is not available to the scan."""
+    monkeypatch.setattr(resources, "_process_rss", lambda: 300 * MB)
+    monkeypatch.setattr(resources, "cgroup_memory_room", lambda: None)
+    got, src = available_memory_bytes({MEMORY_LIMIT_ENV: "1000"})
+    assert got == 700 * MB and src == f"{MEMORY_LIMIT_ENV}=1,000 MB minus 300 MB this process uses"
+    monkeypatch.undo()
+    assert resources._process_rss() > 10 * MB  # this test process, from /proc/self/status
+
+
+def test_meminfo(tmp_path: Path) -> None:
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal: 100 kB\nMemFree: 10 kB\nMemAvailable: 2048 kB\n")
     assert resources._meminfo_available(meminfo) == 2 * MB
-
-    monkeypatch.setattr(resources, "_meminfo_available", lambda: 900 * MB)
-    monkeypatch.setattr(resources, "_cgroup_room", lambda: 300 * MB)
-    assert available_memory_bytes({}) == (300 * MB, "cgroup memory limit")
-    assert available_memory_bytes({MEMORY_LIMIT_ENV: "100"}) == (100 * MB, MEMORY_LIMIT_ENV)
 
 
 def test_disk_limit_env(tmp_path: Path) -> None:
@@ -89,7 +91,7 @@ def test_disk_limit_env(tmp_path: Path) -> None:
     assert free_disk_bytes(tmp_path, {DISK_LIMIT_ENV: "0.5"}) == (MB // 2, DISK_LIMIT_ENV)
 
 
-def test_check_scan_resources_messages(tmp_path: Path) -> None:
+def test_check_scan_resources_messages(tmp_path: Path, no_own_rss: None) -> None:
     path = write_nifti(tmp_path / "scan.nii.gz", phantom_data((32, 48, 10)), np.diag([1.0, 1.0, 4.0, 1.0]))
     header = read_header(path)
     est = check_scan_resources(header, tmp_path, environ={})
@@ -113,7 +115,7 @@ def test_absurd_header_is_an_input_error_not_a_resource_error(tmp_path: Path) ->
         check_scan_resources(read_header(path), tmp_path, environ={})
 
 
-def test_too_large_scan_fails_alone_through_the_cli(tmp_path: Path, test_models: None,
+def test_too_large_scan_fails_alone_through_the_cli(tmp_path: Path, test_models: None, no_own_rss: None,
                                                     monkeypatch: pytest.MonkeyPatch,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     ds = BidsFactory(tmp_path / "bids")
@@ -155,3 +157,33 @@ def test_no_disk_space_fails_each_scan_with_the_numbers(tmp_path: Path, test_mod
     assert len([ln for ln in err.splitlines() if "ResourceError: not enough disk space" in ln
                 and "0.5 MB free" in ln and "ERROR" in ln]) == 2
     assert not [p for p in out.rglob("sub-*") if p.is_file()]
+
+
+@pytest.mark.parametrize("where", ["sidecar", "mask", "unwrapped"])
+def test_disk_full_while_writing_is_a_temporary_failure(tmp_path: Path, test_models: None,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str], where: str) -> None:
+    """A disk (or quota) that fills up while a scan's outputs are written is a lack of disk
+    like the one the check foresees: the run exits 75 (temporary, a rerun with room finishes
+    it), not 1."""
+    import errno
+
+    from spineps.bids import derivatives
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if where == "sidecar":
+        write = derivatives.write_json_atomic
+        monkeypatch.setattr(derivatives, "write_json_atomic", lambda path, obj: full() if str(path).endswith(
+            "_dseg.json") else write(path, obj))
+    ds = BidsFactory(tmp_path / "bids")
+    ds.add("01", acq="sag")
+    if where == "mask":
+        monkeypatch.setattr("nibabel.save", full)
+    elif where == "unwrapped":  # an OSError no write site wrapped (e.g. from a library)
+        monkeypatch.setattr("spineps.participant._write_measurements_and_figure", full)
+    rc = main([str(ds.root), str(tmp_path / "out"), "participant", "--skip-bids-validation"])
+    err = capsys.readouterr().err
+    assert rc == 75, err
+    assert "No space left on device" in err and "sub-01" in err

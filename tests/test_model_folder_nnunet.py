@@ -199,3 +199,63 @@ def test_errors_come_before_any_scan(folder):
     """from_folder validates everything: a broken later fold fails even though fold 0 is fine."""
     (folder / "fold_2" / "checkpoint_final.pth").write_bytes(b"")
     _expect(folder, "fold_2")
+
+
+class _Payload:
+    """Unpickling this creates a file: a stand-in for a checkpoint that runs code."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _plant_payload(folder: Path, marker: Path) -> None:
+    p = folder / "fold_0" / "checkpoint_final.pth"
+    ck = torch.load(str(p), weights_only=False)
+    ck["extra"] = _Payload(marker)
+    torch.save(ck, str(p))
+
+
+def test_checkpoint_that_needs_full_unpickling_is_refused_unless_allowed(folder, tmp_path, caplog):
+    """A checkpoint the safe loader refuses used to be unpickled in full silently (any code in
+    a model folder ran): now it is a ModelError naming the option that allows it, and only that
+    option (whose help says what it risks) loads it, with a warning."""
+    import logging
+
+    marker = tmp_path / "code-ran"
+    _plant_payload(folder, marker)
+    with pytest.raises(ModelError, match="--allow-unsafe-checkpoints") as err:
+        load_checkpoint(folder / "fold_0" / "checkpoint_final.pth")
+    assert "safe loader" in str(err.value) and not marker.exists()
+    with pytest.raises(ModelError, match="--allow-unsafe-checkpoints"):
+        NnUNetSemanticSegmenter.from_folder(folder, device="cpu", nprocs=1, n4=False)
+    assert not marker.exists()
+    with caplog.at_level(logging.WARNING, logger="spineps.models.nnunet_folder"):
+        load_checkpoint(folder / "fold_0" / "checkpoint_final.pth", allow_unsafe=True)
+    assert marker.exists() and "may run code" in caplog.text
+
+
+def test_unsafe_checkpoint_option_on_the_command_line(folder, tmp_path, monkeypatch):
+    from spineps.cli.main import main
+    from spineps.cli.parser import build_parser
+    from spineps.models import registry
+    from tests.bids_factory import BidsFactory
+
+    help_text = build_parser().format_help()
+    assert "--allow-unsafe-checkpoints" in help_text and "runs any Python code" in " ".join(help_text.split())
+    marker = tmp_path / "code-ran"
+    _plant_payload(folder, marker)
+    monkeypatch.setattr(registry, "bundled_model_dir", lambda name: None)
+    ds = BidsFactory(tmp_path / "bids")
+    ds.add("01", acq="sag")
+    args = [str(ds.root), str(tmp_path / "out"), "participant", "--semantic-model", str(folder), "--device", "cpu",
+            "--nprocs", "1", "--no-n4", "--skip-bids-validation"]
+    assert main(args) == 78 and not marker.exists()
+    threads = torch.get_num_threads()
+    try:
+        assert main(args + ["--allow-unsafe-checkpoints"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert marker.exists()

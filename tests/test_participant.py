@@ -246,9 +246,10 @@ def test_model_provenance_puts_name_version_checksum_first() -> None:
             return {"checksum": "sha256:cd34", "log_name": "inst-v1"}
 
     assert model_provenance(A()) == {"name": "nn", "version": "unversioned", "checksum": "sha256:ab12",
-                                     "folds": [0, 1]}
+                                     "Demonstration": False, "folds": [0, 1]}
     assert model_provenance(B()) == {"name": "b", "version": "inst-v1", "checksum": "sha256:cd34",
-                                     "log_name": "inst-v1"}
+                                     "Demonstration": False, "log_name": "inst-v1"}
+    assert list(model_provenance(A()))[:4] == ["name", "version", "checksum", "Demonstration"]
 
 
 # ------------------------------------------------------------------------ registry
@@ -321,9 +322,10 @@ def test_load_segmenters_dispatch(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     finally:
         torch.set_num_threads(threads)
     assert isinstance(sem, BandSemanticSegmenter) and isinstance(ins, ComponentInstanceSegmenter)
-    assert calls == [("semantic", sem_dir.resolve(), {"device": "cpu", "nprocs": 2, "n4": False, "precision": "auto",
-                                                      "engine": "auto"}),
-                     ("instance", ins_dir.resolve(), {"device": "cpu", "nprocs": 2, "precision": "auto",
+    # the segmenters get the threads of each step (--omp-nthreads 1), not the run's CPUs (--nprocs 2)
+    assert calls == [("semantic", sem_dir.resolve(), {"device": "cpu", "nprocs": 1, "n4": False, "precision": "auto",
+                                                      "engine": "auto", "allow_unsafe": False}),
+                     ("instance", ins_dir.resolve(), {"device": "cpu", "nprocs": 1, "precision": "auto",
                                                      "engine": "auto"})]
 
     # a folder of the wrong type for its phase, and a loader that crashes: ModelError naming the folder

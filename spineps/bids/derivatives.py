@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
-from ..errors import OutputError
+from ..errors import write_error
 from ..fsutil import write_json_atomic, write_text_atomic
 from .discovery import Scan
 
@@ -60,6 +60,9 @@ __all__ = [
     "bids_uri",
     "make_sidecar",
     "write_sidecar",
+    "VOXEL_MODEL_KEYS",
+    "VOXEL_PARAMETERS",
+    "sidecar_mismatch",
 ]
 
 log = logging.getLogger(__name__)
@@ -216,14 +219,14 @@ def _write_json(path: Path, obj: Any) -> None:
     try:
         write_json_atomic(path, obj)
     except OSError as exc:
-        raise OutputError(f"cannot write: {exc.strerror or exc}", path) from exc
+        raise write_error(f"cannot write: {exc.strerror or exc}", path, exc) from exc
 
 
 def _write_text(path: Path, text: str) -> None:
     try:
         write_text_atomic(path, text)
     except OSError as exc:
-        raise OutputError(f"cannot write: {exc.strerror or exc}", path) from exc
+        raise write_error(f"cannot write: {exc.strerror or exc}", path, exc) from exc
 
 
 def lookup_table_rows(desc: str) -> list[dict[str, Any]]:
@@ -357,3 +360,59 @@ def write_sidecar(path: Union[str, Path], data: Mapping[str, Any]) -> Path:
     path = Path(path)
     _write_json(path, dict(data))
     return path
+
+
+# --------------------------------------------------------------------------- completeness
+#: the keys of a model's provenance that change the voxels it produces (besides its checksum):
+#: compared between a run and the sidecars of earlier outputs (resolved values: "auto" is what it
+#: became, e.g. precision bf16 on one CPU and fp32 on another)
+VOXEL_MODEL_KEYS: tuple[str, ...] = ("precision", "engine", "step_size", "mirroring", "folds", "configuration", "n4")
+#: the run parameters (``Settings.parameters()``) that change the voxels (the level names are
+#: voxel values of the instance mask)
+VOXEL_PARAMETERS: tuple[str, ...] = ("n4", "level_rule", "top_vertebra", "input")
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str) if not isinstance(value, str) else repr(value)
+    if isinstance(value, str) and value.startswith("sha256:") and len(value) > 23:
+        text = repr(value[:19] + "...")
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _engine_name(value: Any) -> Any:
+    return value.get("engine") if isinstance(value, Mapping) else value
+
+
+def sidecar_mismatch(sidecar: Mapping[str, Any], models: Mapping[str, Mapping[str, Any]],
+                     parameters: Mapping[str, Any]) -> Optional[str]:
+    """Why the outputs a sidecar describes are not what this run would compute, or None when
+    they are: the same model roles, each model's checksum and :data:`VOXEL_MODEL_KEYS` (where
+    this run's provenance has them), and :data:`VOXEL_PARAMETERS`. ``models``: role ->
+    provenance as written into ``Models`` (``name``/``Name``, ``checksum``/``Checksum``, ...);
+    ``parameters``: this run's ``Parameters``."""
+    old_models = sidecar.get("Models")
+    if not isinstance(old_models, Mapping):
+        return "its sidecar names no models"
+    if set(old_models) != set(models):
+        return (f"they were made with the {' and '.join(sorted(old_models)) or 'no'} model(s), this run uses "
+                f"{' and '.join(sorted(models))}")
+    for role, now in models.items():
+        then = old_models[role] if isinstance(old_models[role], Mapping) else {}
+        now_entry = {_MODEL_KEYS.get(str(k).lower(), str(k)): v for k, v in now.items()}
+        if then.get("Checksum") != now_entry.get("Checksum"):
+            return (f"they were made with another {role} model ({then.get('Name', '?')} {_short(then.get('Checksum'))}"
+                    f", this run: {now_entry.get('Name', '?')} {_short(now_entry.get('Checksum'))})")
+        for key in VOXEL_MODEL_KEYS:
+            if key in now_entry:
+                a, b = then.get(key), now_entry[key]
+                if key == "engine":
+                    a, b = _engine_name(a), _engine_name(b)
+                if json.dumps(a, default=str) != json.dumps(b, default=str):
+                    return f"their {role} {key} was {_short(a)}, this run's is {_short(b)}"
+    old_params = sidecar.get("Parameters") if isinstance(sidecar.get("Parameters"), Mapping) else {}
+    assert isinstance(old_params, Mapping)
+    for key in VOXEL_PARAMETERS:
+        a, b = old_params.get(key), parameters.get(key)
+        if a != b:
+            return f"their parameter {key} was {_short(a)}, this run's is {_short(b)}"
+    return None

@@ -6,8 +6,10 @@ and returns the scans to segment plus the ones it skipped with the reason.
 
 Selection (``shared/spec/bids-app.md``, "Finding sagittal T2w scans"):
 
-1. pybids query: ``datatype="anat"``, ``suffix="T2w"``, ``extension`` ``.nii``/``.nii.gz``,
-   updated by the ``"t2w"`` query of a ``--bids-filter-file``.
+1. query: ``datatype="anat"``, ``suffix="T2w"``, ``extension`` ``.nii``/``.nii.gz``,
+   updated by the ``"t2w"`` query of a ``--bids-filter-file``, on the files pybids indexed,
+   with their entities parsed from the path relative to the dataset root (pybids 0.22.0
+   parses the absolute path: see :func:`_indexed_files`).
 2. Each candidate's header (never the voxel data) must be readable and 3D (trailing
    singleton dimensions are fine).
 3. Orientation, see :func:`slice_orientation`. A scan whose ``acq`` label starts with
@@ -204,20 +206,25 @@ def load_bids_filters(path: Union[str, Path]) -> dict:
     return data
 
 
-def _pybids_query(query: Mapping[str, Any]) -> dict[str, Any]:
-    from bids.layout import Query
+def _value_matches(value: Any, wanted: Any) -> bool:
+    """One entity's value against one filter value: ``None`` = absent, ``"*"`` = present, a
+    list = any of these, else equal (as text, or as numbers: ``run-01`` matches ``1``)."""
+    if wanted is None:
+        return value is None
+    if value is None:
+        return False
+    if isinstance(wanted, list):
+        return any(_value_matches(value, w) for w in wanted)
+    if wanted == "*" or str(value) == str(wanted):
+        return True
+    try:
+        return int(str(value)) == int(str(wanted))
+    except ValueError:
+        return False
 
-    out: dict[str, Any] = {}
-    for key, value in query.items():
-        if value is None:
-            out[key] = Query.NONE
-        elif value == "*":
-            out[key] = Query.ANY
-        elif isinstance(value, list):
-            out[key] = [Query.ANY if v == "*" else v for v in value]
-        else:
-            out[key] = value
-    return out
+
+def _matches(entities: Mapping[str, Any], query: Mapping[str, Any]) -> bool:
+    return all(_value_matches(entities.get(key), wanted) for key, wanted in query.items())
 
 
 # --------------------------------------------------------------------------- orientation
@@ -476,9 +483,43 @@ def _t2w_query(bids_filters: Optional[Mapping[str, Any]]) -> tuple[dict[str, Any
     return {**DEFAULT_T2W_QUERY, **dict(filters.get("t2w") or {})}, "t2w" not in filters
 
 
-def _check_labels(layout: Any, bids_dir: Path, subjects: Optional[list[str]], sessions: Optional[list[str]]) -> None:
+#: an indexed file: its path and the entities pybids parses from its root-relative path
+_Indexed = tuple[Path, dict[str, Any]]
+
+
+def _indexed_files(layout: Any, bids_dir: Path) -> list[_Indexed]:
+    """Every file pybids indexed, with its entities parsed from the path *relative to the
+    dataset root*. pybids 0.22.0 matches its entity patterns against the absolute path, so a
+    dataset below a folder named like a datatype (``/projects/perf/bids/``, ``.../anat/...``)
+    gets that datatype for every file and its T2w scans are never found (pybids issue #1270,
+    fixed after 0.22.0 by PR #1273); parsing ``/sub-01/anat/sub-01_T2w.nii.gz`` instead sees
+    only what lies inside the dataset."""
+    from bids.layout import parse_file_entities
+    from bids.layout.models import Config
+
+    config = Config.load("bids")
+    roots = (bids_dir, bids_dir.resolve())
+    out: list[_Indexed] = []
+    for name in layout.get(return_type="filename"):
+        path = Path(name)
+        rel = next((path.relative_to(r) for r in roots if is_within(path, r)), None)
+        if rel is None:  # pragma: no cover - pybids indexes below its root only
+            continue
+        entities = parse_file_entities("/" + rel.as_posix(), config=[config])
+        out.append((path, dict(entities)))
+    return out
+
+
+def _known_entities() -> set[str]:
+    from bids.layout.models import Config
+
+    return set(Config.load("bids").entities)
+
+
+def _check_labels(files: list[_Indexed], bids_dir: Path, subjects: Optional[list[str]],
+                  sessions: Optional[list[str]]) -> None:
     """``NoMatchError`` naming the participant or session labels that do not exist."""
-    all_subjects = sorted(layout.get_subjects(), key=_natural_key)
+    all_subjects = sorted({str(e["subject"]) for _p, e in files if e.get("subject")}, key=_natural_key)
     if subjects is not None:
         missing = [s for s in subjects if s not in all_subjects]
         if missing:
@@ -486,8 +527,9 @@ def _check_labels(layout: Any, bids_dir: Path, subjects: Optional[list[str]], se
                                f"{_describe(missing, 'sub-')} (available: "
                                f"{_describe(all_subjects, 'sub-') or 'none'})")
     if sessions is not None:
-        subset = subjects or all_subjects
-        all_sessions = sorted(set(layout.get_sessions(subject=subset)) if subset else set(), key=_natural_key)
+        subset = set(subjects or all_subjects)
+        all_sessions = sorted({str(e["session"]) for _p, e in files
+                               if e.get("session") and str(e.get("subject")) in subset}, key=_natural_key)
         missing = [s for s in sessions if s not in all_sessions]
         if missing:
             scope = f" for {_describe(subjects, 'sub-')}" if subjects else ""
@@ -496,19 +538,21 @@ def _check_labels(layout: Any, bids_dir: Path, subjects: Optional[list[str]], se
                                f"{_describe(all_sessions, 'ses-') or 'none'})")
 
 
-def _query_files(layout: Any, bids_dir: Path, query: dict[str, Any], subjects: Optional[list[str]],
+def _query_files(files: list[_Indexed], bids_dir: Path, query: dict[str, Any], subjects: Optional[list[str]],
                  sessions: Optional[list[str]]) -> list[Path]:
-    """The files of the query for the labels, sorted; ``NoMatchError`` when there is none."""
-    pyq = _pybids_query(query)
+    """The files of the query for the labels, sorted; ``NoMatchError`` when there is none and
+    ``UsageError`` for a query on an entity pybids does not know."""
+    unknown = sorted(set(query) - _known_entities())
+    if unknown:
+        raise UsageError(f"the BIDS query {query} cannot be run: {', '.join(map(repr, unknown))} "
+                         f"{'is no' if len(unknown) == 1 else 'are no'} BIDS entity name(s) pybids knows "
+                         "(e.g. 'acquisition', 'run', 'reconstruction', 'chunk', 'suffix')")
+    full = dict(query)
     if subjects is not None:
-        pyq["subject"] = subjects
+        full["subject"] = list(subjects)
     if sessions is not None:
-        pyq["session"] = sessions
-    try:
-        files = layout.get(return_type="object", **pyq)
-    except Exception as exc:  # pybids raises ValueError/TypeError for unknown entities
-        raise UsageError(f"the BIDS query {query} cannot be run: {exc}") from exc
-    candidates = sorted({Path(f.path) for f in files}, key=lambda p: p.as_posix())
+        full["session"] = list(sessions)
+    candidates = sorted({p for p, ents in files if _matches(ents, full)}, key=lambda p: p.as_posix())
     if not candidates:
         raise NoMatchError(f"no file in {bids_dir} matches the query {json.dumps(query, default=str)}"
                            + (f" for {_describe(subjects, 'sub-')}" if subjects else "")
@@ -537,8 +581,9 @@ def discover_scans(
     query, prefer_sag = _t2w_query(bids_filters)
     handle = _LayoutHandle(bids_dir, Path(database_dir) if database_dir is not None else None)
     try:
-        _check_labels(handle.layout, bids_dir, subjects, sessions)
-        candidates = _query_files(handle.layout, bids_dir, query, subjects, sessions)
+        files = _indexed_files(handle.layout, bids_dir)
+        _check_labels(files, bids_dir, subjects, sessions)
+        candidates = _query_files(files, bids_dir, query, subjects, sessions)
         scans, skipped, unusable = _select(candidates, bids_dir, prefer_sag)
     finally:
         handle.close()

@@ -11,6 +11,7 @@ import sys
 import threading
 import traceback
 from contextlib import contextmanager
+from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
@@ -121,14 +122,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _run(settings: Settings) -> int:
-    from spineps.fsutil import write_text_atomic
+    from spineps.fsutil import check_real_folder, write_text_atomic
     from spineps.logging_setup import setup_logging, teardown_logging
 
     try:
         try:
+            check_real_folder(settings.logs_dir / "locks", settings.output_dir)  # never through a planted link
             settings.logs_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise OutputError(f"cannot create the output folder ({exc.strerror or exc})", settings.logs_dir) from exc
+            raise OutputError(f"cannot create the output folder ({exc.strerror or exc})",
+                              Path(exc.filename) if exc.filename else settings.logs_dir) from exc
     except SpinepsError as exc:
         _report(exc, settings.verbosity, logging_ready=False)
         return exc.exit_code
@@ -178,6 +181,7 @@ def _run(settings: Settings) -> int:
 def _participant(settings: Settings) -> None:
     from spineps import loading, participant
 
+    loading.announce_models(settings)  # before anything else: which models, and whether they are demonstrations
     discovery = participant.check_inputs(settings)
     if settings.input_kind == "semantic-mask":
         participant.run_participant(settings, None, loading.load_instance_segmenter(settings), discovery=discovery)

@@ -45,6 +45,11 @@ _PRECISION_HELP = ("network arithmetic on CPU: fp32, or bf16 (bfloat16 autocast,
 _ENGINE_HELP = ("what runs the network forward passes on CPU: torch, or onnxruntime (float32 only; the same labels "
                 "as torch, several times faster); auto = onnxruntime for the semantic network when the precision is "
                 "fp32, torch otherwise (default: auto)")
+_NPROCS_HELP = ("CPUs this run may use in all: no thread pool of the process (torch, ONNX Runtime, N4, nnU-Net) "
+                "uses more; the scans run one after the other in this one process (start several participant "
+                "jobs to run scans in parallel). Default: the CPUs this process may use (affinity, SLURM masks)")
+_OMP_HELP = ("threads of each parallel step (torch/OpenMP, ONNX Runtime, N4), at most --nprocs "
+             "(default: --nprocs)")
 #: tool subcommands (not BIDS-App runs), chosen when they are the first argument
 SUBCOMMANDS = ("demo", "instance", "evaluate", "fuse", "export-nnunet", "export-cutouts")
 #: subcommands whose arguments and runner live in their own (light) module:
@@ -76,9 +81,10 @@ usages:
 _EPILOG = """\
 exit codes: 0 success; 1 some scans failed (the others finished); 16 input failed BIDS
 validation; 17 unknown analysis level; 18 labels or filters selected no files; 64 usage
-error; 65 bad input data (also an unreadable input); 66 input missing; 73 output cannot be
-created (also a failed write); 75 temporary failure (memory, disk); 78 no usable model;
-130/143 interrupted.
+error (also scans the semantic model's modality does not match); 65 bad input data (also an
+unreadable input); 66 input missing; 73 output cannot be created (also a failed write); 75
+temporary failure (memory, disk or quota full; also when every failed scan only lacked
+memory or disk); 78 no usable model; 130/143 interrupted. 74 (I/O error) is not used.
 """
 
 
@@ -191,9 +197,9 @@ def _add_resource_arguments(p: argparse.ArgumentParser) -> None:
                    help="folder for intermediate files (the pybids index, removed after indexing); must not "
                         "lie inside bids_dir (default: none, the index is kept in memory)")
     r.add_argument("--nprocs", "--n-cpus", "--n_cpus", dest="nprocs", type=_positive_int, metavar="N",
-                   help="processes for pre-processing and inference workers (default: the CPUs available)")
+                   help=_NPROCS_HELP)
     r.add_argument("--omp-nthreads", "--omp_nthreads", dest="omp_nthreads", type=_positive_int, metavar="N",
-                   help="threads per process for torch/OpenMP (default: --nprocs)")
+                   help=_OMP_HELP)
     add_mem_argument(r)
     r.add_argument("--device", choices=DEVICES, default="auto",
                    help="where the networks run; auto picks CUDA when available, else CPU (default: auto)")
@@ -216,6 +222,18 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--instance-model", "--instance_model", dest="instance_model", type=Path, metavar="DIR",
                    help=f"instance (cutout U-Net) model folder (default: ${INSTANCE_MODEL_ENV}, "
                         "else the bundled model; without one only the semantic mask is written)")
+    m.add_argument("--allow-unsafe-checkpoints", "--allow_unsafe_checkpoints", dest="allow_unsafe_checkpoints",
+                   action="store_true",
+                   help="RISK: load a semantic checkpoint that the safe loader (torch.load weights_only=True) "
+                        "refuses by unpickling it in full, which runs any Python code the file holds, with your "
+                        "rights. Only for a model folder from a source you trust completely (default: such a "
+                        "checkpoint is refused, exit 78)")
+    m.add_argument("--allow-modality-mismatch", "--allow_modality_mismatch", dest="allow_modality_mismatch",
+                   action="store_true",
+                   help="segment scans whose suffix (e.g. T1w, selected by a --bids-filter-file) is not a modality "
+                        "of the semantic model (its inference_config.json 'modality', T2w for the SPINEPS T2w "
+                        "models): their masks come from a model that never saw such images (default: such a "
+                        "selection is refused, exit 64)")
 
 
 def add_level_naming_arguments(p: argparse.ArgumentParser) -> None:
@@ -291,9 +309,9 @@ def add_instance_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help=_PRECISION_HELP)
     p.add_argument("--engine", choices=ENGINES, default="auto", help=_ENGINE_HELP)
     p.add_argument("--nprocs", "--n-cpus", "--n_cpus", dest="nprocs", type=_positive_int, metavar="N",
-                   help="processes (default: the CPUs available)")
+                   help=_NPROCS_HELP)
     p.add_argument("--omp-nthreads", "--omp_nthreads", dest="omp_nthreads", type=_positive_int, metavar="N",
-                   help="threads per process for torch/OpenMP (default: --nprocs)")
+                   help=_OMP_HELP)
     add_level_naming_arguments(p)
     add_mem_argument(p)
     p.add_argument("--stop-on-first-crash", "--stop_on_first_crash", dest="stop_on_first_crash", action="store_true",

@@ -37,7 +37,7 @@ from typing import Literal, Optional, Union
 
 import numpy as np
 
-from spineps.errors import InputError, OutputError, one_line
+from spineps.errors import InputError, OutputError, one_line, write_error
 from spineps.fsutil import atomic_path
 from spineps.geometry.volume import Volume, float3, int3, str3
 
@@ -398,5 +398,5 @@ def save_volume(volume: Volume, path: PathLike, *, dtype=None, like: Optional[He
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
     except OSError as exc:
-        raise OutputError(f"cannot write NIfTI: {_describe(exc)}", p) from exc
+        raise write_error(f"cannot write NIfTI: {_describe(exc)}", p, exc) from exc
     return p

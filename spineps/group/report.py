@@ -94,6 +94,7 @@ class ScanRecord:
     naming: dict[str, Any] = field(default_factory=dict)
     source: str = "morphometry"  # or "masks" when measured at the group level
     outliers: list[Any] = field(default_factory=list)
+    demonstration: list[str] = field(default_factory=list)  # model roles that were demonstration models
     page: Optional[str] = None  # the scan's page (spineps.group.scan_page), relative to output_dir
 
 
@@ -157,10 +158,44 @@ def _naming_from_sidecars(inst: Optional[Path], sem: Path) -> dict[str, Any]:
     return {}
 
 
-def _load_record(output_dir: Path, name: str, sem: Path, inst: Optional[Path]) -> ScanRecord:
+def _bundled_checksums() -> dict[str, str]:
+    """``sha256:<hex>`` of each bundled model folder -> its name (what a participant run's
+    sidecars hold as the checksum of a bundled model)."""
+    from spineps.models.folder import folder_checksum
+    from spineps.models.registry import BUNDLED_INSTANCE, BUNDLED_SEMANTIC, bundled_model_dir
+
+    out: dict[str, str] = {}
+    for name in (BUNDLED_SEMANTIC, BUNDLED_INSTANCE):
+        folder = bundled_model_dir(name)
+        if folder is not None:
+            out[f"sha256:{folder_checksum(folder)}"] = name
+    return out
+
+
+def _demonstration_roles(sem: Path, inst: Optional[Path], bundled: dict[str, str]) -> list[str]:
+    """The model roles of a scan's sidecars that were demonstration models: ``Demonstration``
+    true, or (sidecars of older versions) the checksum of a bundled folder."""
+    roles: list[str] = []
+    for nii in (sem, inst):
+        if nii is None:
+            continue
+        try:
+            models = json.loads(_sidecar(nii).read_text(encoding="utf-8")).get("Models") or {}
+        except (OSError, ValueError, AttributeError):
+            continue
+        for role, entry in models.items() if isinstance(models, dict) else ():
+            if isinstance(entry, dict) and (entry.get("Demonstration") is True or entry.get("Checksum") in bundled):
+                if role not in roles:
+                    roles.append(role)
+    return roles
+
+
+def _load_record(output_dir: Path, name: str, sem: Path, inst: Optional[Path],
+                 bundled: Optional[dict[str, str]] = None) -> ScanRecord:
     from spineps.measure.scan import measure_scan, morphometry_paths, read_measurements
 
     rec = ScanRecord(name, _entity(name, "sub") or "", _entity(name, "ses"), sem, inst)
+    rec.demonstration = _demonstration_roles(sem, inst, bundled or {})
     fig = sem.with_name(name + FIGURE_SUFFIX)
     if fig.is_file():
         rec.figure = fig.relative_to(output_dir).as_posix()
@@ -409,6 +444,26 @@ def _scan_blob(r: ScanRecord, kidx: dict[tuple[str, str, str], int]) -> dict[str
     }
 
 
+def _escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def demonstration_banner(records: Sequence[ScanRecord]) -> str:
+    """The report's banner (static HTML, shown without JavaScript) when any scan was segmented
+    with a demonstration model; empty otherwise."""
+    demo = [r for r in records if r.demonstration]
+    if not demo:
+        return ""
+    roles = sorted({role for r in demo for role in r.demonstration})
+    return ('<div class="banner demo" id="demonstration-banner" role="alert"><strong>Demonstration models.</strong> '
+            f"{len(demo)} of {len(records)} scan(s) were segmented with the {' and '.join(roles)} demonstration "
+            "model(s) bundled with spineps: trained briefly, mostly on phantoms, far below the accuracy of the "
+            "published SPINEPS models. Their masks and measurements are for trying the app out, not for real "
+            "studies: rerun the participant level with the official SPINEPS weights (<code>--semantic-model</code> "
+            "/ <code>--instance-model</code>, or <code>SPINEPS_SEMANTIC_MODEL</code> / "
+            "<code>SPINEPS_INSTANCE_MODEL</code>).</div>")
+
+
 def render_html(records: Sequence[ScanRecord], stats: dict, *, title: str, output_dir_name: str, software: str,
                 threshold: float, min_scans: int, extra: Optional[dict[str, Any]] = None) -> str:
     """The report page (a string): templates + one inline JSON blob (``extra`` is added to
@@ -435,8 +490,9 @@ def render_html(records: Sequence[ScanRecord], stats: dict, *, title: str, outpu
     blob = json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     blob = blob.replace("</", "<\\/").replace("<!--", "<\\!--")
     html = _template("report.html")
-    esc_title = (title.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;"))
+    esc_title = _escape(title)
     # replace the data last: the other parts must not be searched inside user-controlled text
+    html = html.replace("__SPINEPS_BANNER__", demonstration_banner(records))
     html = html.replace("__SPINEPS_TITLE__", esc_title)
     html = html.replace("__SPINEPS_CSS__", _template("report.css"))
     html = html.replace("__SPINEPS_JS__", _template("report.js"))
@@ -484,9 +540,10 @@ def _records(out: Path, found: list[tuple[str, Path, Optional[Path]]]) -> tuple[
 
     records: list[ScanRecord] = []
     failed: dict[str, str] = {}
+    bundled = _bundled_checksums()
     for name, sem, inst in found:
         try:
-            records.append(_load_record(out, name, sem, inst))
+            records.append(_load_record(out, name, sem, inst, bundled))
         except (SpinepsError, ValueError) as exc:
             log.error("%s: left out of the group outputs: %s", name, exc)
             failed[name] = str(exc)
@@ -573,6 +630,10 @@ def build_group(output_dir: Union[str, Path], *, participant_labels: Optional[It
     _write(files["report"], html)
     write_bidsignore(out)
     n_flagged = sum(1 for r in records if (r.qc.get("flags") or r.outliers))
+    n_demo = sum(1 for r in records if r.demonstration)
+    if n_demo:
+        log.warning("%d of %d scan(s) were segmented with demonstration models (bundled with spineps): not for real "
+                    "studies; the report says so in a banner", n_demo, len(records))
     seconds = time.perf_counter() - t0
     log.info("group: %d scan(s) (%d measured from masks), %d flagged, %d outlier measurement(s); report %s "
              "(%.0f kB) in %.2f s", len(records), sum(r.source == "masks" for r in records), n_flagged, len(outs),

@@ -152,12 +152,21 @@ class UNetInstanceSegmenter:
             "spacing": [list(self.config.spacing_min), list(self.config.spacing_max)],
             "cutout_size": list(self.config.cutout_size),
             "device": self.device,
+            "threads": self.nprocs,
             "half_precision": self.half,
             "precision": self.precision,
             "engine": self.engine if self._ort is None else dict(self._ort.describe()),
             "channels_last": self.channels_last,
             "epoch": self.meta.get("epoch"),
         }
+
+    def memory_footprint(self) -> dict[str, Any]:
+        """What this network needs beyond the arrays, for ``spineps.resources.InstanceFootprint``."""
+        return {"orientation": list(self.config.orientation), "spacing_min": list(self.config.spacing_min),
+                "spacing_max": list(self.config.spacing_max), "cutout": list(self.config.cutout_size),
+                "in_channels": int(self.in_channels), "dim": int(self.dim), "batch": int(self.batch_size),
+                "precision": self.precision, "engine": self.engine, "channels_last": bool(self.channels_last),
+                "device": str(self.device).split(":")[0]}
 
     # -- the network on cutouts -----------------------------------------------------
     def forward_cutouts(self, mapped: np.ndarray, boxes: Sequence) -> list[np.ndarray]:

@@ -14,7 +14,8 @@ the best wins and ``confidence`` is its softmax probability among all candidates
 Cues (``LevelNaming.evidence`` holds each one's measurements and its own best naming):
 
 - ``sacrum`` (hard, penalty 50): the sacrum (26) is in view and lies within
-  ``sacrum_gap_mm`` of the lowest vertebra (and below it) -> the lowest vertebra is the
+  ``sacrum_gap_mm`` of the lowest vertebra (its lowest piece of at least 0.5 ml within
+  that gap below it; stray sacrum voxels above do not count) -> the lowest vertebra is the
   last lumbar one (L5; L6 in the ``L6`` variant), count upwards. Transitional criterion:
   whether the L6 (or T13) variant wins is decided by the soft ``ribs`` cue (does the
   vertebra six above the sacrum have thoracic-type or lumbar-type costal processes?)
@@ -312,6 +313,10 @@ def _candidates(n: int, has_c1: bool) -> list[_Candidate]:
     return out
 
 
+#: smallest sacrum piece (mm^3) that counts for the sacrum cue
+_MIN_SACRUM_MM3 = 500.0
+
+
 def _sacrum_cue(semantic: Volume, instance: Volume, ids: list[int], gap_mm: float) -> dict[str, Any]:
     from scipy import ndimage
 
@@ -332,8 +337,19 @@ def _sacrum_cue(semantic: Volume, instance: Volume, ids: list[int], gap_mm: floa
     sl = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
     dist = ndimage.distance_transform_edt(~low_mask[sl], sampling=spacing)
     gap = float(dist[sac[sl]].min())
-    # the sacrum must lie below the lowest vertebra
-    com_s = np.argwhere(sac[sl]).mean(0)
+    # the lowest sacrum piece of at least _MIN_SACRUM_MM3 within the gap must lie below the
+    # lowest vertebra (stray sacrum voxels above it, a semantic model's confusion of
+    # posterior elements with the sacrum, must not move the comparison)
+    pieces, n = ndimage.label(sac[sl])
+    idx = np.arange(1, n + 1)
+    gaps = np.asarray(ndimage.minimum(dist, pieces, idx)).reshape(-1)
+    vol = np.asarray(ndimage.sum(np.ones_like(dist), pieces, idx)).reshape(-1) * float(np.prod(spacing))
+    world_z = semantic.affine[2, :3] @ np.asarray(ndimage.center_of_mass(sac[sl], pieces, idx)).reshape(-1, 3).T
+    ok = (gaps <= gap_mm) & (vol >= _MIN_SACRUM_MM3)
+    if not ok.any():
+        ev.update({"gap_mm": float(gaps.min()), "below_lowest": False, "applies": False})
+        return ev
+    com_s = np.asarray(ndimage.center_of_mass(pieces == int(idx[ok][np.argmin(world_z[ok])])))
     com_l = np.argwhere(low_mask[sl]).mean(0)
     dz = float((semantic.affine[:3, :3] @ (com_l - com_s))[2])
     ev.update({"gap_mm": gap, "below_lowest": dz > 0, "applies": bool(gap <= gap_mm and dz > 0)})
@@ -569,7 +585,8 @@ def _plan(rule: str, anchor_value: Optional[int], available: dict[str, Any], hav
         plan = _Plan("anchor", {"anchor": anchor_value, **available})
     elif rule == "auto":
         # size only breaks ties once a hard cue fixed the window
-        plan = _Plan(rule, dict(available), have_size, 0.05 if available else 1.0)
+        hard = any(k in available for k in _PRECEDENCE)
+        plan = _Plan(rule, dict(available), have_size, 0.05 if hard else 1.0)
     else:
         plan = _forced(rule, available, have_size, top, warnings)
     if not plan.active and not plan.use_size:

@@ -14,10 +14,11 @@ Everything that can be checked is checked in ``inspect_nnunet_folder`` / ``load_
 (at load time, before any scan), and every problem is a ``ModelError`` naming the file.
 
 Checkpoints and torch >= 2.6: ``torch.load`` defaults to ``weights_only=True``, which
-refuses the numpy scalars/arrays nnU-Net stores in its logging entries. We first load with
-``weights_only=True`` and an allow-list of the numpy types; only if that still fails do we
-fall back to ``weights_only=False``, and only for a checkpoint inside the model folder the
-user selected (a model folder is code-equivalent and trusted by choosing it).
+refuses the numpy scalars/arrays nnU-Net stores in its logging entries. We load with
+``weights_only=True`` and an allow-list of the numpy types. A checkpoint that still needs
+unrestricted unpickling is refused with ``ModelError`` (unpickling runs whatever code the
+file holds) unless the user asked for it explicitly (``--allow-unsafe-checkpoints``, passed
+here as ``allow_unsafe``): then it is loaded with ``weights_only=False`` and a warning.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from spineps.logging_setup import quiet_stdout
 from spineps.models.folder import ModelConfig, read_model_config
 
 __all__ = ["NnUNetFolder", "inspect_nnunet_folder", "load_checkpoint", "LoadedNnUNet", "load_nnunet_folder",
-           "CHECKPOINT_NAMES"]
+           "CHECKPOINT_NAMES", "UNSAFE_OPTION"]
 
 log = logging.getLogger(__name__)
 
@@ -120,10 +121,26 @@ def _numpy_safe_globals() -> list:
     return out
 
 
-def load_checkpoint(path: Path) -> dict:
-    """``torch.load`` a checkpoint of a (trusted, user-selected) model folder on CPU; see the
-    module docstring for the ``weights_only`` policy. Raises ``ModelError`` when unreadable
-    or when it lacks the keys inference needs."""
+#: the option that allows unrestricted unpickling (named in the refusal)
+UNSAFE_OPTION = "--allow-unsafe-checkpoints"
+
+
+def _weights_only_reason(exc: BaseException) -> str:
+    """The line of torch's weights-only refusal that says why (e.g. ``Unsupported global:
+    GLOBAL mymodule.Thing``, ``Unsupported operand 103``), not its boilerplate."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for i, line in enumerate(lines):
+        if "WeightsUnpickler error" in line:
+            rest = line.split("WeightsUnpickler error:", 1)[-1].strip()
+            return (rest or (lines[i + 1] if i + 1 < len(lines) else line))[:300]
+    return (lines[0] if lines else type(exc).__name__)[:300]
+
+
+def load_checkpoint(path: Path, allow_unsafe: bool = False) -> dict:
+    """``torch.load`` a checkpoint of a model folder on CPU, weights only (see the module
+    docstring); ``allow_unsafe`` lets a checkpoint the safe loader refuses be unpickled in
+    full. Raises ``ModelError`` when unreadable, refused, or when it lacks the keys inference
+    needs."""
     import pickle
 
     import torch
@@ -134,8 +151,16 @@ def load_checkpoint(path: Path) -> dict:
             with torch.serialization.safe_globals(_numpy_safe_globals()):
                 ck = torch.load(str(path), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
-            log.info("%s: weights-only loading refused (%s); loading it as a trusted model-folder file",
-                     path, str(exc).splitlines()[0][:200])
+            why = _weights_only_reason(exc)
+            if "global" not in why.lower():  # not a class outside the allow-list: a broken file
+                raise ModelError(f"checkpoint cannot be loaded (corrupt or not a torch checkpoint: {why})",
+                                 path) from None
+            if not allow_unsafe:
+                raise ModelError(f"checkpoint refused by the safe loader (torch.load weights_only=True: {why}); "
+                                 f"loading it in full would run any code it holds: only if you trust this model "
+                                 f"folder completely, rerun with {UNSAFE_OPTION}", path) from None
+            log.warning("%s: the safe loader refused it (%s); unpickling it in full (%s): it may run code",
+                        path, why, UNSAFE_OPTION)
             ck = torch.load(str(path), map_location="cpu", weights_only=False)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, ValueError, AttributeError,
             ModuleNotFoundError) as exc:
@@ -242,10 +267,12 @@ def _check_outputs(info: NnUNetFolder, label_manager: Any, n_in: int, n_out: int
                          info.path / "inference_config.json")
 
 
-def load_nnunet_folder(folder: Path, folds: Optional[Sequence[int]] = None) -> LoadedNnUNet:
-    """Validate and load everything inference needs; all problems -> ``ModelError``."""
+def load_nnunet_folder(folder: Path, folds: Optional[Sequence[int]] = None, *,
+                       allow_unsafe: bool = False) -> LoadedNnUNet:
+    """Validate and load everything inference needs; all problems -> ``ModelError``.
+    ``allow_unsafe``: see :func:`load_checkpoint`."""
     info = inspect_nnunet_folder(folder, folds)
-    cks = [load_checkpoint(p) for p in info.checkpoints]
+    cks = [load_checkpoint(p, allow_unsafe) for p in info.checkpoints]
     configuration = _configuration(info, cks)
     net = _build_network(info, configuration)
     _check_outputs(info, net.label_manager, net.n_in, net.n_out)

@@ -8,6 +8,9 @@
   superior first) on the mask's grid. Post-processing, discs, endplates and level names are
   later stages of ``spineps.pipeline``.
 
+A semantic segmenter may also say which scans it is for (``modality``: BIDS suffixes such as
+``("T2w",)``, from its ``inference_config.json``); a participant run refuses others.
+
 ``spineps.semantic.predict.NnUNetSemanticSegmenter`` and
 ``spineps.instance.segmenter.UNetInstanceSegmenter`` implement them for the released model
 folders; the tests plug in others.

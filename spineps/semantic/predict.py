@@ -15,7 +15,8 @@
 6. back onto the exact input grid (nearest neighbour through world coordinates).
 
 Devices: ``device="auto"`` uses CUDA when present, else CPU. ``nprocs`` sets torch's
-threads. Half precision (autocast) is used by nnU-Net on CUDA only. Test-time mirroring:
+threads (and ONNX Runtime's): the threads of each step, ``Settings.threads``. Half precision
+(autocast) is used by nnU-Net on CUDA only. Test-time mirroring:
 ``tta`` (the app's ``--tta``, off by default on every device) mirrors along the axes the model
 allows and refuses, with a warning, for a model that allows none; without ``tta``,
 ``mirroring`` decides (None: ``inference_augmentation`` on GPU, off on CPU; True forces all
@@ -231,17 +232,36 @@ class NnUNetSemanticSegmenter:
         self.cpu_bf16 = bool(enabled)
         self.precision = "bf16" if enabled else "fp32"
 
+    def memory_footprint(self) -> dict[str, Any]:
+        """What this network needs beyond the arrays, for ``spineps.resources.SemanticFootprint``:
+        tile (nnU-Net's patch, in model orientation), first-stage features, outputs, folds and
+        the resolved precision and engine."""
+        kwargs = getattr(self.loaded.configuration_manager, "network_arch_init_kwargs", None) or {}
+        features = kwargs.get("features_per_stage") or [32]
+        return {"orientation": list(self.config.orientation), "spacing_min": list(self.config.spacing_min),
+                "spacing_max": list(self.config.spacing_max),
+                "tile": [int(v) for v in reversed(tuple(self.loaded.patch_size))],  # nnU-Net's axes are reversed
+                "features": int(features[0]), "classes": int(self.loaded.num_outputs),
+                "folds": len(self.loaded.folder.folds), "precision": self.precision, "engine": self.engine,
+                "device": self.device.type}
+
+    @property
+    def modality(self) -> tuple[str, ...]:
+        """The scan suffixes (BIDS) this model is for: the config's ``modality``, e.g. ``("T2w",)``."""
+        return tuple(self.config.modality)
+
     # ------------------------------------------------------------------------------------------
     @classmethod
     def from_folder(cls, folder: Path, *, device: str = "auto", nprocs: Optional[int] = None, n4: bool = True,
                     folds: Optional[tuple[int, ...]] = None, mirroring: Optional[bool] = None,
                     step_size: Optional[float] = None, precision: str = "fp32",
-                    engine: str = "torch", tta: Optional[bool] = None,
+                    engine: str = "torch", allow_unsafe: bool = False, tta: Optional[bool] = None,
                     probabilities: bool = False) -> "NnUNetSemanticSegmenter":
-        """Validate and load a model folder (``ModelError`` on any problem, before any scan)."""
+        """Validate and load a model folder (``ModelError`` on any problem, before any scan).
+        ``allow_unsafe``: unpickle a checkpoint the safe loader refuses (``--allow-unsafe-checkpoints``)."""
         from spineps.models.nnunet_folder import load_nnunet_folder
 
-        loaded = load_nnunet_folder(Path(folder), folds)
+        loaded = load_nnunet_folder(Path(folder), folds, allow_unsafe=allow_unsafe)
         return cls(loaded, device=device, nprocs=nprocs, n4=n4, mirroring=mirroring, step_size=step_size,
                    precision=precision, engine=engine, tta=tta, probabilities=probabilities)
 

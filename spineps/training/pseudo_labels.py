@@ -8,8 +8,8 @@ taught. ``pseudo_target`` adopts a previous model's prediction there, conservati
 
 - only inside a target's unknown voxels (what the annotation and its rules say is kept);
 - never for the classes that the annotation decides (``decided``: in a body-annotated scan
-  the body and disc classes, in a disc-annotated scan the disc, body and sacrum classes), so
-  the model cannot teach itself back the errors the annotation corrects;
+  the body, disc and sacrum classes, in a disc-annotated scan the disc, body and sacrum
+  classes), so the model cannot teach itself back the errors the annotation corrects;
 - only the interior of each predicted structure (eroded by ``erode_vox`` voxels in every
   direction): borders, where a prediction is least sure, stay unknown;
 - predicted background only farther than ``background_margin_vox`` voxels from every

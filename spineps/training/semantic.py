@@ -231,7 +231,10 @@ def add_pseudo_labels(raw: Path, recipe: Recipe, real_root: Path, nprocs: int = 
 
     seg = NnUNetSemanticSegmenter.from_folder(Path(recipe.pseudo_from), device="cpu", nprocs=nprocs, n4=False)
     idx = {v: LABEL_ORDER.index(v) + 1 for v in (49, 100, 26)}
-    decided = {49: (idx[49], idx[100]), 100: (idx[100], idx[49], idx[26])}
+    # the annotation decides the body and disc classes; the sacrum too in both kinds of scan
+    # (its S1 rule places it below the lowest annotated level; a sacrum predicted elsewhere
+    # in a body-annotated scan is the error the round-1 model made on water-fat contrast)
+    decided = {49: (idx[49], idx[100], idx[26]), 100: (idx[100], idx[49], idx[26])}
     names = []
     for set_name, sub, _img_p, _lab_p, value in real_cases(real_root, "train", recipe.holdout):
         case = f"real{set_name.lower()}_{sub.replace('sub-', '')}"
