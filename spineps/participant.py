@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from spineps.settings import Settings
 
 __all__ = ["ParticipantSummary", "check_inputs", "run_participant", "process_scan", "process_mask",
-           "load_semantic_mask", "model_provenance", "run_models"]
+           "load_semantic_mask", "model_provenance", "run_models", "session_groups", "STATION_ENTITIES"]
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +128,13 @@ def _source_name(settings: "Settings") -> str:
     return "semantic" if settings.input_kind == "semantic-mask" else "raw"
 
 
+_IMAGE_DESCRIPTION = ("Semantic segmentation of the spine (vertebra substructures, discs, spinal canal and cord); "
+                      "values as in desc-spine_dseg.tsv")
+_MASK_DESCRIPTION = ("Semantic segmentation of the spine, post-processed by the instance phase (endplates split, "
+                     "voxels consistent with the instances) from the input mask in Sources; values as in "
+                     "desc-spine_dseg.tsv")
+
+
 def run_participant(settings: "Settings", semantic: Optional["SemanticSegmenter"],
                     instance: Optional["InstanceSegmenter"], discovery: Any = None) -> ParticipantSummary:
     """Process every selected scan. Raises ``ScanFailuresError`` at the end when any scan
@@ -207,27 +214,36 @@ def expected_scan_outputs(settings: "Settings", scan: Any, with_instances: bool)
 
 def _process_all(settings: "Settings", scans: list[Any], run: tuple[Any, Any, dict, Any],
                  summary: ParticipantSummary) -> None:
-    """The scans in order, skipping complete ones (``_complete``); with ``--stop-on-first-crash``
-    the loop ends at the first failure. ``run``: as for :func:`_run_one`."""
+    """The scans in units (:func:`session_groups`: the stations of one session together, every
+    other scan alone), in order, skipping complete ones (:func:`_unit_complete`, clearing their
+    failure records); with ``--stop-on-first-crash`` the loop ends after the first unit with a
+    failure, the scans left listed as not attempted. ``run``: as for :func:`_run_one`."""
     from spineps.failures import clear_failure
 
     instance, models = run[1], run[2]
+    units = session_groups(scans) if instance is not None else [[s] for s in scans]
     current: Optional[str] = None
+    done = 0
     try:
-        for i, scan in enumerate(scans, start=1):
-            current = scan.relpath
-            tag = f"[{i}/{len(scans)}]"
-            expected = expected_scan_outputs(settings, scan, with_instances=instance is not None)
-            if _complete(settings, scan, expected, models, f"{tag} {current}"):
+        for n, unit in enumerate(units, start=1):
+            current = ", ".join(s.relpath for s in unit)
+            tag = f"[{done + 1}{f'-{done + len(unit)}' if len(unit) > 1 else ''}/{len(scans)}]"
+            done += len(unit)
+            expected = [expected_scan_outputs(settings, s, with_instances=instance is not None) for s in unit]
+            if _unit_complete(settings, unit, expected, models, f"{tag} {current}"):
                 log.info("%s %s: outputs complete, skipped (use --overwrite to recompute)", tag, current)
-                summary.skipped_complete.append(current)
-                clear_failure(settings, scan.key)
+                summary.skipped_complete.extend(s.relpath for s in unit)
+                for scan in unit:
+                    clear_failure(settings, scan.key)
                 continue
             log.info("%s %s", tag, current)
-            _run_one(settings, scan, tag, expected, run, summary)
+            if len(unit) == 1:
+                _run_one(settings, unit[0], tag, expected[0], run, summary)
+            else:
+                _run_session(settings, unit, tag, expected, run, summary)
             current = None
             if settings.stop_on_first_crash and summary.failed:
-                summary.not_attempted = [s.relpath for s in scans[i:]]
+                summary.not_attempted = [s.relpath for later in units[n:] for s in later]
                 log.error("stopping at the first failure (--stop-on-first-crash): %d scan(s) not attempted",
                           len(summary.not_attempted))
                 break
@@ -305,6 +321,13 @@ def _complete(settings: "Settings", scan: Any, expected: list[Path], models: dic
     return True
 
 
+def _unit_complete(settings: "Settings", unit: list[Any], expected: list[list[Path]],
+                   models: dict[str, dict[str, Any]], what: str) -> bool:
+    """Whether every scan of a unit (one scan, or the stations of one session) is
+    :func:`_complete`: a session is recomputed as a whole when any station is not."""
+    return all(_complete(settings, scan, exp, models, what) for scan, exp in zip(unit, expected))
+
+
 def _footprint(semantic: Any, instance: Any) -> Any:  # -> Optional[spineps.resources.Footprint]
     """The run's networks for the memory estimate (``spineps.resources.Footprint``), logged once."""
     from spineps.resources import Footprint
@@ -321,17 +344,18 @@ def _run_one(settings: "Settings", scan: Any, tag: str, expected: list[Path], ru
     scan completes). ``run``: the semantic and instance segmenters, their ``Models``
     (:func:`run_models`) and their memory footprint (``spineps.resources.Footprint``).
     A failure is logged and recorded, never raised (``KeyboardInterrupt`` is)."""
-    from spineps.failures import clear_failure, record_failure
+    from spineps.failures import clear_failure
 
     name = scan.relpath
     semantic, instance, models, footprint = run
-    try:
+
+    def work() -> bool:
         with _scan_lock(settings, scan, f"{tag} {name}"):
             if _complete(settings, scan, expected, models, f"{tag} {name}"):
                 log.info("%s %s: outputs completed by another run meanwhile, skipped", tag, name)
                 summary.skipped_complete.append(name)
                 clear_failure(settings, scan.key)
-                return
+                return False
             _revoke_complete(settings, scan)
             if settings.input_kind == "semantic-mask":
                 assert instance is not None  # checked by run_participant
@@ -339,6 +363,21 @@ def _run_one(settings: "Settings", scan: Any, tag: str, expected: list[Path], ru
             else:
                 assert semantic is not None  # checked by run_participant
                 process_scan(settings, scan, semantic, instance, models, footprint)
+            return True
+
+    if _guarded(settings, summary, scan, tag, work):
+        summary.processed.append(name)
+        clear_failure(settings, scan.key)
+
+
+def _guarded(settings: "Settings", summary: ParticipantSummary, scan: Any, tag: str, fn: Any) -> Any:
+    """``fn()``, or None with the scan's failure (its reason) logged, noted in ``summary`` and
+    recorded in the output dataset (``spineps.failures``); ``KeyboardInterrupt`` is raised."""
+    from spineps.failures import record_failure
+
+    name = scan.relpath
+    try:
+        return fn()
     except SpinepsError as exc:
         if isinstance(exc, ResourceError):
             summary.temporary.add(name)
@@ -358,9 +397,7 @@ def _run_one(settings: "Settings", scan: Any, tag: str, expected: list[Path], ru
     except Exception as exc:  # a bug or a library failure: keep going with the other scans
         log.debug("traceback for %s", name, exc_info=True)
         _failed(settings, summary, scan, tag, type(exc).__name__, str(exc))
-    else:
-        summary.processed.append(name)
-        clear_failure(settings, scan.key)
+    return None
 
 
 def _failed(settings: "Settings", summary: ParticipantSummary, scan: Any, tag: str, error: str, why: str) -> None:
@@ -371,6 +408,160 @@ def _failed(settings: "Settings", summary: ParticipantSummary, scan: Any, tag: s
     log.error("%s %s failed: %s", tag, scan.relpath, text)
     summary.failed[scan.relpath] = text
     record_failure(settings, scan.relpath, error, why, bids_name=scan.key)
+
+
+# ------------------------------------------------------------------------------ stations
+#: the entities that tell the stations of one acquisition apart
+STATION_ENTITIES = ("chunk", "run")
+
+
+def session_groups(scans: list[Any]) -> list[list[Any]]:
+    """The scans in units: the stations of one session (the same entities and suffix but for
+    ``chunk`` / ``run``) together, every other scan alone; in the order of their first scan."""
+    groups: dict[tuple, list[Any]] = {}
+    for scan in scans:
+        key = (scan.suffix, tuple((k, v) for k, v in scan.entities.items() if k not in STATION_ENTITIES))
+        groups.setdefault(key, []).append(scan)
+    return list(groups.values())
+
+
+@dataclass
+class _StationRun:
+    """What one station needs for its outputs once the session is named."""
+
+    scan: Any
+    header: Any
+    image: Any
+    t_load: float
+    models: dict[str, Any]
+    description: str
+    prediction: Any  # pipeline.StationPrediction
+
+
+def _predict_station(settings: "Settings", scan: Any, run: tuple[Any, Any, dict, Any]) -> _StationRun:
+    """Load one station, the semantic phase (images) and the instance phase up to the names.
+    ``run`` as for :func:`_run_one`: the segmenters, the run's ``Models`` and the memory
+    footprint (checked against this station's size, as :func:`process_scan` does)."""
+    from spineps.geometry.io import load_volume, read_header
+    from spineps.pipeline import predict_station
+    from spineps.resources import check_scan_resources
+
+    semantic, instance, models, footprint = run
+    assert instance is not None  # stations are named from instances
+    t0 = time.perf_counter()
+    header = read_header(scan.path)
+    check_scan_resources(header, settings.output_dir, footprint=footprint, memory_budget_mb=settings.mem_mb)
+    if settings.input_kind == "semantic-mask":
+        image, mask = None, load_semantic_mask(scan.path)
+        t_load, times, prov = time.perf_counter() - t0, {}, {}
+        description = _MASK_DESCRIPTION
+    else:
+        assert semantic is not None
+        image = load_volume(scan.path, kind="image")
+        _check_not_constant(image, scan.path)
+        t_load = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        mask = semantic.segment(image)
+        if not mask.same_grid(image):
+            raise RuntimeError(f"semantic model {semantic.name} returned a mask off the input grid")
+        times, prov = {"semantic_total": time.perf_counter() - t1}, {"semantic_model": semantic.provenance()}
+        description = _IMAGE_DESCRIPTION
+        if settings.save_probabilities:
+            _write_probabilities(settings, scan, semantic, header, image.affine, models)
+    pred = predict_station(scan.stem, mask, instance, timings=times, provenance=prov)
+    return _StationRun(scan, header, image, t_load, models, description, pred)
+
+
+def _name_session(runs: list[_StationRun], settings: "Settings") -> dict[str, Any]:
+    """The session's stations named together (``pipeline.name_stations``); should that fail,
+    each alone, with a warning."""
+    from spineps.pipeline import name_stations
+
+    preds = [r.prediction for r in runs]
+    try:
+        results, _session = name_stations(preds, _naming_options(settings))
+        return results
+    except Exception as exc:  # the stations can still be named one by one
+        log.warning("stations %s could not be named together (%s: %s): each named alone",
+                    ", ".join(p.name for p in preds), type(exc).__name__, one_line(str(exc)))
+        log.debug("traceback", exc_info=True)
+        return {p.name: name_stations([p], _naming_options(settings))[0][p.name] for p in preds}
+
+
+def _run_session(settings: "Settings", scans: list[Any], tag: str, expected: list[list[Path]],
+                 run: tuple[Any, Any, dict, Any], summary: ParticipantSummary) -> None:
+    """The stations of one session under their locks: each predicted (a failure skips that
+    station), the survivors named as one spine, each station's outputs written. ``run`` as for
+    :func:`_run_one` (segmenters, ``Models``, memory footprint). A station's failure is
+    recorded (``spineps.failures``), a written station's record cleared."""
+    from spineps.failures import clear_failure
+
+    models = run[2]
+    with ExitStack() as locks:
+        for scan in scans:
+            locks.enter_context(_scan_lock(settings, scan, f"{tag} {scan.relpath}"))
+        if _unit_complete(settings, scans, expected, models, tag):
+            log.info("%s: outputs completed by another run meanwhile, skipped", tag)
+            summary.skipped_complete.extend(s.relpath for s in scans)
+            for scan in scans:
+                clear_failure(settings, scan.key)
+            return
+        runs = [r for scan in scans
+                if (r := _guarded(settings, summary, scan, tag, _Predict(settings, scan, run))) is not None]
+        if not runs:
+            return
+        t0 = time.perf_counter()
+        results = _guarded(settings, summary, runs[0].scan, tag, lambda: _name_session(runs, settings)) or {}
+        if not results:
+            _share_failure(settings, summary, runs[0].scan, [r.scan for r in runs[1:]])
+        log.info("%s: %d station(s) named as one session in %.1f s", tag, len(runs), time.perf_counter() - t0)
+        for r in runs:
+            if r.prediction.name in results and _guarded(settings, summary, r.scan, tag, _Write(settings, r, results)):
+                summary.processed.append(r.scan.relpath)
+                clear_failure(settings, r.scan.key)
+
+
+def _share_failure(settings: "Settings", summary: ParticipantSummary, failed: Any, others: list[Any]) -> None:
+    """The failure of ``failed`` (naming the session) noted and recorded for the ``others``
+    (the session's other stations) too."""
+    from spineps.failures import record_failure
+
+    text = summary.failed.get(failed.relpath, "the stations could not be named")
+    if text == "out of memory":
+        error, reason = "MemoryError", text
+    else:
+        error, _, reason = text.partition(": ") if ": " in text else ("RuntimeError", "", text)
+    for scan in others:
+        summary.failed[scan.relpath] = text
+        record_failure(settings, scan.relpath, error, reason, bids_name=scan.key)
+
+
+@dataclass
+class _Predict:
+    """A station's old sidecars removed, then :func:`_predict_station` (for ``_guarded``)."""
+
+    settings: "Settings"
+    scan: Any
+    run: tuple[Any, Any, dict, Any]  # segmenters, Models, footprint (as for _run_one)
+
+    def __call__(self) -> _StationRun:
+        _revoke_complete(self.settings, self.scan)
+        return _predict_station(self.settings, self.scan, self.run)
+
+
+@dataclass
+class _Write:
+    """A named station's outputs (for ``_guarded``): True once written."""
+
+    settings: "Settings"
+    run: _StationRun
+    results: dict[str, Any]
+
+    def __call__(self) -> bool:
+        r = self.run
+        _write_outputs(self.settings, r.scan, self.results[r.prediction.name], header=r.header, image=r.image,
+                       t_load=r.t_load, models=r.models, semantic_description=r.description)
+        return True
 
 
 @contextmanager
@@ -447,8 +638,7 @@ def process_scan(settings: "Settings", scan: Any, semantic: "SemanticSegmenter",
     if settings.save_probabilities:
         _write_probabilities(settings, scan, semantic, header, image.affine, models)
     _write_outputs(settings, scan, result, header=header, image=image, t_load=t_load, models=models,
-                   semantic_description="Semantic segmentation of the spine (vertebra substructures, discs, spinal "
-                                        "canal and cord); values as in desc-spine_dseg.tsv")
+                   semantic_description=_IMAGE_DESCRIPTION)
     log.info("%s: done in %.1f s", scan.relpath, time.perf_counter() - t0)
     return result
 
@@ -471,9 +661,7 @@ def process_mask(settings: "Settings", scan: Any, instance: "InstanceSegmenter",
     result = segment_from_semantic(semantic, instance, _naming_options(settings))
     _write_outputs(settings, scan, result, header=header, image=None, t_load=t_load,
                    models=models if models is not None else run_models(None, instance),
-                   semantic_description="Semantic segmentation of the spine, post-processed by the instance phase "
-                                        "(endplates split, voxels consistent with the instances) from the input "
-                                        "mask in Sources; values as in desc-spine_dseg.tsv")
+                   semantic_description=_MASK_DESCRIPTION)
     log.info("%s: done in %.1f s", scan.relpath, time.perf_counter() - t0)
     return result
 
@@ -544,6 +732,8 @@ def _write_outputs(settings: "Settings", scan: Any, result: "ScanResult", *, hea
     if inst_path is not None and cent_path is not None:
         inst_source = f"bids::{sem_path.relative_to(out).as_posix()}"
         inst_extra = {"LevelNaming": jsonable(result.naming)}
+        if result.stations is not None:
+            inst_extra["Stations"] = jsonable(result.stations)
         if result.warnings:
             inst_extra["Warnings"] = list(result.warnings)
         write_sidecar(INSTANCE_SIDECAR.path(out, scan), make_sidecar(
@@ -661,6 +851,7 @@ def _centroids_json(result: "ScanResult", scan: Any) -> dict[str, Any]:
         "Source": Path(scan.path).name,
         "CoordinateSystem": "RAS+ scanner world (mm), voxel indices 0-based",
         "LevelNaming": jsonable(result.naming),
+        **({"Stations": jsonable(result.stations)} if result.stations is not None else {}),
         "Vertebrae": {
             vertebra_name(int(v)): {"value": int(v), "voxel": c["voxel"], "world": c["world"]}
             for v, c in sorted(result.centroids.items(), key=lambda kv: VERTEBRA_ORDER.index(int(kv[0])))

@@ -49,6 +49,12 @@ __all__ = [
     "crop_to_spine",
     "postprocess",
     "centroids_json",
+    "Anonymous",
+    "postprocess_anonymous",
+    "finish_naming",
+    "StationPrediction",
+    "predict_station",
+    "name_stations",
 ]
 
 log = logging.getLogger(__name__)
@@ -90,6 +96,7 @@ class ScanResult:
     provenance: dict[str, Any]
     measurements: Optional["Measurements"] = None
     measure_error: Optional[str] = None  # why the measurements failed (the masks stand)
+    stations: Optional[dict[str, Any]] = None  # a station of a session: SessionNaming.as_dict (the sidecars)
 
 
 def crop_to_spine(semantic: Volume, vertebrae: Volume) -> tuple[Volume, Volume, Optional["Crop"]]:
@@ -132,34 +139,67 @@ def _sacrum_centroid(semantic: Volume, instance: Volume) -> Optional[np.ndarray]
     return np.asarray(body[0] if n_body[0] > 0 else whole[0])
 
 
-def postprocess(semantic: Volume, vertebrae: Volume, naming: NamingOptions = NamingOptions()) -> Postprocessed:
-    """Consistency, centroids, discs and endplates, level names: the stages after the instance
-    phase, on the spine's box, with the result put back onto the full grid."""
-    from spineps.geometry.cropping import uncrop
-    from spineps.labeling.levels import apply_naming, name_levels
+@dataclass
+class Anonymous:
+    """The masks after post-processing, before the level naming: on the spine's box (``crop``
+    puts them back onto the grid they came on; None: they are on it)."""
+
+    semantic: Volume  # endplates split 52/53
+    instance: Volume  # anonymous vertebrae 1..N top to bottom, discs 100+k, endplates 200+k, sacrum 26
+    centroids: "VertebraCentroids"  # of the anonymous vertebrae, on the box
+    crop: Optional["Crop"]
+    s_range: tuple[float, float]  # world S-I range (RAS z, mm) of the original grid's field of view
+    warnings: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def postprocess_anonymous(semantic: Volume, vertebrae: Volume) -> Anonymous:
+    """Consistency, centroids, discs and endplates on the spine's box: everything of
+    :func:`postprocess` before the names."""
+    from spineps.labeling.stations import station_s_range
     from spineps.postprocess.discs import assign_discs_and_endplates
     from spineps.postprocess.vertebrae import check_same_grid, vertebra_centroids
 
     check_same_grid(semantic, vertebrae)
     sem, vert, crop = crop_to_spine(semantic, vertebrae)
-    timings: dict[str, float] = {}
     t0 = time.perf_counter()
     sem, vert, warnings = _consistent(sem, vert)
     centroids = vertebra_centroids(sem, vert)  # once per scan: discs, naming and measurements use them
     sem, inst = assign_discs_and_endplates(sem, vert, centroids=centroids)
-    timings["instance_postprocess"] = time.perf_counter() - t0
+    return Anonymous(sem, inst, centroids, crop, station_s_range(semantic), warnings,
+                     {"instance_postprocess": time.perf_counter() - t0})
+
+
+def finish_naming(anon: Anonymous, levels: Any, naming_seconds: float = 0.0) -> Postprocessed:
+    """The names of ``levels`` (a ``LevelNaming``) applied to the anonymous masks, the
+    centroids renamed, and everything put back onto the full grid."""
+    from spineps.geometry.cropping import uncrop
+    from spineps.labeling.levels import apply_naming
+
     t0 = time.perf_counter()
-    levels = name_levels(sem, inst, rule=naming.rule, anchor=naming.top_vertebra, centroids=centroids)
-    named = apply_naming(inst, levels)
-    timings["instance_naming"] = time.perf_counter() - t0
-    named_centroids = centroids.renamed(levels.mapping)
-    sacrum = _sacrum_centroid(sem, named)
-    if crop is not None:
-        sem, named = uncrop(sem, crop), uncrop(named, crop)
-        named_centroids = named_centroids.shifted(crop.offset)
-        sacrum = None if sacrum is None else sacrum + np.asarray(crop.offset, dtype=float)
+    named = apply_naming(anon.instance, levels)
+    named_centroids = anon.centroids.renamed(levels.mapping)
+    sacrum = _sacrum_centroid(anon.semantic, named)
+    sem = anon.semantic
+    if anon.crop is not None:
+        sem, named = uncrop(sem, anon.crop), uncrop(named, anon.crop)
+        named_centroids = named_centroids.shifted(anon.crop.offset)
+        sacrum = None if sacrum is None else sacrum + np.asarray(anon.crop.offset, dtype=float)
+    timings = {**anon.timings, "instance_naming": naming_seconds + time.perf_counter() - t0}
     return Postprocessed(sem, named, named_centroids, sacrum, levels.as_dict(),
-                         warnings + list(levels.warnings), timings)
+                         anon.warnings + list(levels.warnings), timings)
+
+
+def postprocess(semantic: Volume, vertebrae: Volume, naming: NamingOptions = NamingOptions()) -> Postprocessed:
+    """Consistency, centroids, discs and endplates, level names: the stages after the instance
+    phase, on the spine's box, with the result put back onto the full grid."""
+    from spineps.labeling.levels import name_levels
+
+    anon = postprocess_anonymous(semantic, vertebrae)
+    t0 = time.perf_counter()
+    levels = name_levels(anon.semantic, anon.instance, rule=naming.rule, anchor=naming.top_vertebra,
+                         centroids=anon.centroids)
+    return finish_naming(anon, levels, time.perf_counter() - t0)
 
 
 def centroids_json(post: Postprocessed) -> dict[int, dict[str, list[float]]]:
@@ -233,3 +273,81 @@ def segment_scan(image: Volume, semantic_model: SemanticSegmenter, instance_mode
     if measure:
         _measure(result, None if post is None else post.centroids)
     return result
+
+
+# ------------------------------------------------------------------------------ stations
+@dataclass
+class StationPrediction:
+    """One station of a session after the instance phase and the anonymous post-processing."""
+
+    name: str
+    anon: Anonymous
+    warnings: list[str]
+    timings: dict[str, float]
+    provenance: dict[str, Any]
+
+
+def predict_station(name: str, semantic: Volume, instance_model: InstanceSegmenter, *,
+                    timings: Optional[dict[str, float]] = None,
+                    provenance: Optional[dict[str, Any]] = None) -> StationPrediction:
+    """The instance phase and :func:`postprocess_anonymous` on one station's semantic mask
+    (``timings`` / ``provenance`` of the stages before, kept)."""
+    t0 = time.perf_counter()
+    pred = instance_model.segment(semantic)
+    anon = postprocess_anonymous(semantic, pred.vertebrae)
+    times = {**(timings or {}), "instance_total": time.perf_counter() - t0, **pred.timings, **anon.timings}
+    prov = {**(provenance or {}), "instance_model": instance_model.provenance()}
+    return StationPrediction(name, anon, list(pred.warnings), times, prov)
+
+
+def name_stations(preds: list[StationPrediction], naming: NamingOptions = NamingOptions(), *,
+                  measure: bool = True) -> tuple[dict[str, ScanResult], Any]:
+    """The stations of one session named as one spine (``labeling.stations.name_session``),
+    each finished like a scan (names applied, measured), and the session's alignment measures
+    on every station of a joined chain: ``(results by station name, SessionNaming)``."""
+    from spineps.labeling.stations import Station, name_session
+
+    t0 = time.perf_counter()
+    session = name_session([Station(p.name, p.anon.semantic, p.anon.instance, p.anon.s_range) for p in preds],
+                           rule=naming.rule, anchor=naming.top_vertebra)
+    seconds = (time.perf_counter() - t0) / max(len(preds), 1)
+    results: dict[str, ScanResult] = {}
+    for p in preds:
+        post = finish_naming(p.anon, session.namings[p.name], seconds)
+        warnings = [w for w in session.warnings if w not in post.warnings]
+        res = ScanResult(semantic=post.semantic, instance=post.instance, centroids=centroids_json(post),
+                         naming=post.naming, timings={**p.timings, **post.timings},
+                         warnings=p.warnings + post.warnings + warnings, provenance=p.provenance,
+                         stations=session.as_dict(p.name))
+        if measure:
+            _measure(res, post.centroids)
+        results[p.name] = res
+    if measure:
+        _session_alignment(results, session, {p.name: p.anon.s_range for p in preds})
+    return results, session
+
+
+def _session_alignment(results: dict[str, ScanResult], session: Any, s_ranges: dict[str, tuple[float, float]]
+                       ) -> None:
+    """The alignment of every joined chain of stations, into each of its stations' measurements."""
+    from spineps.measure.alignment import session_alignment
+
+    for chain in session.chains:
+        measured = [s for s in chain if (m := results[s].measurements) is not None and m.alignment is not None]
+        if len(chain) < 2 or not measured:
+            continue
+        parts = []
+        for s in measured:
+            m = results[s].measurements
+            assert m is not None
+            heights = {(v.level, v.structure, v.measure): v.value for v in m.values}
+            parts.append((m.alignment, session.offsets[s], s_ranges[s], heights))
+        try:
+            al = session_alignment(parts)
+        except Exception as exc:  # derived measures never fail the stations
+            log.warning("session alignment not measured: %s: %s", type(exc).__name__, one_line(str(exc)))
+            continue
+        for s in measured:
+            m = results[s].measurements
+            assert m is not None
+            m.use_session_alignment(al, chain, {c: session.offsets[c] for c in chain})

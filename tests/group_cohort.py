@@ -106,13 +106,13 @@ def _scaled(vol: Volume, scale: float) -> Volume:
 def _scaled_measurements(m, scale: float):
     """Measurements of the same masks on a grid ``scale`` times larger: lengths scale by
     ``scale``, areas by its square, volumes by its cube (the estimators are scale-equivariant
-    up to their 0.5 mm profile bins)."""
+    up to their 0.5 mm profile bins); angles, percentages and ratios do not change."""
     from dataclasses import replace
 
     from spineps.measure.morphometry import LevelValue
 
     power = {"mm3": 3, "mm2": 2, "mm": 1}
-    vals = [LevelValue(v.level, v.structure, v.measure, v.value * scale ** power[v.measure.rsplit("_", 1)[1]])
+    vals = [LevelValue(v.level, v.structure, v.measure, v.value * scale ** power.get(v.measure.rsplit("_", 1)[1], 0))
             for v in m.values]
     return replace(m, values=vals, voxel_volume_mm3=m.voxel_volume_mm3 * scale ** 3,
                    spacing=tuple(x * scale for x in m.spacing))

@@ -67,6 +67,16 @@ def test_group_tables(cohort) -> None:
     assert all(float(r["vol_VB"]) > 0 for r in rows)
     assert {"qc_flags", "n_outliers", "L2_body_height_middle_mm", "L1-L2_disc_height_middle_mm",
             "L2_canal_csa_mm2", "vol_L2", "vol_disc_L1"} <= set(head)
+    # the alignment measures: named for what they are, with their definitions and references
+    assert {"lordosis_L1_S1_deg", "kyphosis_T4_T12_deg", "cobb_max_deg", "cobb_upper_end_vertebra",
+            "L2_body_wedge_angle_deg", "L3-L4_disc_height_index", "L3-L4_segment_slip_mm"} <= set(head)
+    cobb = [float(r["cobb_max_deg"]) for r in rows if r["cobb_max_deg"] != "n/a"]
+    assert cobb and all(0 <= x < 10 for x in cobb)
+    assert all(r["cobb_upper_end_vertebra"] in r["levels"].split(",") for r in rows if r["cobb_max_deg"] != "n/a")
+    # the fields of view end at L4 (no L5, no sacrum) and start at T12: no lordosis, no kyphosis
+    assert all(r["lordosis_L1_S1_deg"] == r["kyphosis_T4_T12_deg"] == "n/a" for r in rows if "L5" not in r["levels"])
+    cols = json.loads((out / GROUP_JSON).read_text())
+    assert cols["lordosis_L1_S1_deg"]["Units"] == "degrees" and cols["lordosis_L1_S1_deg"]["Reference"]
     by = {r["bids_name"]: r for r in rows}
     gap = [r for r in rows if "gap" in r["qc_flags"]]
     assert gap and all("L2 missing" in r["qc_gaps"] for r in gap)

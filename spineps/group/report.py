@@ -77,7 +77,8 @@ PLOT_MEASURES: tuple[tuple[str, str, str], ...] = (
 KEY_COLUMNS: tuple[tuple[str, str], ...] = (
     ("body", "height_anterior_mm"), ("body", "height_middle_mm"), ("body", "height_posterior_mm"),
     ("body", "depth_mm"), ("disc", "height_middle_mm"), ("canal", "csa_mm2"), ("canal", "ap_diameter_mm"),
-    ("cord", "csa_mm2"),
+    ("cord", "csa_mm2"), ("body", "wedge_angle_deg"), ("disc", "wedge_angle_deg"), ("disc", "height_index"),
+    ("segment", "slip_mm"), ("segment", "slip_percent"),
 )
 
 
@@ -93,6 +94,7 @@ class ScanRecord:
     qc: dict[str, Any] = field(default_factory=dict)
     naming: dict[str, Any] = field(default_factory=dict)
     source: str = "morphometry"  # or "masks" when measured at the group level
+    cobb: dict[str, Any] = field(default_factory=dict)  # the Cobb angle's end vertebrae (alignment)
     outliers: list[Any] = field(default_factory=list)
     demonstration: list[str] = field(default_factory=list)  # model roles that were demonstration models
     page: Optional[str] = None  # the scan's page (spineps.group.scan_page), relative to output_dir
@@ -205,6 +207,7 @@ def _load_record(output_dir: Path, name: str, sem: Path, inst: Optional[Path],
         rec.values = rows
         rec.qc = dict(meta.get("QC") or {})
         rec.naming = dict(meta.get("LevelNaming") or {})
+        rec.cobb = dict((meta.get("Alignment") or {}).get("Cobb") or {})
         if inst is None:  # a semantic-only scan: its levels are not known
             rec.qc.setdefault("flags", ["no_instances"])
         return rec
@@ -220,6 +223,7 @@ def _load_record(output_dir: Path, name: str, sem: Path, inst: Optional[Path],
     rec.values = m.rows()
     rec.qc = m.qc.as_dict()
     rec.naming = m.naming
+    rec.cobb = dict(m.alignment.cobb) if m.alignment is not None else {}
     rec.source = "masks"
     return rec
 
@@ -263,6 +267,23 @@ def _instance_columns(records: Sequence[ScanRecord]) -> list[tuple[str, str, str
     return cols
 
 
+def spine_column(level: str, measure: str) -> str:
+    """The group table's column of a whole-spine alignment measure: ``lordosis_L1_S1_deg``
+    for ``L1-S1 spine lordosis_deg``, ``cobb_max_deg`` for the largest Cobb angle."""
+    base, unit = measure.rsplit("_", 1)
+    return f"{base}_max_{unit}" if level == "all" else f"{base}_{level.replace('-', '_')}_{unit}"
+
+
+def _spine_columns(records: Sequence[ScanRecord]) -> list[tuple[str, str, str, str]]:
+    """(column, level, "spine", measure) of the alignment measures over level ranges."""
+    from spineps.measure.alignment import CURVES
+
+    rank = {(rng, measure): i for i, (rng, measure, *_rest) in enumerate(CURVES)}
+    present = {(lv, me) for r in records for lv, st, me, _ in r.values if st == "spine"}
+    ordered = sorted(present, key=lambda t: rank.get(t, len(rank)))
+    return [(spine_column(lv, me), lv, "spine", me) for lv, me in ordered]
+
+
 def _key_columns(records: Sequence[ScanRecord]) -> list[tuple[str, str, str, str]]:
     order = _level_order()
     present: set[tuple[str, str, str]] = set()
@@ -292,11 +313,18 @@ _QC_COLUMNS: dict[str, dict[str, Any]] = {
 }
 
 
+_COBB_COLUMNS: dict[str, dict[str, Any]] = {
+    "cobb_upper_end_vertebra": {"Description": "Upper end vertebra of the largest coronal Cobb angle"},
+    "cobb_lower_end_vertebra": {"Description": "Lower end vertebra of the largest coronal Cobb angle"},
+}
+
+
 def _wide_columns(inst_cols: list[tuple[str, str, str]], key_cols: list[tuple[str, str, str, str]]
                   ) -> dict[str, dict[str, Any]]:
     """Column name -> description (the table's JSON sidecar), in table order."""
     from spineps.labels import SEMANTIC
     from spineps.measure.qc import FLAG_CODES
+    from spineps.measure.alignment import DEFINITIONS
     from spineps.measure.scan import MEASURE_DESCRIPTIONS
 
     cols: dict[str, dict[str, Any]] = {
@@ -316,9 +344,14 @@ def _wide_columns(inst_cols: list[tuple[str, str, str]], key_cols: list[tuple[st
     cols.update({k: dict(v) for k, v in _QC_COLUMNS.items()})
     cols["qc_flags"]["Levels"] = dict(FLAG_CODES)
     for col, level, structure, measure in key_cols:
-        d = MEASURE_DESCRIPTIONS.get(measure, {})
-        cols[col] = {"Description": f"{structure} at {level}: {d.get('Description', measure)}",
-                     "Units": d.get("Units", "")}
+        d = MEASURE_DESCRIPTIONS.get(measure) or DEFINITIONS.get(measure, {})
+        where = f"{structure} at {level}" if structure != "spine" else (
+            "spine" if level == "all" else f"spine {level}")
+        cols[col] = {"Description": f"{where}: {d.get('Description', measure)}", "Units": d.get("Units", "")}
+        if d.get("Reference"):
+            cols[col]["Reference"] = d["Reference"]
+        if col == "cobb_max_deg":
+            cols.update({k: dict(v) for k, v in _COBB_COLUMNS.items()})
     return cols
 
 
@@ -369,12 +402,14 @@ def _wide_row(r: ScanRecord, inst_cols: list[tuple[str, str, str]], key_cols: li
     rec.update(_qc_cells(r, has_inst))
     for col, level, structure, measure in key_cols:
         rec[col] = _fmt(vals.get((level, structure, measure)))
+    for col in _COBB_COLUMNS:
+        rec[col] = _fmt(r.cobb.get(col.removeprefix("cobb_")))
     return rec
 
 
 def _wide_table(records: Sequence[ScanRecord]) -> tuple[list[str], dict[str, dict[str, Any]], list[list[str]]]:
     inst_cols = _instance_columns(records)
-    key_cols = _key_columns(records)
+    key_cols = _spine_columns(records) + _key_columns(records)
     cols = _wide_columns(inst_cols, key_cols)
     names = list(cols)
     rows = []
@@ -572,7 +607,8 @@ def _write_levels(path: Path, json_path: Path, records: Sequence[ScanRecord], st
         "bids_name": {"Description": "Source scan name without suffix and extension"},
         "level": {"Description": "Vertebra (L1), disc level (L1/L2) or 'all' (whole-mask class volumes)"},
         "structure": {"Description": "vertebra, body, disc, endplate, canal, cord, or a semantic class name"},
-        "measure": {"Description": "What was measured; units in the name (_mm, _mm2, _mm3)"},
+        "measure": {"Description": "What was measured; units in the name (_mm, _mm2, _mm3, _deg, _percent; "
+                                   "height_index: a ratio)"},
         "value": {"Description": "The measurement; n/a where not measurable (e.g. cut by the field of view)"},
         "robust_z": {"Description": "(value - cohort median) / (1.4826 * MAD) over the scans with this level, "
                                     f"structure and measure (scale floored at {om.REL_FLOOR:.0%} of |median|); n/a "

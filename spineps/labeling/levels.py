@@ -65,6 +65,17 @@ first, followed by the soft cues that changed the result (``"sacrum"``,
 ``"anchor"``...). A warning is recorded whenever an available cue's own best naming
 differs from the final one, and when a hard cue had to be overruled.
 
+Implausible anatomy (``implausible_anatomy``): structures that do not look like a spine
+(what a semantic model makes of pure noise) are recognised by their body sizes (no window
+of the reference fits them at an overall scale within ``PLAUSIBLE_SCALE`` and a log
+residual below ``PLAUSIBLE_SIZE_RMS``), their shapes (height / depth, depth / width), the
+spacing of consecutive whole bodies against their heights, their total volume
+(``PLAUSIBLE_BODY_TOTAL_MM3``), the bends of the line through them and its direction
+(within ``PLAUSIBLE_TILT_DEG`` of head-feet). Any reason caps the confidence at
+``IMPLAUSIBLE_CONFIDENCE``, is recorded (``LevelNaming.implausible``, a warning) and raises
+the ``implausible_anatomy`` QC flag (``naming_uncertain`` too); a user anchor
+(``--top-vertebra``) skips the check.
+
 Known limits: T13 can only be told from T12 when the count from C2 (or the ribs cue
 over the whole thoracic spine) shows it; in a lumbar or thoracolumbar field of view a
 T13 spine is named as a standard one (T13 -> "T12", T12 -> "T11", ...). L6 in a lumbar
@@ -96,6 +107,8 @@ __all__ = [
     "measure_vertebrae",
     "name_levels",
     "apply_naming",
+    "implausible_anatomy",
+    "IMPLAUSIBLE_CONFIDENCE",
 ]
 
 log = logging.getLogger(__name__)
@@ -157,6 +170,8 @@ class VertebraMeasure:
     process_tilt: float = float("nan")  # mean posterior tilt of its costal processes
     process_len: float = float("nan")  # mean root -> tip distance of its costal processes (mm)
     n_body: int = 0
+    centroid: Optional[np.ndarray] = None  # body centroid, world mm
+    body_mm3: float = 0.0  # body volume (49 + its endplates)
 
 
 @dataclass
@@ -170,6 +185,7 @@ class LevelNaming:
     warnings: list[str] = field(default_factory=list)
     variant: str = "standard"
     above_top: Optional[int] = None  # the level just above the top vertebra (for disc 100 / endplate 200)
+    implausible: list[str] = field(default_factory=list)  # why the structures do not look like a spine
 
     def levels(self) -> list[str]:
         """Names top to bottom, e.g. ``['T12', 'L1', ...]``."""
@@ -183,6 +199,7 @@ class LevelNaming:
             "variant": self.variant,
             "confidence": round(float(self.confidence), 4),
             "warnings": list(self.warnings),
+            "implausible": list(self.implausible),
             "evidence": jsonable(self.evidence, ndigits=3),
         }
 
@@ -277,7 +294,7 @@ def measure_vertebrae(semantic: Volume, instance: Volume,
     out: list[VertebraMeasure] = []
     for v in ids:
         f = frames[v]
-        m = VertebraMeasure(v)
+        m = VertebraMeasure(v, centroid=np.asarray(f.centroid, float))
         box = boxes[v - 1]
         lo = np.maximum([s.start for s in box] - pad, 0)
         hi = np.minimum([s.stop for s in box] + pad, shape)
@@ -285,6 +302,7 @@ def measure_vertebrae(semantic: Volume, instance: Volume,
         s_sem, s_inst = sem[sl], inst[sl]
         body = body_mask_of(s_sem, s_inst, v)
         m.n_body = int(body.sum())
+        m.body_mm3 = m.n_body * semantic.voxel_volume
         axes = np.stack([f.superior, f.anterior, f.right])  # feature directions (world)
         if m.n_body >= 4:
             _measure_body(m, body, lo, f, axes, semantic)
@@ -457,6 +475,108 @@ def _size_ll(names: tuple[int, ...], feats: np.ndarray, ok: np.ndarray) -> tuple
     # vertebrae with no reference body (C1) but a measurable body are implausible
     ll -= 5.0 * float((ok.any(1) & np.array([v not in _REF_LOG for v in names])).sum())
     return ll, s
+
+
+# ------------------------------------------------------------------------------ plausibility
+#: the overall body-size scale (best fitting window of the reference) of a plausible spine
+PLAUSIBLE_SCALE = (0.5, 2.0)
+#: root-mean-square log residual of the body sizes about that fit (0.1: 10 % per feature)
+PLAUSIBLE_SIZE_RMS = 0.35
+#: mid-body height / depth and depth / width of a plausible body (C2 is exempt: its dens)
+PLAUSIBLE_HEIGHT_DEPTH = (0.3, 1.8)
+PLAUSIBLE_DEPTH_WIDTH = (0.4, 1.5)
+#: distance of consecutive body centroids over their mean mid-body height
+PLAUSIBLE_PITCH = (0.7, 3.2)
+#: largest angle (degrees) between consecutive centroid steps
+PLAUSIBLE_BEND_DEG = 60.0
+#: largest angle (degrees) between the line from the top to the bottom body and the world S axis
+#: (a spine in a sagittal scan runs head to feet)
+PLAUSIBLE_TILT_DEG = 60.0
+#: the vertebral bodies found together must hold at least this volume (mm^3; a child's cervical
+#: body is about 1000 mm^3)
+PLAUSIBLE_BODY_TOTAL_MM3 = 500.0
+#: the most confidence a naming of implausible structures gets
+IMPLAUSIBLE_CONFIDENCE = 0.1
+
+
+def _shape_reasons(measures: list[VertebraMeasure]) -> list[str]:
+    bad, n = [], 0
+    for i, m in enumerate(measures):
+        if any(m.cut) or m.n_body < 8 or not all(math.isfinite(x) and x > 0 for x in (m.height_col, m.depth, m.width)):
+            continue
+        n += 1
+        hd, dw = m.height_col / m.depth, m.depth / m.width
+        hd_max = PLAUSIBLE_HEIGHT_DEPTH[1] if i > 1 else 3.0  # C2 with its dens is one of the top two
+        if not (PLAUSIBLE_DEPTH_WIDTH[0] <= dw <= PLAUSIBLE_DEPTH_WIDTH[1]) or not (
+                PLAUSIBLE_HEIGHT_DEPTH[0] <= hd <= hd_max):
+            bad.append(f"#{i + 1} {m.height_col:.0f}x{m.depth:.0f}x{m.width:.0f} mm")
+    if n and len(bad) * 2 > n:
+        return [f"{len(bad)} of {n} bodies not shaped like vertebral bodies (height x depth x width: "
+                f"{', '.join(bad[:4])})"]
+    return []
+
+
+def _spacing_reasons(measures: list[VertebraMeasure]) -> list[str]:
+    """Consecutive whole bodies (not cut, measurable): the distance of their centroids against
+    their heights, and the bends of the line through them."""
+    whole = [(i, m) for i, m in enumerate(measures)
+             if m.centroid is not None and m.n_body >= 8 and not any(m.cut) and math.isfinite(m.height_col)
+             and m.height_col > 0]
+    far, bends = [], []
+    for (i, a), (j, b) in zip(whole, whole[1:]):
+        if j != i + 1:
+            continue
+        r = float(np.linalg.norm(b.centroid - a.centroid)) / (0.5 * (a.height_col + b.height_col))  # type: ignore
+        if not (PLAUSIBLE_PITCH[0] <= r <= PLAUSIBLE_PITCH[1]):
+            far.append(f"#{i + 1}-#{j + 1} {r:.1f}")
+    for (i, a), (j, b), (k, c) in zip(whole, whole[1:], whole[2:]):
+        if k != i + 2:
+            continue
+        u, w = b.centroid - a.centroid, c.centroid - b.centroid  # type: ignore[operator]
+        cos = float(u @ w / max(np.linalg.norm(u) * np.linalg.norm(w), 1e-9))
+        if math.degrees(math.acos(max(-1.0, min(1.0, cos)))) > PLAUSIBLE_BEND_DEG:
+            bends.append(f"#{j + 1}")
+    out = []
+    # three or more: every vertebra's centroid (top to bottom by the instance phase); two: bodies only
+    ends = [m.centroid for m in measures if m.centroid is not None and (len(measures) >= 3 or m.n_body >= 8)]
+    if len(ends) >= 2:
+        d = ends[-1] - ends[0]
+        tilt = math.degrees(math.acos(min(1.0, abs(float(d[2])) / max(float(np.linalg.norm(d)), 1e-9))))
+        if tilt > PLAUSIBLE_TILT_DEG:
+            out.append(f"the line of the bodies runs {tilt:.0f} degrees from head-feet")
+    if far:
+        out.append(f"{len(far)} pair(s) of consecutive bodies {PLAUSIBLE_PITCH[0]:g}-{PLAUSIBLE_PITCH[1]:g} body "
+                   f"heights apart expected, found {', '.join(far[:4])}")
+    if bends:
+        out.append(f"the line of the bodies bends by more than {PLAUSIBLE_BEND_DEG:g} degrees at {', '.join(bends[:4])}"
+                   + (f" and {len(bends) - 4} more" if len(bends) > 4 else ""))
+    return out
+
+
+def implausible_anatomy(measures: list[VertebraMeasure], cands: list[_Candidate], feats: np.ndarray,
+                        ok: np.ndarray) -> list[str]:
+    """Why the structures found do not look like a spine (empty when they do): body sizes no
+    window of the reference fits (scale, residual), body shapes, spacing and bends of the
+    line of the bodies (limits ``PLAUSIBLE_*``)."""
+    reasons = _shape_reasons(measures) + _spacing_reasons(measures)
+    total = sum(m.body_mm3 for m in measures)
+    if measures and total < PLAUSIBLE_BODY_TOTAL_MM3:
+        reasons.append(f"the bodies hold {total:.0f} mm^3 together (less than one vertebral body)")
+    if ok.any():
+        fits = []
+        for c in cands:
+            ll, s = _size_ll(c.names, feats, ok)
+            fits.append((ll, s, c))
+        ll, s, c = max(fits, key=lambda t: t[0])
+        ref = np.array([_REF_LOG.get(v, np.full(3, np.nan)) for v in c.names])
+        use = ok & ~np.isnan(ref)
+        rms = float(np.sqrt(np.mean((feats[use] - ref[use] - s) ** 2))) if use.any() else 0.0
+        scale = math.exp(s)
+        if not (PLAUSIBLE_SCALE[0] <= scale <= PLAUSIBLE_SCALE[1]):
+            reasons.append(f"body sizes {scale:.2f} times those of the best fitting levels ({_top_name(c)})")
+        if rms > PLAUSIBLE_SIZE_RMS:
+            reasons.append(f"body sizes fit no run of levels (log residual {rms:.2f})")
+    return reasons
 
 
 # ------------------------------------------------------------------------------ naming
@@ -683,7 +803,13 @@ def name_levels(semantic: Volume, instance: Volume, *, rule: str = "auto", ancho
     for key, c in standalone.items():
         if c.names != best.names:
             warnings.append(f"rule '{key}' alone suggests {_top_name(c)}; used {_top_name(best)}")
-    return _naming(ids, best, conf, rule_used, cands, standalone, feats, ok, evidence, warnings)
+    implausible = implausible_anatomy(measures, cands, feats, ok) if anchor_value is None else []
+    if implausible:
+        conf = min(conf, IMPLAUSIBLE_CONFIDENCE)
+        warnings.append("implausible anatomy: " + "; ".join(implausible))
+    out = _naming(ids, best, conf, rule_used, cands, standalone, feats, ok, evidence, warnings)
+    out.implausible = implausible
+    return out
 
 
 def _naming(ids: list[int], best: _Candidate, conf: float, rule_used: str, cands: list[_Candidate],

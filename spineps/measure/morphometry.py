@@ -68,6 +68,7 @@ __all__ = [
     "Morphometry",
     "measure_morphometry",
     "disc_level_name",
+    "Grid",
     "BAND_HALF_MM",
     "SLAB_HALF_MM",
     "STRIPS",
@@ -142,6 +143,10 @@ class Morphometry:
     body_centroids: dict[int, list[float]] = field(default_factory=dict)  # vertebra value -> world mm
     truncated: list[str] = field(default_factory=list)  # "L1 body", "L5/S1 canal", ...
     spatial_order: list[int] = field(default_factory=list)  # vertebra values, superior to inferior in space
+    #: vertebra value on each body voxel (endplates included, on their side of the disc), on
+    #: ``grid`` -- what the endplate planes of ``spineps.measure.alignment`` are fitted to
+    body_labels: Optional[np.ndarray] = field(default=None, repr=False)
+    grid: Optional["Grid"] = field(default=None, repr=False)
 
     def get(self, level: str, structure: str, measure: str) -> float:
         for v in self.values:
@@ -237,6 +242,10 @@ class _Grid:
                                   or np.any(idx.max(axis=0) >= np.asarray(self.shape) - 1)))
 
 
+#: the grid helper, for the measurements built on the morphometry (``spineps.measure.alignment``)
+Grid = _Grid
+
+
 def _ordered(ids) -> list[int]:
     pos = {v: i for i, v in enumerate(VERTEBRA_ORDER)}
     return sorted((int(v) for v in ids if int(v) in pos), key=lambda v: pos[v])
@@ -319,6 +328,29 @@ def _body_centroids(m: _Masks, body_ids: list[int], given: Optional[VertebraCent
     return centroid, whole
 
 
+def _with_body(m: _Masks) -> set[int]:
+    """The vertebrae with vertebral-body voxels (a vertebra cut by the field of view may show
+    only posterior elements)."""
+    from scipy import ndimage
+
+    objs = ndimage.find_objects(m.body_lab) if m.body_lab.max() > 0 else []
+    return {i + 1 for i, sl in enumerate(objs) if sl is not None}
+
+
+def _axes(m: _Masks, body_ids: list[int], centroid: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+    """The local spine axis of every vertebra: through the centroids of the neighbouring
+    vertebrae that have a body (``_axis_of``); a vertebra without a body takes the axis of the
+    nearest one with a body (the centroid of a fragment of posterior elements is far from the
+    line of the bodies)."""
+    bodies = [v for v in body_ids if v in _with_body(m)]
+    axes = {v: _axis_of(bodies, centroid, i) for i, v in enumerate(bodies)}
+    for v in body_ids:
+        if v not in axes:
+            near = min(bodies, key=lambda b: float(np.linalg.norm(centroid[b] - centroid[v])), default=None)
+            axes[v] = axes[near] if near is not None else np.array([0.0, 0.0, 1.0])
+    return axes
+
+
 def _spatial_order(body_ids: list[int], centroid: dict[int, np.ndarray]) -> list[int]:
     """Neighbours along the spine are neighbours in space: the bodies ordered by their position
     along the main direction of the centroid cloud (superior first), not by label value, so a
@@ -389,7 +421,9 @@ class _Tube:
 
 def _assign_endplates(m: _Masks, body_ids: list[int], centroid: dict[int, np.ndarray],
                       next_found: dict[int, Optional[int]]) -> None:
-    """Each endplate voxel (200+X) joins the body on its side of the disc mid-plane (``m.body_lab``)."""
+    """Each endplate voxel (200+X) joins its body (``m.body_lab``): the one below for a superior
+    endplate (52), the one above for an inferior one (53), the one on its side of the disc
+    mid-plane for an unsplit endplate (62)."""
     for v in body_ids:
         e = 200 + v
         if e not in m.present:
@@ -413,8 +447,11 @@ def _assign_endplates(m: _Masks, body_ids: list[int], centroid: dict[int, np.nda
         pts = _points(mask, off, m.grid)
         side = (pts - mid) @ up > 0
         sub = m.body_lab[slc]
-        vals = np.where(side, v, nb).astype(np.int16)
-        sub[mask] = vals
+        # the superior / inferior split of the semantic mask decides where it is made (52: the
+        # body below, 53: the body above); the side of the disc mid-plane decides the rest
+        sem = m.sem[slc][mask]
+        vals = np.where(sem == ENDPLATE_INF, v, np.where(sem == ENDPLATE_SUP, nb, np.where(side, v, nb)))
+        sub[mask] = vals.astype(np.int16)
 
 
 def _heights(m: _Masks, arr: np.ndarray, value: int, slc, frame: Frame, level: str, structure: str,
@@ -535,9 +572,10 @@ def measure_morphometry(semantic: Volume, instance: Volume, *, include_endplates
     body_ids = _spatial_order(body_ids, centroid)
     m.out.spatial_order = list(body_ids)
     m.out.body_centroids = {v: [round(float(x), 3) for x in c] for v, c in centroid.items()}
-    axes = {v: _axis_of(body_ids, centroid, i) for i, v in enumerate(body_ids)}
+    axes = _axes(m, body_ids, centroid)
     tube = _Tube(m.sem, m.grid)
-    next_found = {v: (body_ids[i + 1] if i + 1 < len(body_ids) else None) for i, v in enumerate(body_ids)}
+    bodies = [v for v in body_ids if v in _with_body(m)]
+    next_found = {v: (bodies[i + 1] if i + 1 < len(bodies) else None) for i, v in enumerate(bodies)}
     if include_endplates:
         _assign_endplates(m, body_ids, centroid, next_found)
     objs_body = ndimage.find_objects(m.body_lab) if m.body_lab.max() > 0 else []
@@ -546,4 +584,5 @@ def measure_morphometry(semantic: Volume, instance: Volume, *, include_endplates
     for v in verts:
         if 100 + v in m.present:
             _measure_disc(m, tube, v, centroid, axes, body_ids, next_found.get(v))
+    m.out.body_labels, m.out.grid = m.body_lab, m.grid
     return m.out

@@ -58,6 +58,8 @@ FLAG_CODES: dict[str, str] = {
     "inconsistent": f"more than {INCONSISTENT_FRACTION_MAX:.0%} of the instance voxels disagree with the semantic mask",
     "size": "a structure outside its reference volume range",
     "naming_uncertain": f"level naming confidence below {NAMING_CONFIDENCE_MIN} or naming warnings",
+    "implausible_anatomy": "the structures found do not look like a spine (body sizes, shapes, spacing or bends; "
+                           "spineps.labeling.levels.implausible_anatomy): no level name can be trusted",
     "outlier": "a measurement far from the cohort (group level, robust z-score)",
 }
 _VARIANT_NEXT = {19: {20, 28}, 24: {25, 26}, 28: {20}}
@@ -78,6 +80,7 @@ class QCReport:
     truncated: list[str] = field(default_factory=list)
     naming_rule: Optional[str] = None
     naming_confidence: Optional[float] = None
+    implausible: list[str] = field(default_factory=list)  # why the structures do not look like a spine
     naming_variant: Optional[str] = None
     naming_warnings: list[str] = field(default_factory=list)
     flags: list[str] = field(default_factory=list)
@@ -180,7 +183,7 @@ def _flags(qc: QCReport, found: list[int]) -> list[str]:
               ("inconsistent", qc.inconsistent_fraction > INCONSISTENT_FRACTION_MAX),
               ("size", bool(qc.size_flags)),
               ("naming_uncertain", (qc.naming_confidence is not None and qc.naming_confidence < NAMING_CONFIDENCE_MIN)
-               or bool(qc.naming_warnings)))
+               or bool(qc.naming_warnings)), ("implausible_anatomy", bool(qc.implausible)))
     return [name for name, hit in checks if hit]
 
 
@@ -193,6 +196,7 @@ def assess(semantic: Volume, instance: Optional[Volume], naming: Mapping[str, An
     vertebra values sorted superior to inferior by position (``Morphometry.spatial_order``)."""
     qc = QCReport()
     qc.naming_rule, qc.naming_confidence, qc.naming_variant, qc.naming_warnings = _naming_fields(naming or {})
+    qc.implausible = [str(x) for x in (naming or {}).get("implausible") or []]
     qc.truncated = list(truncated)
     if instance is None:
         qc.flags = ["no_instances"]

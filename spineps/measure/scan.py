@@ -10,7 +10,13 @@ Rows (``value`` ``n/a`` where a measurement is not possible, e.g. cut by the fie
 - ``L1/L2  disc  volume_mm3``, ``L1/L2  disc  height_{anterior,middle,posterior}_mm``,
   ``L1/L2  endplate  volume_mm3``;
 - ``L1`` and ``L1/L2``: ``canal  csa_mm2``, ``canal  ap_diameter_mm``, and the same for
-  ``cord`` where the cord is visible.
+  ``cord`` where the cord is visible;
+- spinal alignment (``spineps.measure.alignment``): ``T4-T12  spine  kyphosis_deg``,
+  ``L1-S1  spine  lordosis_deg`` (also ``L1-L5``, ``C2-C7``), ``all  spine  cobb_deg``,
+  ``L1  body  wedge_angle_deg``, ``L1/L2  disc  wedge_angle_deg``, ``L1/L2  disc  height_index``,
+  ``L1/L2  segment  slip_mm`` and ``slip_percent``; the JSON's ``Alignment`` section has each
+  measure's definition and reference, the endplates used, the reason for every ``n/a``, the
+  Cobb angle's end vertebrae, apex and convexity, and the fitted endplate planes.
 """
 
 from __future__ import annotations
@@ -71,6 +77,19 @@ class Measurements:
     spacing: tuple[float, float, float] = (0.0, 0.0, 0.0)
     body_centroids: dict[int, list[float]] = field(default_factory=dict)
     seconds: float = 0.0
+    alignment: Any = None  # spineps.measure.alignment.Alignment, None without instances
+    #: a station of a session: the session's alignment (``Alignment``) and how the stations were
+    #: put together (``Stations``, ``OffsetsMM``); its level-range rows replace the station's own
+    session: Optional[dict[str, Any]] = None
+
+    def use_session_alignment(self, alignment: Any, stations: list[str], offsets: Mapping[str, Any]) -> None:
+        """The whole-spine measures (structure ``spine``) of the session's stations together
+        instead of this station's own (per-level measures stay the station's)."""
+        self.values = [v for v in self.values if v.structure != "spine"]
+        self.values.extend(v for v in alignment.values if v.structure == "spine")
+        self.session = {"Description": "The level-range measures (structure 'spine': kyphosis, lordosis, Cobb) "
+                                       "are of the session's stations together, in the frame of the top one",
+                        "Stations": list(stations), "OffsetsMM": dict(offsets), "Alignment": alignment.as_dict()}
 
     def get(self, level: str, structure: str, measure: str) -> float:
         for v in self.values:
@@ -83,7 +102,7 @@ class Measurements:
 
 
 def _naming_summary(naming: Mapping[str, Any]) -> dict[str, Any]:
-    keep = ("rule", "rule_used", "levels", "variant", "confidence", "warnings")
+    keep = ("rule", "rule_used", "levels", "variant", "confidence", "warnings", "implausible")
     out = {k: naming[k] for k in keep if k in naming}
     if "rule" not in out and "rule_used" in out:
         out["rule"] = out.pop("rule_used")
@@ -107,6 +126,7 @@ def measure_scan(semantic: Volume, instance: Optional[Volume], naming: Optional[
     for lab in SEMANTIC:
         values.append(LevelValue("all", semantic_structure_name(lab.value), "volume_mm3", sem_vol.get(lab.value, 0.0)))
     morph = Morphometry()
+    alignment = None
     structure_volumes: dict[tuple[str, str], float] = {}
     if instance is not None:
         ins_vol = label_volumes(instance)
@@ -140,10 +160,25 @@ def measure_scan(semantic: Volume, instance: Optional[Volume], naming: Optional[
                    if v not in VERTEBRA_VALUES and not (100 < v < 300 and (v % 100) in VERTEBRA_VALUES)]
         for v in unknown:
             log.warning("instance value %d is not in the label registry: not measured", v)
+        alignment = _alignment(instance, morph)
+        values.extend(alignment.values if alignment is not None else [])
     qc = assess(semantic, instance, naming, structure_volumes, morph.truncated, morph.spatial_order)
     return Measurements(values=values, qc=qc, naming=_naming_summary(naming), voxel_volume_mm3=semantic.voxel_volume,
                         spacing=semantic.spacing, body_centroids=morph.body_centroids,
-                        seconds=time.perf_counter() - t0)
+                        seconds=time.perf_counter() - t0, alignment=alignment)
+
+
+def _alignment(instance: Volume, morph: Any) -> Any:
+    """The alignment measures (``spineps.measure.alignment``); a failure is logged and they are
+    left out (the other measurements stand)."""
+    from spineps.measure.alignment import measure_alignment
+
+    try:
+        return measure_alignment(instance, morph)
+    except Exception as exc:  # derived measures never fail the scan's measurements
+        log.warning("alignment not measured: %s: %s", type(exc).__name__, exc)
+        log.debug("traceback", exc_info=True)
+        return None
 
 
 def morphometry_paths(mask_or_stem: Union[str, Path]) -> tuple[Path, Path]:
@@ -171,21 +206,26 @@ def write_measurements(m: Measurements, tsv_path: Union[str, Path]) -> tuple[Pat
     from spineps.fsutil import write_json_atomic, write_text_atomic
     from spineps.measure import morphometry as morph
     from spineps.measure import qc as qcmod
+    from spineps.measure.alignment import DEFINITIONS
 
     tsv = Path(tsv_path)
     js = tsv.with_suffix(".json")
     lines = ["level\tstructure\tmeasure\tvalue"]
     lines += [f"{lv.level}\t{lv.structure}\t{lv.measure}\t{_fmt(lv.value)}" for lv in m.values]
     used = sorted({lv.measure for lv in m.values})
-    meta = {
+    meta: dict[str, Any] = {
         "level": {"Description": "Vertebra (e.g. L1), disc level (e.g. L1/L2: the disc below L1 and the structures at "
-                                 "its height) or 'all' for whole-mask class volumes"},
-        "structure": {"Description": "vertebra, body, disc, endplate, canal, cord, or a semantic class name"},
+                                 "its height), a level range (e.g. L1-S1, for the alignment of the spine between "
+                                 "them) or 'all' (whole-mask class volumes, the largest Cobb angle)"},
+        "structure": {"Description": "vertebra, body, disc, endplate, canal, cord, spine (alignment over a level "
+                                     "range, e.g. L1-S1), segment (a motion segment: the vertebra on the one below), "
+                                     "or a semantic class name"},
         "measure": {"Description": "What was measured (see Measures)",
-                    "Levels": {k: MEASURE_DESCRIPTIONS[k]["Description"] for k in used if k in MEASURE_DESCRIPTIONS}},
+                    "Levels": {k: {**MEASURE_DESCRIPTIONS, **DEFINITIONS}[k]["Description"] for k in used
+                               if k in MEASURE_DESCRIPTIONS or k in DEFINITIONS}},
         "value": {"Description": "The value, in the units of the measure (Measures); n/a where not measurable "
                                  "(e.g. cut by the field of view)"},
-        "Measures": {k: MEASURE_DESCRIPTIONS.get(k, {}) for k in used},
+        "Measures": {k: MEASURE_DESCRIPTIONS.get(k) or DEFINITIONS.get(k, {}) for k in used},
         "Method": {
             "SpineAxis": "line through the neighbouring vertebral-body centroids (world mm, RAS)",
             "MidSagittalBandHalfWidthMM": morph.BAND_HALF_MM,
@@ -202,6 +242,10 @@ def write_measurements(m: Measurements, tsv_path: Union[str, Path]) -> tuple[Pat
         "SpacingMM": [round(float(s), 6) for s in m.spacing],
         "BodyCentroidsWorldMM": {str(k): v for k, v in m.body_centroids.items()},
     }
+    if m.alignment is not None:
+        meta["Alignment"] = m.alignment.as_dict()
+    if m.session is not None:
+        meta["SessionAlignment"] = m.session
     try:
         write_text_atomic(tsv, "\n".join(lines) + "\n")
         write_json_atomic(js, meta)

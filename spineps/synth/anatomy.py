@@ -80,6 +80,7 @@ __all__ = [
     "Phantom",
     "Tissue",
     "make_phantom",
+    "phantom_layout",
     "build_grid",
     "FOV_PRESETS",
     "REAL_BODY_HEIGHT",
@@ -220,6 +221,16 @@ class PhantomSpec:
     side, e.g. ``{"S": 12.0}`` cuts the top vertebra by the border.
     ``scoliosis``: approximate Cobb angle (degrees) of a lateral curve; 0 = none.
     ``stations``: number of overlapping stations the renderer stitches (1 = one FOV).
+    ``slips``: ``(level, mm)`` pairs: the vertebra ``level`` (and the whole spine above it)
+    displaced by ``mm`` along the local anterior direction relative to the vertebra below,
+    across the disc below ``level`` (positive: anterolisthesis, negative: retrolisthesis),
+    e.g. ``(("L4", 6.0),)``; the vertebrae stay rigid, the disc is sheared.
+    ``wedges``: ``(level, degrees)`` pairs: that vertebral body is wedged, its superior and
+    inferior endplates each tilted by half the angle about the local right axis (positive:
+    anterior height shorter, as in a compression fracture), e.g. ``(("T12", 12.0),)``.
+    Specs without slips and wedges give exactly the phantoms they gave before these existed.
+    The true endplate planes and corners are in ``Phantom.meta["endplates_world"]`` and the
+    alignment measures they imply in ``spineps.synth.truth.alignment_truth``.
     """
 
     seed: int = 0
@@ -237,6 +248,8 @@ class PhantomSpec:
     lordosis_scale: float = 1.0
     stations: int = 1
     lr_half_width: Optional[float] = None  # mm each side of the spine; default from anatomy
+    slips: tuple[tuple[str, float], ...] = ()
+    wedges: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass
@@ -320,6 +333,8 @@ class _Level:
     TPS: float
     TPA: float
     s: float = 0.0  # arc length of the body centre
+    wedge: float = 0.0  # wedge angle of the body (deg; anterior height shorter when positive)
+    slip: float = 0.0  # displacement (mm, anterior +) relative to the vertebra below, across the disc below
     centre: np.ndarray = field(default_factory=lambda: np.zeros(3))
     R: np.ndarray = field(default_factory=lambda: np.eye(3))  # columns: e_x, e_y, e_z (world)
 
@@ -367,6 +382,17 @@ def _subject_params(spec: PhantomSpec, rng: np.random.Generator) -> tuple[list[_
     glob = dict(scale=scale, hscale=hscale, discscale=discscale, canalscale=canalscale, conus=conus,
                 degenerate=float(degenerate), fat=float(rng.uniform(6, 28)))
     return levels, glob
+
+
+def _apply_deformities(levels: list[_Level], spec: PhantomSpec) -> None:
+    """``spec.slips`` and ``spec.wedges`` onto the levels (no random numbers are drawn)."""
+    by = {lv.name: lv for lv in levels}
+    for what, pairs in (("slip", spec.slips), ("wedge", spec.wedges)):
+        for name, amount in pairs or ():
+            lv = by.get(str(name).upper())
+            if lv is None or lv.name == "C1" or (what == "wedge" and lv.name == "C2"):
+                raise ValueError(f"{what} at {name!r}: not a vertebra this phantom can {what} ({sorted(by)})")
+            setattr(lv, what, float(amount))
 
 
 # --------------------------------------------------------------------------------------
@@ -467,6 +493,9 @@ def _build_curve(levels: list[_Level], spec: PhantomSpec, rng: np.random.Generat
         scol.update(region=region, side="right" if amp > 0 else "left", amplitude_mm=float(2 * amp))
     pos = np.stack([x, y, z], axis=1)
     pos -= pos[np.searchsorted(ss, 0.0)]  # top of C2 at the world origin
+    for lv in levels:
+        if lv.slip:
+            _shear_across_disc(ss, pos, lv, step)
     tan = np.gradient(pos, step, axis=0)
     tan /= np.linalg.norm(tan, axis=1, keepdims=True)
     ez = -tan
@@ -484,6 +513,23 @@ def _build_curve(levels: list[_Level], spec: PhantomSpec, rng: np.random.Generat
                 cervical_lordosis_deg=phi_c2 - phi_c7, thoracic_kyphosis_deg=phi_t12 - phi_t1,
                 lumbar_lordosis_deg=phi_l1 - phi_s1, s_sacrum=s_sacrum, sacrum_length=sac_len, scoliosis=scol)
     return curve, info
+
+
+def _shear_across_disc(ss: np.ndarray, pos: np.ndarray, lv: _Level, step: float) -> None:
+    """A slip of ``lv`` on the vertebra below: the curve above the disc under ``lv`` moves by
+    ``lv.slip`` along the local anterior direction (the spine below stays where it was), with
+    a smooth transition over the middle 70 % of the disc (the vertebral frames, taken at the
+    body centres, do not change)."""
+    a, b = lv.s + lv.H / 2, lv.s + lv.H / 2 + lv.DH
+    mid = int(np.searchsorted(ss, (a + b) / 2))
+    t = pos[min(mid + 1, len(ss) - 1)] - pos[max(mid - 1, 0)]
+    ez = -t / np.linalg.norm(t)
+    ex = np.array([1.0, 0.0, 0.0]) - ez * ez[0]
+    ex /= np.linalg.norm(ex)
+    anterior = np.cross(ez, ex)
+    u = np.clip((ss - (a + 0.15 * (b - a))) / (0.7 * (b - a)), 0.0, 1.0)
+    ramp = u * u * (3 - 2 * u)
+    pos += lv.slip * (1.0 - ramp)[:, None] * anterior[None, :]
 
 
 # --------------------------------------------------------------------------------------
@@ -783,16 +829,23 @@ def _paint_body(cv: _Canvas, lv: _Level, ep_above: Optional[int], ep_below: Opti
     x, y, z = cv.local(sl, lv.centre, lv.R)
     ins = lv.value if lv.labelled else 0
     sem = L.BODY if lv.labelled else -1
-    inside = _body_section(x, y, z, lv) & (np.abs(z) <= H / 2)
+    if lv.wedge:  # endplate planes z = +-H/2 -+ y tan(w/2): the anterior wall shorter
+        tw = math.tan(math.radians(lv.wedge) / 2)
+        top, bot = H / 2 - y * tw, -H / 2 + y * tw
+        within = (z <= top) & (z >= bot)
+    else:
+        top, bot = H / 2, -H / 2
+        within = np.abs(z) <= H / 2
+    inside = _body_section(x, y, z, lv) & within
     # anterior longitudinal ligament (tissue)
-    cv.paint(sl, _body_section(x, y, z, lv, 1.6) & (y > 0.25 * lv.D / 2) & (np.abs(z) <= H / 2) & ~inside, -1, 0,
+    cv.paint(sl, _body_section(x, y, z, lv, 1.6) & (y > 0.25 * lv.D / 2) & within & ~inside, -1, 0,
              Tissue.LIGAMENT, where=cv.tis[sl] <= Tissue.SOFT)
     cv.paint(sl, inside, sem, ins, Tissue.MARROW)
     if lv.name == "C2":  # dens
         dens = _pillar(x, y, z, 0.0, lv.D * 0.08, H / 2 - 2, H / 2 + 16.0, 5.0, 5.5)
         cv.paint(sl, dens, sem, ins, Tissue.MARROW)
     te = max(1.5, cv.extent_along(lv.R[:, 2]) * 1.01)
-    for ep_val, m, side in ((ep_above, inside & (z >= H / 2 - te), 1), (ep_below, inside & (z <= -H / 2 + te), 2)):
+    for ep_val, m, side in ((ep_above, inside & (z >= top - te), 1), (ep_below, inside & (z <= bot + te), 2)):
         if ep_val is None:
             continue
         cv.paint(sl, m, L.ENDPLATE if lv.labelled else -1, ep_val, Tissue.CORTEX)
@@ -832,7 +885,7 @@ def _paint_disc(cv: _Canvas, up: _Level, lo: _Level) -> None:
     mean_ez = up.R[:, 2] + lo.R[:, 2]
     mean_ez /= np.linalg.norm(mean_ez)
     a = max(up.W, lo.W) / 2 + 3
-    b = max(up.D, lo.D) / 2 + 3
+    b = max(up.D, lo.D) / 2 + 3 + abs(up.slip)
     span = np.linalg.norm(up.centre - lo.centre) / 2 + 2
     sl = cv.box(c, R, (-a - 2, -b - 2, -span), (a + 2, b + 2, span))
     if sl is None:
@@ -840,16 +893,25 @@ def _paint_disc(cv: _Canvas, up: _Level, lo: _Level) -> None:
     w = cv.world(sl)
     d1 = (w - up.centre.astype(np.float32)) @ up.R[:, 2].astype(np.float32) + up.H / 2  # < 0 below upper body
     d2 = (w - lo.centre.astype(np.float32)) @ lo.R[:, 2].astype(np.float32) - lo.H / 2  # > 0 above lower body
+    if up.wedge:  # the wedged endplate planes (see _paint_body)
+        d1 = d1 - ((w - up.centre.astype(np.float32)) @ up.R[:, 1].astype(np.float32)) * math.tan(math.radians(up.wedge) / 2)
+    if lo.wedge:
+        d2 = d2 + ((w - lo.centre.astype(np.float32)) @ lo.R[:, 1].astype(np.float32)) * math.tan(math.radians(lo.wedge) / 2)
     between = (d1 < 0) & (d2 > 0)
     # cross-section in the mean frame, interpolated between the two bodies
     ex = up.R[:, 0] + lo.R[:, 0]
     ex -= mean_ez * (ex @ mean_ez)
     ex /= np.linalg.norm(ex)
     ey = np.cross(mean_ez, ex)
-    q = w - c.astype(np.float32)
+    f = np.clip(-d1 / np.maximum(-d1 + d2, 1e-3), 0, 1)  # 0 at the upper body, 1 at the lower
+    if up.slip:  # a sheared disc: its cross-section follows the line between the two endplate centres
+        top_c = (up.centre - up.R[:, 2] * up.H / 2).astype(np.float32)
+        bot_c = (lo.centre + lo.R[:, 2] * lo.H / 2).astype(np.float32)
+        q = w - (top_c[None, :] * (1 - f[..., None]) + bot_c[None, :] * f[..., None])
+    else:
+        q = w - c.astype(np.float32)
     x = q @ ex.astype(np.float32)
     y = q @ ey.astype(np.float32)
-    f = np.clip(-d1 / np.maximum(-d1 + d2, 1e-3), 0, 1)  # 0 at the upper body, 1 at the lower
     bulge = 0.8 * np.sqrt(np.clip(f * (1 - f) * 4, 0, 1))
     aa = up.W / 2 * (1 - f) + lo.W / 2 * f + bulge
     bb = up.D / 2 * (1 - f) + lo.D / 2 * f + bulge
@@ -1135,16 +1197,9 @@ def _crop_box(lo: np.ndarray, hi: np.ndarray, crop: Any) -> tuple[np.ndarray, np
     return lo, hi
 
 
-def _build(spec: PhantomSpec, affine: Optional[np.ndarray] = None, shape: Optional[tuple[int, int, int]] = None,
-           want_labels: bool = True):
-    t0 = time.perf_counter()
-    if len(spec.spacing) != 3 or not all(float(s) > 0 and math.isfinite(float(s)) for s in spec.spacing):
-        raise ValueError(f"spacing must be three positive numbers, got {spec.spacing}")
-    rng = np.random.default_rng(spec.seed)
-    levels, glob = _subject_params(spec, rng)
-    curve, info = _build_curve(levels, spec, rng)
-    s_sac, sac_len = info["s_sacrum"], info["sacrum_length"]
-    tab, conus_end = _section_tables(levels, curve, s_sac, sac_len, glob)
+def _fov_world_box(spec: PhantomSpec, levels: list[_Level], curve: _Curve, s_sac: float, sac_len: float
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """World box (RAS mm, ``lo``, ``hi``) of the spec's field of view."""
     names = [lv.name for lv in levels] + ["SACRUM"]
     top, bottom = _fov_range(spec)
     if top == "C1" and not spec.has_c1:
@@ -1181,6 +1236,43 @@ def _build(spec: PhantomSpec, affine: Optional[np.ndarray] = None, shape: Option
     if top_i == 0:
         hi[2] += 20.0  # skull base above C1
     lo, hi = _crop_box(lo, hi, spec.crop)
+    return lo, hi
+
+
+def _layout(spec: PhantomSpec):
+    """Everything about the phantom but its voxels: levels, subject parameters, centre-line,
+    section tables and the field of view's world box (the random numbers in their order)."""
+    if len(spec.spacing) != 3 or not all(float(s) > 0 and math.isfinite(float(s)) for s in spec.spacing):
+        raise ValueError(f"spacing must be three positive numbers, got {spec.spacing}")
+    rng = np.random.default_rng(spec.seed)
+    levels, glob = _subject_params(spec, rng)
+    _apply_deformities(levels, spec)
+    curve, info = _build_curve(levels, spec, rng)
+    s_sac, sac_len = info["s_sacrum"], info["sacrum_length"]
+    tab, conus_end = _section_tables(levels, curve, s_sac, sac_len, glob)
+    box = _fov_world_box(spec, levels, curve, s_sac, sac_len)
+    return levels, glob, curve, info, tab, conus_end, box
+
+
+def phantom_layout(spec: PhantomSpec) -> dict[str, Any]:
+    """The geometry of ``spec``'s phantom without rasterising it (milliseconds): world body
+    centres and frames, level sizes, the field of view's world box and the true endplates,
+    as in ``Phantom.meta`` (for cutting stations or planning a field of view)."""
+    levels, glob, curve, info, _tab, _conus, (lo, hi) = _layout(spec)
+    return {"body_centres_world": {lv.name: lv.centre.tolist() for lv in levels},
+            "body_frames_world": {lv.name: lv.R.tolist() for lv in levels},
+            "level_dims_mm": {lv.name: dict(W=lv.W, D=lv.D, H=lv.H, disc_below=lv.DH) for lv in levels},
+            "sacrum_top_world": curve.at(np.array(info["s_sacrum"]), curve.pos).tolist(),
+            "sacrum_length_mm": info["sacrum_length"],
+            "fov_world_box": [lo.tolist(), hi.tolist()],
+            "endplates_world": _endplates_world(levels, curve, info["s_sacrum"]), "curve": info, "subject": glob}
+
+
+def _build(spec: PhantomSpec, affine: Optional[np.ndarray] = None, shape: Optional[tuple[int, int, int]] = None,
+           want_labels: bool = True):
+    t0 = time.perf_counter()
+    levels, glob, curve, info, tab, conus_end, (lo, hi) = _layout(spec)
+    s_sac, sac_len = info["s_sacrum"], info["sacrum_length"]
     if affine is None:
         affine, shape = build_grid(lo, hi, spec.spacing, spec.orientation, spec.oblique_deg)
     assert shape is not None
@@ -1198,7 +1290,7 @@ def _build(spec: PhantomSpec, affine: Optional[np.ndarray] = None, shape: Option
             _paint_c1(cv, lv, levels[1])
             continue
         if below is None:  # last lumbar: the sacrum below, give it an L5-like pseudo-level
-            below = replace(lv, name="S1", value=26, s=s_sac + lv.H / 2)
+            below = replace(lv, name="S1", value=26, s=s_sac + lv.H / 2, wedge=0.0, slip=0.0)
             below_is_sacrum = True
         else:
             below_is_sacrum = False
@@ -1206,7 +1298,7 @@ def _build(spec: PhantomSpec, affine: Optional[np.ndarray] = None, shape: Option
     # S1 superior articular processes (part of the sacrum)
     last = levels[-1]
     c_s1, R_s1 = curve.frame(s_sac + 14.0)
-    s1 = replace(last, name="S1", value=26, s=s_sac + 14.0, centre=c_s1, R=R_s1, H=28.0)
+    s1 = replace(last, name="S1", value=26, s=s_sac + 14.0, centre=c_s1, R=R_s1, H=28.0, wedge=0.0, slip=0.0)
     jx, jy = _joint(last, s1)
     (sdx, sdy, srx, sry), _ = _facet_offsets("L")
     sl = cv.box(c_s1, R_s1, (-jx - 15, jy - 15, 0), (jx + 15, jy + 15, 14.0 + last.DH + 0.3 * last.H + 4))
@@ -1231,7 +1323,7 @@ def _build(spec: PhantomSpec, affine: Optional[np.ndarray] = None, shape: Option
     # last disc (L5/S1): lower plane = top plane of the sacrum (frame at the top of S1)
     c_top, R_top = curve.frame(s_sac)
     pseudo = replace(last, name="S1", value=26, s=s_sac + 10.0, centre=c_top - R_top[:, 2] * 10.0, R=R_top, H=20.0,
-                     W=last.W * 1.02, D=last.D * 1.02)
+                     W=last.W * 1.02, D=last.D * 1.02, wedge=0.0, slip=0.0)
     _paint_disc(cv, last, pseudo)
     if want_labels:
         _drop_fragments(cv)
@@ -1241,9 +1333,38 @@ def _build(spec: PhantomSpec, affine: Optional[np.ndarray] = None, shape: Option
     return cv, levels, curve, info, glob, conus_end, timings, (lo, hi)
 
 
-def make_phantom(spec: PhantomSpec) -> Phantom:
-    """Rasterise the phantom described by ``spec`` onto its own grid (see ``PhantomSpec``)."""
-    cv, levels, curve, info, glob, conus_end, timings, box = _build(spec)
+def _endplates_world(levels: list[_Level], curve: _Curve, s_sacrum: float) -> dict[str, dict[str, Any]]:
+    """The true endplate planes of every vertebral body (C2 down) and of S1 (the top of the
+    sacrum), world mm: per level and side (``superior``/``inferior``) the unit ``normal``
+    (pointing superiorly), the ``centre`` of the endplate and its mid-sagittal ``posterior``
+    and ``anterior`` corners (S1's posterior corner is where the spinal canal meets it)."""
+    out: dict[str, dict[str, Any]] = {}
+    for lv in levels:
+        if lv.name == "C1":
+            continue
+        tw = math.tan(math.radians(lv.wedge) / 2)
+        sides = {}
+        for side, sign in (("superior", 1.0), ("inferior", -1.0)):
+            n = lv.R @ np.array([0.0, sign * tw, 1.0])
+            corner = {k: lv.centre + lv.R @ np.array([0.0, y, sign * (lv.H / 2 - y * tw)])
+                      for k, y in (("posterior", -lv.D / 2), ("anterior", lv.D / 2))}
+            sides[side] = {"normal": (n / np.linalg.norm(n)).tolist(),
+                           "centre": (lv.centre + lv.R[:, 2] * sign * lv.H / 2).tolist(),
+                           **{k: v.tolist() for k, v in corner.items()}}
+        out[lv.name] = sides
+    c, R = curve.frame(s_sacrum)
+    last = levels[-1]
+    out["S1"] = {"superior": {"normal": R[:, 2].tolist(), "centre": c.tolist(),
+                              "posterior": (c - R[:, 1] * last.D / 2).tolist(),
+                              "anterior": (c + R[:, 1] * last.D / 2 * 1.05).tolist()}}
+    return out
+
+
+def make_phantom(spec: PhantomSpec, grid: Optional[tuple[np.ndarray, tuple[int, int, int]]] = None) -> Phantom:
+    """Rasterise the phantom described by ``spec`` onto its own grid (see ``PhantomSpec``), or
+    onto ``grid`` (``(affine, shape)``, e.g. one station of a whole-spine protocol: the same
+    anatomy on any grid; ``meta["fov_world_box"]`` stays the spec's own field of view)."""
+    cv, levels, curve, info, glob, conus_end, timings, box = _build(spec, *(grid or (None, None)))
     aff = cv.affine
     sem = Volume(cv.sem, aff)
     ins = Volume(cv.ins, aff.copy())
@@ -1271,6 +1392,9 @@ def make_phantom(spec: PhantomSpec) -> Phantom:
         "canal_centre_offset_mm": {lv.name: _canal_centre_y(lv) for lv in levels},  # along the anterior axis
         "level_dims_mm": {lv.name: dict(W=lv.W, D=lv.D, H=lv.H, disc_below=lv.DH) for lv in levels},
         "sacrum_top_world": curve.at(np.array(info["s_sacrum"]), curve.pos).tolist(),
+        "endplates_world": _endplates_world(levels, curve, info["s_sacrum"]),
+        "deformities": {"slips_mm": {lv.name: lv.slip for lv in levels if lv.slip},
+                        "wedges_deg": {lv.name: lv.wedge for lv in levels if lv.wedge}},
         "fov_world_box": [box[0].tolist(), box[1].tolist()],
         "timings_s": timings,
     }

@@ -22,7 +22,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
@@ -32,7 +32,8 @@ from spineps.geometry.io import save_volume
 from spineps.synth.anatomy import PhantomSpec, make_phantom
 from spineps.synth.render import render_t2w
 
-__all__ = ["DemoSubject", "DEMO_SUBJECTS", "demo_specs", "write_demo_dataset"]
+__all__ = ["DemoSubject", "DEMO_SUBJECTS", "demo_specs", "write_demo_dataset", "scan_sidecar",
+           "write_dataset_files"]
 
 log = logging.getLogger(__name__)
 
@@ -87,24 +88,41 @@ def _readme(n: int) -> str:
     )
 
 
-def write_demo_dataset(out_dir: Union[str, Path], *, n_subjects: int = 3, seed: int = 0) -> Path:
-    """Write the demo BIDS dataset into ``out_dir`` (created if needed) and return it."""
+def scan_sidecar(spacing: Sequence[float], orientation: Sequence[str], field_strength: float) -> dict:
+    """The JSON sidecar of a synthetic sagittal T2w TSE scan (slice thickness = the L-R spacing)."""
+    lr_axis = [k for k, c in enumerate(orientation) if c in "LR"][0]
+    return {
+        "Modality": "MR",
+        "MagneticFieldStrength": field_strength,
+        "Manufacturer": "synthetic",
+        "ManufacturersModelName": "spineps.synth phantom",
+        "MRAcquisitionType": "2D",
+        "ScanningSequence": "SE",
+        "SequenceVariant": "SK",
+        "SequenceName": "tse",
+        "RepetitionTime": 3.5,
+        "EchoTime": 0.1,
+        "FlipAngle": 90,
+        "SliceThickness": float(spacing[lr_axis]),
+        "EchoTrainLength": 17,
+    }
+
+
+def write_dataset_files(out: Path, *, name: str, description: str, readme: Optional[str] = None) -> Path:
+    """``dataset_description.json`` (and ``README``) of a synthetic raw dataset in ``out`` and
+    the description and lookup tables of its ``derivatives/reference``; returns the latter."""
     from spineps import __version__
 
-    out = Path(out_dir)
-    t0 = time.perf_counter()
-    specs = demo_specs(n_subjects, seed)
     write_json_atomic(out / "dataset_description.json", {
-        "Name": "SPINEPS synthetic spine phantoms (demo)",
+        "Name": name,
         "BIDSVersion": "1.9.0",
         "DatasetType": "raw",
         "License": "CC0",
         "Authors": ["spineps contributors"],
-        "GeneratedBy": [{"Name": "spineps.synth", "Version": __version__,
-                         "Description": f"write_demo_dataset(n_subjects={n_subjects}, seed={seed})"}],
+        "GeneratedBy": [{"Name": "spineps.synth", "Version": __version__, "Description": description}],
     })
-    write_text_atomic(out / "README", _readme(n_subjects))
-    rows = ["participant_id\tspecies\tfov\tphantom_seed"]
+    write_text_atomic(out / "README", readme or f"# {name}\n\nSynthetic phantoms made by `spineps.synth` "
+                                                 f"({description}); no real person was imaged.\n")
     ref = out / "derivatives" / "reference"
     write_json_atomic(ref / "dataset_description.json", {
         "Name": "Reference masks of the synthetic phantoms",
@@ -118,6 +136,18 @@ def write_demo_dataset(out_dir: Union[str, Path], *, n_subjects: int = 3, seed: 
     ins_rows = [(lab.value, lab.name, lab.abbreviation, lab.color, lab.mapping) for lab in L.instance_labels()]
     write_text_atomic(ref / "desc-spine_dseg.tsv", _dseg_tsv(sem_rows))
     write_text_atomic(ref / "desc-vertebrae_dseg.tsv", _dseg_tsv(ins_rows))
+    return ref
+
+
+def write_demo_dataset(out_dir: Union[str, Path], *, n_subjects: int = 3, seed: int = 0) -> Path:
+    """Write the demo BIDS dataset into ``out_dir`` (created if needed) and return it."""
+    out = Path(out_dir)
+    t0 = time.perf_counter()
+    specs = demo_specs(n_subjects, seed)
+    ref = write_dataset_files(out, name="SPINEPS synthetic spine phantoms (demo)",
+                              description=f"write_demo_dataset(n_subjects={n_subjects}, seed={seed})",
+                              readme=_readme(n_subjects))
+    rows = ["participant_id\tspecies\tfov\tphantom_seed"]
     for i, spec in enumerate(specs, start=1):
         sub = f"sub-{i:02d}"
         d = DEMO_SUBJECTS[(i - 1) % len(DEMO_SUBJECTS)]
@@ -126,22 +156,8 @@ def write_demo_dataset(out_dir: Union[str, Path], *, n_subjects: int = 3, seed: 
         anat = out / sub / "anat"
         img = img.with_data(np.clip(np.rint(img.data), 0, 32767).astype(np.int16))  # as scanners store it
         save_volume(img, anat / f"{sub}_acq-sag_T2w.nii.gz", dtype=np.int16)
-        lr_axis = [k for k, c in enumerate(spec.orientation) if c in "LR"][0]
-        write_json_atomic(anat / f"{sub}_acq-sag_T2w.json", {
-            "Modality": "MR",
-            "MagneticFieldStrength": d.field_strength,
-            "Manufacturer": "synthetic",
-            "ManufacturersModelName": "spineps.synth phantom",
-            "MRAcquisitionType": "2D",
-            "ScanningSequence": "SE",
-            "SequenceVariant": "SK",
-            "SequenceName": "tse",
-            "RepetitionTime": 3.5,
-            "EchoTime": 0.1,
-            "FlipAngle": 90,
-            "SliceThickness": float(spec.spacing[lr_axis]),
-            "EchoTrainLength": 17,
-        })
+        write_json_atomic(anat / f"{sub}_acq-sag_T2w.json", scan_sidecar(spec.spacing, spec.orientation,
+                                                                          d.field_strength))
         sem = ph.semantic_split()
         save_volume(sem, ref / sub / "anat" / f"{sub}_acq-sag_desc-spine_dseg.nii.gz")
         save_volume(ph.instance, ref / sub / "anat" / f"{sub}_acq-sag_desc-vertebrae_dseg.nii.gz")
