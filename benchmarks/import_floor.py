@@ -25,9 +25,9 @@ STEPS: tuple[tuple[str, str], ...] = (
     ("scipy.ndimage, nibabel", "import scipy.ndimage, nibabel"),
     ("torch", "import torch"),
     ("SimpleITK (N4)", "import SimpleITK"),
-    ("torch._dynamo (imported by nnU-Net's predictor module)", "import torch._dynamo"),
-    ("nnU-Net predictor (pre-processing stack: pandas, scikit-image, blosc2 ...)",
-     "import nnunetv2.inference.predict_from_raw_data"),
+    ("nnU-Net predictor, without torch._dynamo (spineps.models.nnunet_import; pre-processing stack: pandas, "
+     "scikit-image, blosc2 ...)",
+     "from spineps.models.nnunet_import import nnunet_predictor_class\n_p = nnunet_predictor_class()"),
     ("spineps participant + loading", "import spineps.participant, spineps.loading"),
     ("both bundled models loaded",
      "from spineps.loading import load_segmenters\n"

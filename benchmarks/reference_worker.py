@@ -46,6 +46,7 @@ def main(cfg_path: str, result_path: str) -> int:
     inst = get_actual_model(cfg["instance_model"], use_cpu=use_cpu).load()
     torch.set_num_threads(threads)  # the nnU-Net loader may set its own thread count
     t_models = time.perf_counter() - t0
+    rss_before_scan = status_kib("VmRSS")  # its memory floor: imports and models, before any voxel
     cuda = not use_cpu
     timers = {}
     net = getattr(getattr(sem, "predictor", None), "network", None)
@@ -80,6 +81,7 @@ def main(cfg_path: str, result_path: str) -> int:
                     "forward_total": round(sum(fwd.values()), 3) if fwd else None},
         "forward_calls": {k: t.calls for k, t in timers.items()},
         "peak_rss_mib_in_process": round(status_kib("VmHWM") / 1024, 1),
+        "rss_before_scan_mib": round(rss_before_scan / 1024, 1),
         "outputs": {"semantic": str(sem_out[0]) if sem_out else None,
                     "instance": str(vert_out[0]) if vert_out else None},
         "version": version("spineps"),

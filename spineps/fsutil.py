@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 __all__ = ["atomic_path", "write_text_atomic", "write_json_atomic", "remove_stale_temps", "exclusive_lock",
-           "remove_stale_locks", "check_real_folder", "TEMP_PREFIX", "is_within", "jsonable"]
+           "LockHeld", "remove_stale_locks", "check_real_folder", "TEMP_PREFIX", "is_within", "jsonable"]
 
 log = logging.getLogger(__name__)
 
@@ -243,10 +243,19 @@ def check_real_folder(folder: Path, root: Path) -> None:
                           str(probe))
 
 
+class LockHeld(Exception):
+    """``exclusive_lock(path, wait=False)``: another process holds the lock."""
+
+    def __init__(self, path: Path):
+        super().__init__(f"{path} is held by another process")
+        self.path = Path(path)
+
+
 @contextmanager
-def exclusive_lock(path: Path, on_wait: Optional[Callable[[], None]] = None) -> Iterator[bool]:
+def exclusive_lock(path: Path, on_wait: Optional[Callable[[], None]] = None, wait: bool = True) -> Iterator[bool]:
     """Hold an exclusive ``fcntl.flock`` on ``path`` (created if needed) for the ``with``
     block; ``on_wait`` is called once when another process holds it (then this one waits).
+    With ``wait=False`` it does not wait: ``LockHeld`` is raised on entering instead.
     The kernel drops the lock when its holder dies, even by SIGKILL, so a killed run never
     blocks the next one. The file is removed on release; a waiter that got the lock on a
     removed file retries on the new one. Yields False (and does not lock) on a file system
@@ -263,6 +272,8 @@ def exclusive_lock(path: Path, on_wait: Optional[Callable[[], None]] = None) -> 
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                if not wait:
+                    raise LockHeld(path) from None
                 if on_wait is not None and not waited:
                     on_wait()
                 waited = True

@@ -13,24 +13,29 @@ options (``_complete``): outputs of other models or options are recomputed.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, TypeVar
 
 from spineps.errors import BIDSValidationError, ResourceError, ScanFailuresError, SpinepsError, one_line, write_error
-from spineps.fsutil import jsonable
+from spineps.fsutil import LockHeld, jsonable
 
 if TYPE_CHECKING:  # pragma: no cover
+    from spineps.bids.validation import PendingValidation
     from spineps.models.protocols import InstanceSegmenter, SemanticSegmenter
     from spineps.pipeline import NamingOptions, ScanResult
     from spineps.settings import Settings
 
-__all__ = ["ParticipantSummary", "check_inputs", "run_participant", "process_scan", "process_mask",
-           "load_semantic_mask", "model_provenance", "run_models", "session_groups", "STATION_ENTITIES"]
+__all__ = ["ParticipantSummary", "start_validation", "finish_validation", "validated_first", "check_inputs",
+           "select_scans", "run_participant", "process_scan", "process_mask", "load_semantic_mask",
+           "model_provenance", "run_models", "session_groups", "STATION_ENTITIES"]
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 
 
@@ -58,10 +63,23 @@ class ParticipantSummary:
         return out
 
 
-def _validate(settings: "Settings") -> None:
+def start_validation(settings: "Settings") -> Optional["PendingValidation"]:
+    """Start the BIDS validator on the input dataset in the background (None when the run
+    skips validation or reads semantic masks): it runs while the models load, and
+    :func:`check_inputs` waits for its verdict before any scan is selected."""
+    if settings.input_kind == "semantic-mask" or settings.skip_bids_validation:
+        return None
+    from spineps.bids.validation import start_validation as start
+
+    return start(settings.bids_dir, derivative=False)
+
+
+def finish_validation(settings: "Settings", pending: Optional["PendingValidation"] = None) -> None:
+    """The validator's verdict (waiting for a run started by :func:`start_validation`);
+    ``BIDSValidationError`` for an invalid dataset."""
     from spineps.bids.validation import validate_dataset
 
-    report = validate_dataset(settings.bids_dir, derivative=False)
+    report = pending.result() if pending is not None else validate_dataset(settings.bids_dir, derivative=False)
     if not report.available:
         log.warning("the input dataset was not validated: %s", getattr(report, "reason", "validator not available"))
         return
@@ -75,10 +93,36 @@ def _validate(settings: "Settings") -> None:
     log.info("input dataset passed BIDS validation")
 
 
-def check_inputs(settings: "Settings"):  # -> Discovery
-    """Validate the input dataset (unless skipped) and select the scans. Raises
-    ``BIDSValidationError`` (16) and, for labels or filters that select nothing,
-    ``NoMatchError`` (18)."""
+def validated_first(settings: "Settings", pending: Optional["PendingValidation"], step: Callable[[], _T]) -> _T:
+    """Run ``step`` while the validator started by :func:`start_validation` runs; when the
+    step fails, the validator's verdict comes first (an invalid dataset is reported as
+    such, exit 16, whatever else went wrong, as when validation ran before everything)."""
+    try:
+        return step()
+    except BaseException:
+        if pending is not None:
+            if isinstance(sys.exc_info()[1], Exception):
+                finish_validation(settings, pending)  # raises BIDSValidationError for an invalid dataset
+            else:
+                pending.cancel()
+        raise
+
+
+def check_inputs(settings: "Settings", pending: Optional["PendingValidation"] = None):  # -> Discovery
+    """Validate the input dataset (unless skipped; ``pending``: a validator run started by
+    :func:`start_validation`) and select the scans. Raises ``BIDSValidationError`` (16) and,
+    for labels or filters that select nothing, ``NoMatchError`` (18)."""
+    if settings.input_kind != "semantic-mask":
+        if settings.skip_bids_validation:
+            log.info("BIDS validation skipped (--skip-bids-validation)")
+        else:
+            finish_validation(settings, pending)
+    return select_scans(settings)
+
+
+def select_scans(settings: "Settings"):  # -> Discovery
+    """The scans of the run (pybids discovery, or the semantic masks of ``spineps instance``),
+    without validation; ``NoMatchError`` (18) for labels or filters that select nothing."""
     from spineps.bids.discovery import discover_scans, load_bids_filters
 
     if settings.input_kind == "semantic-mask":
@@ -87,20 +131,15 @@ def check_inputs(settings: "Settings"):  # -> Discovery
         return discover_semantic_masks(settings.bids_dir, settings.mask_pattern or DEFAULT_MASK_PATTERN,
                                        participant_labels=list(settings.participant_labels) or None,
                                        session_labels=list(settings.session_labels) or None)
-    if settings.skip_bids_validation:
-        log.info("BIDS validation skipped (--skip-bids-validation)")
-    else:
-        _validate(settings)
     filters = load_bids_filters(settings.bids_filter_file) if settings.bids_filter_file else None
     database_dir = (settings.work_dir / "pybids") if settings.work_dir else None  # a fresh subfolder per run
-    discovery = discover_scans(
+    return discover_scans(
         settings.bids_dir,
         participant_labels=list(settings.participant_labels) or None,
         session_labels=list(settings.session_labels) or None,
         bids_filters=filters,
         database_dir=database_dir,
-    )
-    return discovery  # discovery logs each skipped file with its reason
+    )  # discovery logs each skipped file with its reason
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -215,43 +254,46 @@ def expected_scan_outputs(settings: "Settings", scan: Any, with_instances: bool)
 def _process_all(settings: "Settings", scans: list[Any], run: tuple[Any, Any, dict, Any],
                  summary: ParticipantSummary) -> None:
     """The scans in units (:func:`session_groups`: the stations of one session together, every
-    other scan alone), in order, skipping complete ones (:func:`_unit_complete`, clearing their
-    failure records); with ``--stop-on-first-crash`` the loop ends after the first unit with a
-    failure, the scans left listed as not attempted. ``run``: as for :func:`_run_one`."""
-    from spineps.failures import clear_failure
-
-    instance, models = run[1], run[2]
-    units = session_groups(scans) if instance is not None else [[s] for s in scans]
-    current: Optional[str] = None
-    done = 0
+    other scan alone), in two passes that share the work with other runs on the same output
+    folder: first the units nobody holds (a held one is deferred), then the deferred ones,
+    waiting for their holders (:func:`_take_unit`; complete units are skipped and their
+    failure records cleared). With ``--stop-on-first-crash`` the run ends after the first unit
+    with a failure, in either pass, the scans left listed as not attempted. ``run``: as for
+    :func:`_run_one`."""
+    units = session_groups(scans) if run[1] is not None else [[s] for s in scans]
+    current: list[Optional[str]] = [None]  # the unit in progress, for the interrupt message
     try:
-        for n, unit in enumerate(units, start=1):
-            current = ", ".join(s.relpath for s in unit)
-            tag = f"[{done + 1}{f'-{done + len(unit)}' if len(unit) > 1 else ''}/{len(scans)}]"
-            done += len(unit)
-            expected = [expected_scan_outputs(settings, s, with_instances=instance is not None) for s in unit]
-            if _unit_complete(settings, unit, expected, models, f"{tag} {current}"):
-                log.info("%s %s: outputs complete, skipped (use --overwrite to recompute)", tag, current)
-                summary.skipped_complete.extend(s.relpath for s in unit)
-                for scan in unit:
-                    clear_failure(settings, scan.key)
-                continue
-            log.info("%s %s", tag, current)
-            if len(unit) == 1:
-                _run_one(settings, unit[0], tag, expected[0], run, summary)
-            else:
-                _run_session(settings, unit, tag, expected, run, summary)
-            current = None
-            if settings.stop_on_first_crash and summary.failed:
-                summary.not_attempted = [s.relpath for later in units[n:] for s in later]
-                log.error("stopping at the first failure (--stop-on-first-crash): %d scan(s) not attempted",
-                          len(summary.not_attempted))
-                break
+        deferred = _one_pass(settings, _tagged(units, len(scans)), run, summary, False, current)
+        if deferred and not summary.not_attempted:
+            log.info("back to %d scan(s) other runs were computing: waiting for them, then computing any they did "
+                     "not complete", sum(len(unit) for _, unit in deferred))
+            _one_pass(settings, deferred, run, summary, True, current)
     except KeyboardInterrupt:
         log.error("interrupted while processing %s (its outputs are incomplete and will be recomputed by a rerun); "
                   "finished before: %d processed, %d already complete, %d failed",
-                  current or "no scan", len(summary.processed), len(summary.skipped_complete), len(summary.failed))
+                  current[0] or "no scan", len(summary.processed), len(summary.skipped_complete),
+                  len(summary.failed))
         raise
+
+
+def _one_pass(settings: "Settings", tagged: list[tuple[str, list[Any]]], run: tuple[Any, Any, dict, Any],
+              summary: ParticipantSummary, wait: bool, current: list[Optional[str]]) -> list[tuple[str, list[Any]]]:
+    """One pass of :func:`_process_all` over the tagged units: the ones held by other runs
+    (``wait`` False) are returned for the second pass. With ``--stop-on-first-crash`` the pass
+    ends after the first unit with a failure, the units deferred so far and those left noted
+    in ``summary.not_attempted`` (and nothing is returned)."""
+    deferred: list[tuple[str, list[Any]]] = []
+    for n, (tag, unit) in enumerate(tagged, start=1):
+        current[0] = ", ".join(s.relpath for s in unit)
+        if not _take_unit(settings, unit, tag, run, summary, wait=wait):
+            deferred.append((tag, unit))
+        current[0] = None
+        if settings.stop_on_first_crash and summary.failed:
+            summary.not_attempted = [s.relpath for _, later in deferred + tagged[n:] for s in later]
+            log.error("stopping at the first failure (--stop-on-first-crash): %d scan(s) not attempted",
+                      len(summary.not_attempted))
+            return []
+    return deferred
 
 
 def _write_methods(settings: "Settings", models: dict[str, dict[str, Any]]) -> None:
@@ -337,20 +379,56 @@ def _footprint(semantic: Any, instance: Any) -> Any:  # -> Optional[spineps.reso
     return footprint
 
 
+def _tagged(units: list[list[Any]], total: int) -> list[tuple[str, list[Any]]]:
+    """Each unit with its tag in the log: ``[3/9]`` for a scan, ``[4-6/9]`` for three stations."""
+    out, done = [], 0
+    for unit in units:
+        out.append((f"[{done + 1}{f'-{done + len(unit)}' if len(unit) > 1 else ''}/{total}]", unit))
+        done += len(unit)
+    return out
+
+
+def _take_unit(settings: "Settings", unit: list[Any], tag: str, run: tuple[Any, Any, dict, Any],
+               summary: ParticipantSummary, wait: bool) -> bool:
+    """One unit (a scan, or the stations of one session), unless its outputs are complete
+    (skipped). False when ``wait`` is False and another run holds the lock of (a station of)
+    the unit (it is left for later, no lock kept), True when it was dealt with."""
+    from spineps.failures import clear_failure
+
+    names = ", ".join(s.relpath for s in unit)
+    expected = [expected_scan_outputs(settings, s, with_instances=run[1] is not None) for s in unit]
+    if _unit_complete(settings, unit, expected, run[2], f"{tag} {names}"):
+        log.info("%s %s: outputs complete, skipped (use --overwrite to recompute)", tag, names)
+        summary.skipped_complete.extend(s.relpath for s in unit)
+        for scan in unit:
+            clear_failure(settings, scan.key)
+        return True
+    if wait:
+        log.info("%s %s", tag, names)
+    if len(unit) == 1:
+        return _run_one(settings, unit[0], tag, expected[0], run, summary, wait=wait)
+    assert run[1] is not None  # stations are named from instances (session_groups only then)
+    return _run_session(settings, unit, tag, expected, run, summary, wait=wait)
+
+
 def _run_one(settings: "Settings", scan: Any, tag: str, expected: list[Path], run: tuple[Any, Any, dict, Any],
-             summary: ParticipantSummary) -> None:
+             summary: ParticipantSummary, wait: bool = True) -> bool:
     """One scan under its lock; its outcome (processed, skipped, failed and why) into ``summary``
     and, for a failure, a record in the output dataset (``spineps.failures``; cleared when the
     scan completes). ``run``: the semantic and instance segmenters, their ``Models``
     (:func:`run_models`) and their memory footprint (``spineps.resources.Footprint``).
-    A failure is logged and recorded, never raised (``KeyboardInterrupt`` is)."""
+    A failure is logged and recorded, never raised (``KeyboardInterrupt`` is). With ``wait``
+    False and the lock held by another run, nothing is done (no record either) and False is
+    returned."""
     from spineps.failures import clear_failure
 
     name = scan.relpath
     semantic, instance, models, footprint = run
 
     def work() -> bool:
-        with _scan_lock(settings, scan, f"{tag} {name}"):
+        with _scan_lock(settings, scan, f"{tag} {name}", wait=wait):
+            if not wait:
+                log.info("%s %s", tag, name)
             if _complete(settings, scan, expected, models, f"{tag} {name}"):
                 log.info("%s %s: outputs completed by another run meanwhile, skipped", tag, name)
                 summary.skipped_complete.append(name)
@@ -365,19 +443,27 @@ def _run_one(settings: "Settings", scan: Any, tag: str, expected: list[Path], ru
                 process_scan(settings, scan, semantic, instance, models, footprint)
             return True
 
-    if _guarded(settings, summary, scan, tag, work):
-        summary.processed.append(name)
-        clear_failure(settings, scan.key)
+    try:
+        if _guarded(settings, summary, scan, tag, work):
+            summary.processed.append(name)
+            clear_failure(settings, scan.key)
+    except LockHeld:
+        log.info("%s %s: another run is computing this scan; taking the next one (back to it at the end)", tag, name)
+        return False
+    return True
 
 
 def _guarded(settings: "Settings", summary: ParticipantSummary, scan: Any, tag: str, fn: Any) -> Any:
     """``fn()``, or None with the scan's failure (its reason) logged, noted in ``summary`` and
-    recorded in the output dataset (``spineps.failures``); ``KeyboardInterrupt`` is raised."""
+    recorded in the output dataset (``spineps.failures``); ``KeyboardInterrupt`` is raised, and
+    ``LockHeld``: a held lock is no failure, the caller leaves the scan for later."""
     from spineps.failures import record_failure
 
     name = scan.relpath
     try:
         return fn()
+    except LockHeld:
+        raise
     except SpinepsError as exc:
         if isinstance(exc, ResourceError):
             summary.temporary.add(name)
@@ -489,27 +575,36 @@ def _name_session(runs: list[_StationRun], settings: "Settings") -> dict[str, An
 
 
 def _run_session(settings: "Settings", scans: list[Any], tag: str, expected: list[list[Path]],
-                 run: tuple[Any, Any, dict, Any], summary: ParticipantSummary) -> None:
+                 run: tuple[Any, Any, dict, Any], summary: ParticipantSummary, wait: bool = True) -> bool:
     """The stations of one session under their locks: each predicted (a failure skips that
     station), the survivors named as one spine, each station's outputs written. ``run`` as for
-    :func:`_run_one` (segmenters, ``Models``, memory footprint). A station's failure is
-    recorded (``spineps.failures``), a written station's record cleared."""
+    :func:`_run_one` (segmenters, ``Models``, memory footprint). The session takes all its
+    stations' locks (in the order of ``scans``, the same in every run) or, with ``wait``
+    False and one held by another run, none: False is returned and nothing is done. A
+    station's failure is recorded (``spineps.failures``), a written station's record cleared."""
     from spineps.failures import clear_failure
 
     models = run[2]
     with ExitStack() as locks:
-        for scan in scans:
-            locks.enter_context(_scan_lock(settings, scan, f"{tag} {scan.relpath}"))
+        try:
+            for scan in scans:
+                locks.enter_context(_scan_lock(settings, scan, f"{tag} {scan.relpath}", wait=wait))
+        except LockHeld:
+            log.info("%s %s: another run is computing this station; taking the next scan (back to its session at "
+                     "the end)", tag, scan.relpath)
+            return False  # the locks taken are released on leaving
+        if not wait:
+            log.info("%s %s", tag, ", ".join(s.relpath for s in scans))
         if _unit_complete(settings, scans, expected, models, tag):
             log.info("%s: outputs completed by another run meanwhile, skipped", tag)
             summary.skipped_complete.extend(s.relpath for s in scans)
             for scan in scans:
                 clear_failure(settings, scan.key)
-            return
+            return True
         runs = [r for scan in scans
                 if (r := _guarded(settings, summary, scan, tag, _Predict(settings, scan, run))) is not None]
         if not runs:
-            return
+            return True
         t0 = time.perf_counter()
         results = _guarded(settings, summary, runs[0].scan, tag, lambda: _name_session(runs, settings)) or {}
         if not results:
@@ -519,6 +614,7 @@ def _run_session(settings: "Settings", scans: list[Any], tag: str, expected: lis
             if r.prediction.name in results and _guarded(settings, summary, r.scan, tag, _Write(settings, r, results)):
                 summary.processed.append(r.scan.relpath)
                 clear_failure(settings, r.scan.key)
+    return True
 
 
 def _share_failure(settings: "Settings", summary: ParticipantSummary, failed: Any, others: list[Any]) -> None:
@@ -565,11 +661,14 @@ class _Write:
 
 
 @contextmanager
-def _scan_lock(settings: "Settings", scan: Any, what: str) -> Iterator[None]:
+def _scan_lock(settings: "Settings", scan: Any, what: str, wait: bool = True) -> Iterator[None]:
     """One scan is computed by one process at a time: an ``fcntl.flock`` on
     ``logs/locks/<scan key>.lock`` in the output folder (removed on release; the kernel
-    releases it when a process dies). A second run on the same scan waits, then skips it
-    when the first one completed it (or recomputes it with ``--overwrite``).
+    releases it when a process dies). Runs that share a cohort share its work: a run first
+    takes the scans nobody holds (``wait=False``: ``LockHeld`` for a held one), then comes
+    back to the held ones and waits for each (``wait=True``), skipping it when its holder
+    completed it (or recomputing it with ``--overwrite``, or when the holder failed or died);
+    the stations of one session are taken together (:func:`_run_session`).
 
     The lock folder and the scan's output folder must be real folders (no symlink between
     ``output_dir`` and them; ``spineps.fsutil.check_real_folder``) and the lock file a plain
@@ -584,7 +683,7 @@ def _scan_lock(settings: "Settings", scan: Any, what: str) -> Iterator[None]:
             check_real_folder(path.parent, settings.output_dir)
             check_real_folder(derivative_dir(settings.output_dir, scan), settings.output_dir)
             stack.enter_context(exclusive_lock(path, on_wait=lambda: log.info(
-                "%s: another run is computing this scan; waiting for it", what)))
+                "%s: another run is computing this scan; waiting for it", what), wait=wait))
         except OSError as exc:
             raise OutputError(f"{exc.strerror or exc}", Path(exc.filename) if exc.filename else path) from exc
         yield

@@ -2,7 +2,9 @@
 
 ``discover_scans`` indexes the dataset with pybids (``validate=False``: the CLI validates
 separately), in memory or in a scratch folder under the work dir, never inside the dataset,
-and returns the scans to segment plus the ones it skipped with the reason.
+and returns the scans to segment plus the ones it skipped with the reason. With participant
+labels only those subjects' folders are indexed (a one-participant job on a large cohort
+indexes one folder); the other labels are read from the root's ``sub-*`` folder names.
 
 Selection (``shared/spec/bids-app.md``, "Finding sagittal T2w scans"):
 
@@ -439,13 +441,14 @@ class _LayoutHandle:
     """A pybids layout indexed in memory or in a fresh folder under ``database_dir``;
     ``close()`` removes that folder. Nothing is ever written into the dataset."""
 
-    def __init__(self, bids_dir: Path, database_dir: Optional[Path]):
+    def __init__(self, bids_dir: Path, database_dir: Optional[Path], subjects: Optional[list[str]] = None):
         from bids import BIDSLayout, BIDSLayoutIndexer
 
         self._tmp: Optional[Path] = None
         # metadata is read by merged_sidecar: a malformed JSON anywhere would stop pybids
         kwargs: dict[str, Any] = {"validate": False,
-                                  "indexer": BIDSLayoutIndexer(validate=False, index_metadata=False)}
+                                  "indexer": BIDSLayoutIndexer(validate=False, index_metadata=False,
+                                                               ignore=_ignore_other_subjects(subjects))}
         if database_dir is not None:
             database_dir = Path(database_dir).absolute()
             if is_within(database_dir.resolve(), bids_dir.resolve()):
@@ -466,6 +469,30 @@ class _LayoutHandle:
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
+
+
+def _ignore_other_subjects(subjects: Optional[list[str]]) -> Optional[list[Any]]:
+    """pybids' ``ignore`` list that leaves out the subject folders not asked for (None: its
+    defaults, every subject indexed). A one-participant job (a SLURM array task) then indexes
+    its own folder, not the whole cohort's."""
+    if not subjects:
+        return None
+    try:
+        from bids.layout.validation import DEFAULT_LOCATIONS_TO_IGNORE
+        defaults = list(DEFAULT_LOCATIONS_TO_IGNORE)
+    except ImportError:  # pragma: no cover - the documented defaults of pybids' indexer
+        defaults = [re.compile(r"^/(code|models|sourcedata|stimuli)")]
+    wanted = "|".join(re.escape(s) for s in subjects)
+    return [*defaults, re.compile(rf"^/sub-(?!(?:{wanted})(?:/|$))[^/]+")]
+
+
+def _subject_folders(bids_dir: Path) -> list[str]:
+    """The subject labels of the ``sub-*`` folders at the dataset's root."""
+    try:
+        return sorted((p.name[4:] for p in bids_dir.iterdir() if p.name.startswith("sub-") and p.is_dir()),
+                      key=_natural_key)
+    except OSError:
+        return []
 
 
 def _describe(labels: Sequence[str], prefix: str, limit: int = 20) -> str:
@@ -518,10 +545,13 @@ def _known_entities() -> set[str]:
 
 def _check_labels(files: list[_Indexed], bids_dir: Path, subjects: Optional[list[str]],
                   sessions: Optional[list[str]]) -> None:
-    """``NoMatchError`` naming the participant or session labels that do not exist."""
-    all_subjects = sorted({str(e["subject"]) for _p, e in files if e.get("subject")}, key=_natural_key)
+    """``NoMatchError`` naming the participant or session labels that do not exist (with
+    ``subjects``, only their folders are indexed: the others are listed from the root)."""
+    indexed = {str(e["subject"]) for _p, e in files if e.get("subject")}
+    all_subjects = sorted(indexed | set(_subject_folders(bids_dir)) if subjects is not None else indexed,
+                          key=_natural_key)
     if subjects is not None:
-        missing = [s for s in subjects if s not in all_subjects]
+        missing = [s for s in subjects if s not in indexed]
         if missing:
             raise NoMatchError(f"participant label(s) not found in {bids_dir}: "
                                f"{_describe(missing, 'sub-')} (available: "
@@ -579,7 +609,7 @@ def discover_scans(
     subjects = _normalise_labels(participant_labels, "sub-", "participant")
     sessions = _normalise_labels(session_labels, "ses-", "session")
     query, prefer_sag = _t2w_query(bids_filters)
-    handle = _LayoutHandle(bids_dir, Path(database_dir) if database_dir is not None else None)
+    handle = _LayoutHandle(bids_dir, Path(database_dir) if database_dir is not None else None, subjects)
     try:
         files = _indexed_files(handle.layout, bids_dir)
         _check_labels(files, bids_dir, subjects, sessions)

@@ -15,6 +15,9 @@ the PyPI package) crashes with ``UnknownIssueCodeError: UNSUPPORTED_DATASET_TYPE
 type does not match. (Run on the raw dataset, the validator ignores ``derivatives/``
 unless ``--recursive`` is given.)
 
+``start_validation`` starts the validator in the background and returns at once (its
+``result()`` waits for the report): a participant run loads its models meanwhile.
+
 When the validator is missing or cannot run, ``ValidationReport.available`` is False with
 the reason; :func:`check_names_with_schema` then checks file names against the BIDS
 schema bundled with ``bidsschematools`` (names only: no metadata or header checks).
@@ -40,6 +43,8 @@ __all__ = [
     "ValidationReport",
     "find_validator",
     "validate_dataset",
+    "start_validation",
+    "PendingValidation",
     "check_names_with_schema",
 ]
 
@@ -121,34 +126,86 @@ def validate_dataset(path: Union[str, Path], *, derivative: bool = False, timeou
                      validator: Optional[list[str]] = None) -> ValidationReport:
     """Validate the dataset at ``path`` (see the module docstring). Never raises for a
     validator problem: the report says it (``available=False``)."""
+    return start_validation(path, derivative=derivative, timeout=timeout, validator=validator).result()
+
+
+class PendingValidation:
+    """A validator run started in the background (:func:`start_validation`); ``result()``
+    waits for it (at most ``timeout`` seconds from the start) and reads its report. The
+    validator is a process of its own, so it runs while this one goes on (e.g. loading the
+    models). ``cancel()`` stops it (also when this process is interrupted in ``result()``)."""
+
+    def __init__(self, path: Path, cmd: list[str], derivative: bool, timeout: float):
+        self.path, self.cmd, self.derivative, self.timeout = path, cmd, derivative, timeout
+        self._t0 = time.monotonic()
+        self._report: Optional[ValidationReport] = None
+        self._proc: Optional[subprocess.Popen] = None
+        try:
+            self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                                          stdin=subprocess.DEVNULL)
+        except OSError as exc:
+            self._report = ValidationReport(path, available=False, ok=False, command=cmd, seconds=0.0,
+                                            reason=f"{VALIDATOR_NAME} could not be started: {exc}")
+
+    @classmethod
+    def done(cls, report: ValidationReport) -> "PendingValidation":
+        pending = cls.__new__(cls)
+        pending.path, pending.cmd, pending._report, pending._proc = report.path, report.command, report, None
+        return pending
+
+    def cancel(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.communicate()
+
+    def result(self) -> ValidationReport:
+        if self._report is not None:
+            return self._report
+        assert self._proc is not None
+        left = max(0.0, self.timeout - (time.monotonic() - self._t0))
+        try:
+            stdout, stderr = self._proc.communicate(timeout=left)
+        except subprocess.TimeoutExpired:
+            self.cancel()
+            self._report = ValidationReport(self.path, available=False, ok=False, command=self.cmd,
+                                            seconds=time.monotonic() - self._t0,
+                                            reason=f"{VALIDATOR_NAME} did not finish within {self.timeout:.0f} s")
+            return self._report
+        except BaseException:  # KeyboardInterrupt / SIGTERM while waiting: no validator left behind
+            self.cancel()
+            raise
+        self._report = _read_report(self.path, self.cmd, self._proc.returncode, stdout, stderr,
+                                    time.monotonic() - self._t0, self.derivative)
+        return self._report
+
+
+def start_validation(path: Union[str, Path], *, derivative: bool = False, timeout: float = 900.0,
+                     validator: Optional[list[str]] = None) -> PendingValidation:
+    """Start the validator on ``path`` in the background; ``.result()`` gives the
+    :class:`ValidationReport` of :func:`validate_dataset`."""
     path = Path(path).absolute()
     cmd0 = validator if validator is not None else find_validator()
     if not cmd0:
-        return ValidationReport(path, available=False, ok=False,
-                                reason=f"{VALIDATOR_NAME} not found beside {sys.executable} or on PATH "
-                                       "(pip install bids-validator-deno)")
+        return PendingValidation.done(ValidationReport(
+            path, available=False, ok=False, reason=f"{VALIDATOR_NAME} not found beside {sys.executable} or on PATH "
+                                                    "(pip install bids-validator-deno)"))
     if not path.is_dir():
-        return ValidationReport(path, available=False, ok=False, reason="the dataset folder does not exist")
-    cmd = [*cmd0, str(path), "--format", "json"]
-    t0 = time.monotonic()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(),
-                              stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        return ValidationReport(path, available=False, ok=False, command=cmd, seconds=time.monotonic() - t0,
-                                reason=f"{VALIDATOR_NAME} did not finish within {timeout:.0f} s")
-    except OSError as exc:
-        return ValidationReport(path, available=False, ok=False, command=cmd, seconds=time.monotonic() - t0,
-                                reason=f"{VALIDATOR_NAME} could not be started: {exc}")
-    seconds = time.monotonic() - t0
-    data = _parse_json(proc.stdout)
+        return PendingValidation.done(ValidationReport(path, available=False, ok=False,
+                                                       reason="the dataset folder does not exist"))
+    return PendingValidation(path, [*cmd0, str(path), "--format", "json"], derivative, timeout)
+
+
+def _read_report(path: Path, cmd: list[str], returncode: Optional[int], stdout: str, stderr: str, seconds: float,
+                 derivative: bool) -> ValidationReport:
+    """The report of one finished validator run (its JSON on stdout)."""
+    data = _parse_json(stdout)
     issues_obj = (data or {}).get("issues")
     issues = issues_obj.get("issues") if isinstance(issues_obj, dict) else issues_obj
     if data is None or not isinstance(issues, list):
-        tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-5:]
-        return ValidationReport(path, available=False, ok=False, returncode=proc.returncode, command=cmd,
+        tail = (stderr or stdout or "").strip().splitlines()[-5:]
+        return ValidationReport(path, available=False, ok=False, returncode=returncode, command=cmd,
                                 seconds=seconds,
-                                reason=f"{VALIDATOR_NAME} exited {proc.returncode} without a JSON report"
+                                reason=f"{VALIDATOR_NAME} exited {returncode} without a JSON report"
                                        + (f": {' | '.join(tail)}" if tail else ""))
     errors = [_issue_line(i) for i in issues if isinstance(i, dict) and i.get("severity") == "error"]
     warnings = [_issue_line(i) for i in issues if isinstance(i, dict) and i.get("severity") == "warning"]
@@ -160,14 +217,14 @@ def validate_dataset(path: Union[str, Path], *, derivative: bool = False, timeou
         if dtype != "derivative":
             errors.append(f"NOT_A_DERIVATIVE_DATASET: /dataset_description.json (DatasetType {dtype!r})")
     ok = not errors
-    if ok and proc.returncode not in (0, None):
+    if ok and returncode not in (0, None):
         # defensive: a non-zero exit without listed errors still counts as a failure
-        errors.append(f"VALIDATOR_EXIT_{proc.returncode}: {path}")
+        errors.append(f"VALIDATOR_EXIT_{returncode}: {path}")
         ok = False
     report = ValidationReport(path, available=True, ok=ok, errors=errors, warnings=warnings,
-                              returncode=proc.returncode, command=cmd, seconds=seconds)
-    log.info("BIDS validation of %s: %d error(s), %d warning(s) in %.1f s", path, len(errors), len(warnings),
-             seconds)
+                              returncode=returncode, command=cmd, seconds=seconds)
+    log.info("BIDS validation of %s: %d error(s), %d warning(s), %.1f s from its start", path, len(errors),
+             len(warnings), seconds)
     return report
 
 

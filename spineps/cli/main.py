@@ -179,14 +179,22 @@ def _run(settings: Settings) -> int:
 
 
 def _participant(settings: Settings) -> None:
+    """The BIDS validator runs in the background (a process of its own) while the scans are
+    selected and the models load; its verdict is awaited before the first scan, and comes
+    first when any of these steps fails (``participant.validated_first``)."""
     from spineps import loading, participant
 
     loading.announce_models(settings)  # before anything else: which models, and whether they are demonstrations
-    discovery = participant.check_inputs(settings)
+    pending = participant.start_validation(settings)
+    discovery = participant.validated_first(settings, pending, lambda: participant.select_scans(settings))
     if settings.input_kind == "semantic-mask":
         participant.run_participant(settings, None, loading.load_instance_segmenter(settings), discovery=discovery)
         return
-    semantic, instance = loading.load_segmenters(settings)
+    semantic, instance = participant.validated_first(settings, pending, lambda: loading.load_segmenters(settings))
+    if settings.skip_bids_validation:
+        log.info("BIDS validation skipped (--skip-bids-validation)")
+    else:
+        participant.finish_validation(settings, pending)
     participant.run_participant(settings, semantic, instance, discovery=discovery)
 
 

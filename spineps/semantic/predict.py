@@ -155,9 +155,9 @@ class NnUNetSemanticSegmenter:
 
     def _predictor(self, loaded: Any) -> Any:
         """nnU-Net's predictor, initialised by hand from the loaded folder (no trainer lookup)."""
-        with quiet_stdout(log):
-            from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+        from spineps.models.nnunet_import import nnunet_predictor_class
 
+        nnUNetPredictor = nnunet_predictor_class()
         mirror_axes = self.tta_axes if self.tta_axes is not None else getattr(loaded, "mirror_axes", None)
         if self.mirroring and mirror_axes is None:
             mirror_axes = (0, 1, 2)
