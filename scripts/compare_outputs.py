@@ -68,6 +68,9 @@ VOLATILE_KEYS = {"timings", "seconds", "runid", "run_id", "settingsfile", "host"
 _RUN_ID = re.compile(r"(participant|group|run)_\d{8}T\d{9}Z_pid\d+")
 #: what changes in the group report from run to run (its time stamp and the id made from it)
 _REPORT_VOLATILE = re.compile(r'"(generated|report_id)":"[^"]*"')
+#: what changes on a per-scan page (spineps.group.scan_page.VOLATILE_RE, restated: this script
+#: compares two source trees and imports neither)
+_PAGE_VOLATILE = re.compile(r"<(span|div) data-volatile='[a-z]+'>.*?</\1>", re.S)
 
 
 # ----------------------------------------------------------------------------------------- running
@@ -192,6 +195,7 @@ def file_entry(path: Path, subs: list[tuple[str, str]]) -> dict[str, Any]:
         return {"kind": "tsv", "sha256": _sha(text.encode()), "rows": text.count("\n"), "content": text}
     if name.endswith(".html"):
         text = _REPORT_VOLATILE.sub(r'"\1":"<VOLATILE>"', _scrub_text(path.read_text(encoding="utf-8"), subs))
+        text = _PAGE_VOLATILE.sub("", text)
         return {"kind": "html", "sha256": _sha(text.encode())}
     if name.endswith(".png"):
         return {"kind": "png", "sha256": _sha(path.read_bytes())}

@@ -131,7 +131,8 @@ def load_segmenters(settings: "Settings") -> tuple["SemanticSegmenter", Optional
         raise ModelError(f"the nnU-Net semantic segmenter cannot be imported ({exc})", sem_choice.folder) from exc
     semantic = _build(lambda: NnUNetSemanticSegmenter.from_folder(
         sem_folder, device=device, nprocs=settings.threads, n4=settings.n4, precision=settings.precision,
-        engine=settings.engine, allow_unsafe=settings.allow_unsafe_checkpoints), sem_choice)
+        engine=settings.engine, allow_unsafe=settings.allow_unsafe_checkpoints, tta=settings.tta,
+        probabilities=settings.save_probabilities), sem_choice)
     instance = None
     if ins_cfg is not None:
         instance = _load_instance(settings, ins_choice, ins_cfg, device)

@@ -50,12 +50,16 @@ class ParticipantSummary:
     not_selected: dict[str, str] = field(default_factory=dict)  # discovery's skips: path -> reason
     seconds: float = 0.0
     temporary: set[str] = field(default_factory=set)  # failed scans that only lacked memory or disk
+    not_attempted: list[str] = field(default_factory=list)  # left after the first failure (--stop-on-first-crash)
 
     def lines(self) -> list[str]:
         out = [f"{self.total} scan(s): {len(self.processed)} processed, {len(self.skipped_complete)} skipped "
                f"(outputs complete), {len(self.failed)} failed; {len(self.not_selected)} other file(s) not used; "
                f"{self.seconds:.1f} s"]
         out += [f"  failed: {name}: {why}" for name, why in self.failed.items()]
+        if self.not_attempted:
+            out.append(f"  not attempted (--stop-on-first-crash): {len(self.not_attempted)} scan(s): "
+                       + ", ".join(self.not_attempted))
         return out
 
 
@@ -190,36 +194,19 @@ def run_participant(settings: "Settings", semantic: Optional["SemanticSegmenter"
     if not from_masks:
         _check_modality(settings, scans, semantic)
     summary = _summary_of(settings, discovery, len(scans))
+    if settings.stop_on_first_crash and summary.failed:  # an unreadable input: stop before any scan
+        summary.not_attempted, scans = [s.relpath for s in scans], []
+        log.error("stopping at the first failure (--stop-on-first-crash): %d scan(s) not attempted",
+                  len(summary.not_attempted))
     _prepare_output_dir(settings)
     models = run_models(semantic, instance)
     footprint = _footprint(semantic, instance)
+    _write_methods(settings, models)
     log.info("%d scan(s) selected", len(scans))
-    current: Optional[str] = None
-    units = session_groups(scans) if instance is not None else [[s] for s in scans]
-    run = (semantic, instance, models, footprint)
     try:
-        # first pass: the units (scans, sessions of stations) nobody holds; those other runs
-        # hold are taken up at the end
-        deferred = []
-        for tag, unit in _tagged(units, len(scans)):
-            current = ", ".join(s.relpath for s in unit)
-            if not _take_unit(settings, unit, tag, run, summary, wait=False):
-                deferred.append((tag, unit))
-            current = None
-        if deferred:
-            log.info("back to %d scan(s) other runs were computing: waiting for them, then computing any they did "
-                     "not complete", sum(len(unit) for _, unit in deferred))
-        for tag, unit in deferred:
-            current = ", ".join(s.relpath for s in unit)
-            _take_unit(settings, unit, tag, run, summary, wait=True)
-            current = None
-    except KeyboardInterrupt:
+        _process_all(settings, scans, (semantic, instance, models, footprint), summary)
+    finally:
         summary.seconds = time.perf_counter() - t_start
-        log.error("interrupted while processing %s (its outputs are incomplete and will be recomputed by a rerun); "
-                  "finished before: %d processed, %d already complete, %d failed",
-                  current or "no scan", len(summary.processed), len(summary.skipped_complete), len(summary.failed))
-        raise
-    summary.seconds = time.perf_counter() - t_start
     for line in summary.lines():
         log.info("summary: %s", line.strip())
     if summary.failed:
@@ -252,16 +239,88 @@ def _check_modality(settings: "Settings", scans: list[Any], semantic: Any) -> No
                      f"{suffixes}, or pass --allow-modality-mismatch to segment them anyway")
 
 
+def expected_scan_outputs(settings: "Settings", scan: Any, with_instances: bool) -> list[Path]:
+    """The files that make ``scan`` complete (``expected_outputs``; with ``--save-probabilities``
+    also its ``_probseg`` map, put first: the sidecars stay last)."""
+    from spineps.bids.derivatives import PROBSEG, PROBSEG_SIDECAR, expected_outputs
+
+    expected = list(expected_outputs(settings.output_dir, scan, with_instances=with_instances))
+    if settings.save_probabilities and settings.input_kind == "image":
+        expected = [PROBSEG.path(settings.output_dir, scan), PROBSEG_SIDECAR.path(settings.output_dir, scan),
+                    *expected]
+    return expected
+
+
+def _process_all(settings: "Settings", scans: list[Any], run: tuple[Any, Any, dict, Any],
+                 summary: ParticipantSummary) -> None:
+    """The scans in units (:func:`session_groups`: the stations of one session together, every
+    other scan alone), in two passes that share the work with other runs on the same output
+    folder: first the units nobody holds (a held one is deferred), then the deferred ones,
+    waiting for their holders (:func:`_take_unit`; complete units are skipped and their
+    failure records cleared). With ``--stop-on-first-crash`` the run ends after the first unit
+    with a failure, in either pass, the scans left listed as not attempted. ``run``: as for
+    :func:`_run_one`."""
+    units = session_groups(scans) if run[1] is not None else [[s] for s in scans]
+    current: list[Optional[str]] = [None]  # the unit in progress, for the interrupt message
+    try:
+        deferred = _one_pass(settings, _tagged(units, len(scans)), run, summary, False, current)
+        if deferred and not summary.not_attempted:
+            log.info("back to %d scan(s) other runs were computing: waiting for them, then computing any they did "
+                     "not complete", sum(len(unit) for _, unit in deferred))
+            _one_pass(settings, deferred, run, summary, True, current)
+    except KeyboardInterrupt:
+        log.error("interrupted while processing %s (its outputs are incomplete and will be recomputed by a rerun); "
+                  "finished before: %d processed, %d already complete, %d failed",
+                  current[0] or "no scan", len(summary.processed), len(summary.skipped_complete),
+                  len(summary.failed))
+        raise
+
+
+def _one_pass(settings: "Settings", tagged: list[tuple[str, list[Any]]], run: tuple[Any, Any, dict, Any],
+              summary: ParticipantSummary, wait: bool, current: list[Optional[str]]) -> list[tuple[str, list[Any]]]:
+    """One pass of :func:`_process_all` over the tagged units: the ones held by other runs
+    (``wait`` False) are returned for the second pass. With ``--stop-on-first-crash`` the pass
+    ends after the first unit with a failure, the units deferred so far and those left noted
+    in ``summary.not_attempted`` (and nothing is returned)."""
+    deferred: list[tuple[str, list[Any]]] = []
+    for n, (tag, unit) in enumerate(tagged, start=1):
+        current[0] = ", ".join(s.relpath for s in unit)
+        if not _take_unit(settings, unit, tag, run, summary, wait=wait):
+            deferred.append((tag, unit))
+        current[0] = None
+        if settings.stop_on_first_crash and summary.failed:
+            summary.not_attempted = [s.relpath for _, later in deferred + tagged[n:] for s in later]
+            log.error("stopping at the first failure (--stop-on-first-crash): %d scan(s) not attempted",
+                      len(summary.not_attempted))
+            return []
+    return deferred
+
+
+def _write_methods(settings: "Settings", models: dict[str, dict[str, Any]]) -> None:
+    """The run's methods boilerplate (``spineps.methods``) under ``logs/``, from the run's
+    ``Models`` (:func:`run_models`); a failure to write it is logged, never fatal (the scans'
+    outputs do not depend on it)."""
+    from spineps.methods import write_methods
+
+    try:
+        write_methods(settings, models)
+    except OSError as exc:
+        log.warning("methods boilerplate not written: %s", one_line(str(exc)))
+
+
 def _summary_of(settings: "Settings", discovery: Any, total: int) -> ParticipantSummary:
     """A run's summary before any scan: discovery's skips, and the inputs that cannot be read
     (meant as input: failed scans)."""
     summary = ParticipantSummary(total=total)
     summary.not_selected = {_rel(Path(p), settings.bids_dir): str(why) for p, why in discovery.skipped}
+    from spineps.failures import record_failure
+
     for p, why in getattr(discovery, "unusable", ()):
         rel = _rel(Path(p), settings.bids_dir)
         summary.not_selected.pop(rel, None)
         summary.failed[rel] = one_line(f"InputError: {why}")
         log.error("%s failed: %s", rel, summary.failed[rel])
+        record_failure(settings, rel, "InputError", str(why))
     return summary
 
 
@@ -334,13 +393,15 @@ def _take_unit(settings: "Settings", unit: list[Any], tag: str, run: tuple[Any, 
     """One unit (a scan, or the stations of one session), unless its outputs are complete
     (skipped). False when ``wait`` is False and another run holds the lock of (a station of)
     the unit (it is left for later, no lock kept), True when it was dealt with."""
-    from spineps.bids.derivatives import expected_outputs
+    from spineps.failures import clear_failure
 
     names = ", ".join(s.relpath for s in unit)
-    expected = [expected_outputs(settings.output_dir, s, with_instances=run[1] is not None) for s in unit]
+    expected = [expected_scan_outputs(settings, s, with_instances=run[1] is not None) for s in unit]
     if _unit_complete(settings, unit, expected, run[2], f"{tag} {names}"):
         log.info("%s %s: outputs complete, skipped (use --overwrite to recompute)", tag, names)
         summary.skipped_complete.extend(s.relpath for s in unit)
+        for scan in unit:
+            clear_failure(settings, scan.key)
         return True
     if wait:
         log.info("%s %s", tag, names)
@@ -352,11 +413,15 @@ def _take_unit(settings: "Settings", unit: list[Any], tag: str, run: tuple[Any, 
 
 def _run_one(settings: "Settings", scan: Any, tag: str, expected: list[Path], run: tuple[Any, Any, dict, Any],
              summary: ParticipantSummary, wait: bool = True) -> bool:
-    """One scan under its lock; its outcome (processed, skipped, failed and why) into ``summary``.
-    ``run``: the semantic and instance segmenters, their ``Models`` (:func:`run_models`) and
-    their memory footprint (``spineps.resources.Footprint``).
+    """One scan under its lock; its outcome (processed, skipped, failed and why) into ``summary``
+    and, for a failure, a record in the output dataset (``spineps.failures``; cleared when the
+    scan completes). ``run``: the semantic and instance segmenters, their ``Models``
+    (:func:`run_models`) and their memory footprint (``spineps.resources.Footprint``).
     A failure is logged and recorded, never raised (``KeyboardInterrupt`` is). With ``wait``
-    False and the lock held by another run, nothing is done and False is returned."""
+    False and the lock held by another run, nothing is done (no record either) and False is
+    returned."""
+    from spineps.failures import clear_failure
+
     name = scan.relpath
     semantic, instance, models, footprint = run
 
@@ -367,6 +432,7 @@ def _run_one(settings: "Settings", scan: Any, tag: str, expected: list[Path], ru
             if _complete(settings, scan, expected, models, f"{tag} {name}"):
                 log.info("%s %s: outputs completed by another run meanwhile, skipped", tag, name)
                 summary.skipped_complete.append(name)
+                clear_failure(settings, scan.key)
                 return False
             _revoke_complete(settings, scan)
             if settings.input_kind == "semantic-mask":
@@ -378,18 +444,21 @@ def _run_one(settings: "Settings", scan: Any, tag: str, expected: list[Path], ru
             return True
 
     try:
-        if _guarded(summary, scan, tag, work):
+        if _guarded(settings, summary, scan, tag, work):
             summary.processed.append(name)
+            clear_failure(settings, scan.key)
     except LockHeld:
         log.info("%s %s: another run is computing this scan; taking the next one (back to it at the end)", tag, name)
         return False
     return True
 
 
-def _guarded(summary: ParticipantSummary, scan: Any, tag: str, fn: Any) -> Any:
-    """``fn()``, or None with the scan's failure (its reason) logged and recorded in
-    ``summary`` (``KeyboardInterrupt`` is raised, and ``LockHeld``: a held lock is no failure,
-    the caller leaves the scan for later)."""
+def _guarded(settings: "Settings", summary: ParticipantSummary, scan: Any, tag: str, fn: Any) -> Any:
+    """``fn()``, or None with the scan's failure (its reason) logged, noted in ``summary`` and
+    recorded in the output dataset (``spineps.failures``); ``KeyboardInterrupt`` is raised, and
+    ``LockHeld``: a held lock is no failure, the caller leaves the scan for later."""
+    from spineps.failures import record_failure
+
     name = scan.relpath
     try:
         return fn()
@@ -399,13 +468,10 @@ def _guarded(summary: ParticipantSummary, scan: Any, tag: str, fn: Any) -> Any:
         if isinstance(exc, ResourceError):
             summary.temporary.add(name)
         why = exc.reason if exc.path is not None and Path(exc.path) == Path(scan.path) else str(exc)
-        why = f"{type(exc).__name__}: {why}"
-        log.error("%s %s failed: %s", tag, name, one_line(why))
-        summary.failed[name] = one_line(why)
+        _failed(settings, summary, scan, tag, type(exc).__name__, why)
     except MemoryError:
         summary.temporary.add(name)
-        log.error("%s %s failed: out of memory", tag, name)
-        summary.failed[name] = "out of memory"
+        _failed(settings, summary, scan, tag, "MemoryError", "out of memory")
     except OSError as exc:  # a write no typed error wrapped; disk or quota full is temporary (75)
         err = write_error(f"{type(exc).__name__}: {one_line(str(exc))}", getattr(exc, "filename", None), exc)
         if isinstance(err, ResourceError):
@@ -413,11 +479,21 @@ def _guarded(summary: ParticipantSummary, scan: Any, tag: str, fn: Any) -> Any:
         log.error("%s %s failed: %s", tag, name, err.reason)
         log.debug("traceback for %s", name, exc_info=True)
         summary.failed[name] = err.reason
+        record_failure(settings, name, type(err).__name__, err.reason, bids_name=scan.key)
     except Exception as exc:  # a bug or a library failure: keep going with the other scans
-        log.error("%s %s failed: %s: %s", tag, name, type(exc).__name__, one_line(str(exc)))
         log.debug("traceback for %s", name, exc_info=True)
-        summary.failed[name] = f"{type(exc).__name__}: {one_line(str(exc))}"
+        _failed(settings, summary, scan, tag, type(exc).__name__, str(exc))
     return None
+
+
+def _failed(settings: "Settings", summary: ParticipantSummary, scan: Any, tag: str, error: str, why: str) -> None:
+    """Log a scan's failure, note it in the summary and write its record."""
+    from spineps.failures import record_failure
+
+    text = "out of memory" if error == "MemoryError" else f"{error}: {one_line(why)}"
+    log.error("%s %s failed: %s", tag, scan.relpath, text)
+    summary.failed[scan.relpath] = text
+    record_failure(settings, scan.relpath, error, why, bids_name=scan.key)
 
 
 # ------------------------------------------------------------------------------ stations
@@ -460,7 +536,7 @@ def _predict_station(settings: "Settings", scan: Any, run: tuple[Any, Any, dict,
     assert instance is not None  # stations are named from instances
     t0 = time.perf_counter()
     header = read_header(scan.path)
-    check_scan_resources(header, settings.output_dir, footprint=footprint)
+    check_scan_resources(header, settings.output_dir, footprint=footprint, memory_budget_mb=settings.mem_mb)
     if settings.input_kind == "semantic-mask":
         image, mask = None, load_semantic_mask(scan.path)
         t_load, times, prov = time.perf_counter() - t0, {}, {}
@@ -476,6 +552,8 @@ def _predict_station(settings: "Settings", scan: Any, run: tuple[Any, Any, dict,
             raise RuntimeError(f"semantic model {semantic.name} returned a mask off the input grid")
         times, prov = {"semantic_total": time.perf_counter() - t1}, {"semantic_model": semantic.provenance()}
         description = _IMAGE_DESCRIPTION
+        if settings.save_probabilities:
+            _write_probabilities(settings, scan, semantic, header, image.affine, models)
     pred = predict_station(scan.stem, mask, instance, timings=times, provenance=prov)
     return _StationRun(scan, header, image, t_load, models, description, pred)
 
@@ -502,7 +580,10 @@ def _run_session(settings: "Settings", scans: list[Any], tag: str, expected: lis
     station), the survivors named as one spine, each station's outputs written. ``run`` as for
     :func:`_run_one` (segmenters, ``Models``, memory footprint). The session takes all its
     stations' locks (in the order of ``scans``, the same in every run) or, with ``wait``
-    False and one held by another run, none: False is returned and nothing is done."""
+    False and one held by another run, none: False is returned and nothing is done. A
+    station's failure is recorded (``spineps.failures``), a written station's record cleared."""
+    from spineps.failures import clear_failure
+
     models = run[2]
     with ExitStack() as locks:
         try:
@@ -517,21 +598,38 @@ def _run_session(settings: "Settings", scans: list[Any], tag: str, expected: lis
         if _unit_complete(settings, scans, expected, models, tag):
             log.info("%s: outputs completed by another run meanwhile, skipped", tag)
             summary.skipped_complete.extend(s.relpath for s in scans)
+            for scan in scans:
+                clear_failure(settings, scan.key)
             return True
         runs = [r for scan in scans
-                if (r := _guarded(summary, scan, tag, _Predict(settings, scan, run))) is not None]
+                if (r := _guarded(settings, summary, scan, tag, _Predict(settings, scan, run))) is not None]
         if not runs:
             return True
         t0 = time.perf_counter()
-        results = _guarded(summary, runs[0].scan, tag, lambda: _name_session(runs, settings)) or {}
+        results = _guarded(settings, summary, runs[0].scan, tag, lambda: _name_session(runs, settings)) or {}
         if not results:
-            why = summary.failed.get(runs[0].scan.relpath, "the stations could not be named")
-            summary.failed.update({r.scan.relpath: why for r in runs[1:]})
+            _share_failure(settings, summary, runs[0].scan, [r.scan for r in runs[1:]])
         log.info("%s: %d station(s) named as one session in %.1f s", tag, len(runs), time.perf_counter() - t0)
         for r in runs:
-            if r.prediction.name in results and _guarded(summary, r.scan, tag, _Write(settings, r, results)):
+            if r.prediction.name in results and _guarded(settings, summary, r.scan, tag, _Write(settings, r, results)):
                 summary.processed.append(r.scan.relpath)
+                clear_failure(settings, r.scan.key)
     return True
+
+
+def _share_failure(settings: "Settings", summary: ParticipantSummary, failed: Any, others: list[Any]) -> None:
+    """The failure of ``failed`` (naming the session) noted and recorded for the ``others``
+    (the session's other stations) too."""
+    from spineps.failures import record_failure
+
+    text = summary.failed.get(failed.relpath, "the stations could not be named")
+    if text == "out of memory":
+        error, reason = "MemoryError", text
+    else:
+        error, _, reason = text.partition(": ") if ": " in text else ("RuntimeError", "", text)
+    for scan in others:
+        summary.failed[scan.relpath] = text
+        record_failure(settings, scan.relpath, error, reason, bids_name=scan.key)
 
 
 @dataclass
@@ -629,13 +727,15 @@ def process_scan(settings: "Settings", scan: Any, semantic: "SemanticSegmenter",
     header = read_header(scan.path)
     footprint = footprint if footprint is not None else _footprint(semantic, instance)
     # InputError / ResourceError before any voxel is read
-    check_scan_resources(header, settings.output_dir, footprint=footprint)
+    check_scan_resources(header, settings.output_dir, footprint=footprint, memory_budget_mb=settings.mem_mb)
     image = load_volume(scan.path, kind="image")
     _check_not_constant(image, scan.path)
     t_load = time.perf_counter() - t0
     log.debug("loaded %s", image)
     result = segment_scan(image, semantic, instance, _naming_options(settings))
     models = models if models is not None else run_models(semantic, instance)
+    if settings.save_probabilities:
+        _write_probabilities(settings, scan, semantic, header, image.affine, models)
     _write_outputs(settings, scan, result, header=header, image=image, t_load=t_load, models=models,
                    semantic_description=_IMAGE_DESCRIPTION)
     log.info("%s: done in %.1f s", scan.relpath, time.perf_counter() - t0)
@@ -654,7 +754,7 @@ def process_mask(settings: "Settings", scan: Any, instance: "InstanceSegmenter",
     t0 = time.perf_counter()
     header = read_header(scan.path)
     footprint = footprint if footprint is not None else _footprint(None, instance)
-    check_scan_resources(header, settings.output_dir, footprint=footprint)
+    check_scan_resources(header, settings.output_dir, footprint=footprint, memory_budget_mb=settings.mem_mb)
     semantic = load_semantic_mask(scan.path)
     t_load = time.perf_counter() - t0
     result = segment_from_semantic(semantic, instance, _naming_options(settings))
@@ -740,6 +840,31 @@ def _write_outputs(settings: "Settings", scan: Any, result: "ScanResult", *, hea
                         "endplates 200+X; values as in desc-vertebrae_dseg.tsv",
             sources=[source, inst_source], software_version=settings.version, models=models,
             parameters=params, timings=timings, extra=inst_extra))
+
+
+def _write_probabilities(settings: "Settings", scan: Any, semantic: "SemanticSegmenter", header: Any,
+                         affine: Any, models: dict[str, Any]) -> None:
+    """``--save-probabilities``: the ``_probseg`` map and its sidecar, before the masks'
+    sidecars (which mark the scan complete). ``ModelError`` for a segmenter that gives none."""
+    from spineps.bids.derivatives import PROBSEG, PROBSEG_SIDECAR, make_sidecar, write_sidecar
+    from spineps.errors import ModelError
+    from spineps.semantic.probabilities import save_probseg, volume_labels
+
+    found = getattr(semantic, "last_probabilities", None)
+    if found is None:
+        raise ModelError("--save-probabilities: the semantic segmenter gives no class probabilities")
+    data, labels = found
+    t0 = time.perf_counter()
+    path = save_probseg(PROBSEG.path(settings.output_dir, scan), data, affine, like=header)
+    write_sidecar(PROBSEG_SIDECAR.path(settings.output_dir, scan), make_sidecar(
+        description="Class probabilities of the semantic network (softmax, before the clean-up that the "
+                    "desc-spine mask had), linearly interpolated onto the source grid and stored as 16-bit fixed "
+                    "point (scl_slope 1/65535); one volume per class along the 4th axis, as listed in VolumeLabels",
+        sources=[f"bids:{_source_name(settings)}:{scan.relpath}"], software_version=settings.version,
+        models={"semantic": models["semantic"]}, parameters={**settings.parameters(), "RunId": settings.run_id},
+        timings={"write": round(time.perf_counter() - t0, 3)}, extra={"VolumeLabels": volume_labels(labels)}))
+    semantic.last_probabilities = None  # type: ignore[attr-defined]
+    log.info("%s: class probabilities written (%s, %.1f MB)", scan.relpath, path.name, path.stat().st_size / 2**20)
 
 
 def _check_not_constant(image: Any, path: Path) -> None:

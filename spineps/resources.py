@@ -524,7 +524,8 @@ def free_disk_bytes(folder: Path, environ: Optional[Mapping[str, str]] = None) -
 def check_scan_resources(header: "HeaderInfo", output_dir: Path, *,
                          model_spacing: Sequence[float] = MODEL_SPACING_MM,
                          environ: Optional[Mapping[str, str]] = None,
-                         footprint: Optional[Footprint] = None) -> ScanEstimate:
+                         footprint: Optional[Footprint] = None,
+                         memory_budget_mb: Optional[int] = None) -> ScanEstimate:
     """Raise before any voxel is read when the scan cannot fit:
 
     - ``InputError`` when the header's voxel count exceeds
@@ -533,6 +534,7 @@ def check_scan_resources(header: "HeaderInfo", output_dir: Path, *,
       memory or disk is short.
 
     ``footprint``: the run's networks (:meth:`Footprint.of`); None: the model-agnostic estimate.
+    ``memory_budget_mb`` (``--mem-mb``) replaces the detected memory (:func:`available_memory_bytes`).
     Returns the estimate (logged at debug level) when it fits."""
     from spineps.geometry.io import DEFAULT_MAX_VOXELS
 
@@ -540,7 +542,7 @@ def check_scan_resources(header: "HeaderInfo", output_dir: Path, *,
         raise InputError(f"image too large: shape {tuple(header.shape)} has {header.n_voxels} voxels "
                          f"(limit {DEFAULT_MAX_VOXELS}); refused before reading any voxel", header.path)
     est = estimate_scan(header.spatial_shape, header.spacing, model_spacing, affine=header.affine, footprint=footprint)
-    mem, mem_src = available_memory_bytes(environ)
+    mem, mem_src = (int(memory_budget_mb) * _MB, "--mem-mb") if memory_budget_mb else available_memory_bytes(environ)
     if mem is not None and est.memory_bytes > mem:
         net = f"; {_mb(est.network_bytes)} of it for the network's forward" if est.network_bytes else ""
         raise ResourceError(f"not enough memory for this scan: it needs about {_mb(est.memory_bytes)} "

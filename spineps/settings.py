@@ -86,6 +86,10 @@ class Settings:
     #: (the instance phase on existing semantic masks, no image needed)
     input_kind: str = "image"
     mask_pattern: Optional[str] = None  # glob of the semantic masks under bids_dir (input_kind "semantic-mask")
+    stop_on_first_crash: bool = False  # stop the participant loop at the first failed scan
+    mem_mb: Optional[int] = None  # memory budget (MB) of the resource check instead of the detected memory
+    tta: bool = False  # test-time mirroring of the semantic phase, where the model allows it
+    save_probabilities: bool = False  # write the semantic network's class probabilities (_probseg)
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -118,7 +122,7 @@ class Settings:
                              "choose a folder outside it")
         # no image: no BIDS validation, no filter file, no semantic model, no N4
         opts = {**_options(ns), "skip_bids_validation": True, "bids_filter_file": None, "semantic_model": None,
-                "no_n4": True}
+                "no_n4": True, "tta": False, "save_probabilities": False}
         base = cls._build(masks_dir, output_dir, "participant", opts,
                           {k: v for k, v in environ.items() if k != SEMANTIC_MODEL_ENV})
         pattern = str(opts["pattern"] or DEFAULT_MASK_PATTERN)
@@ -156,6 +160,8 @@ class Settings:
             run_id=make_run_id(level), version=__version__,
             container_type=environ.get(CONTAINER_TYPE_ENV) or None,
             container_tag=environ.get(CONTAINER_TAG_ENV) or None,
+            stop_on_first_crash=bool(opts["stop_on_first_crash"]), tta=bool(opts["tta"]),
+            mem_mb=int(opts["mem_mb"]) if opts["mem_mb"] else None, save_probabilities=bool(opts["save_probabilities"]),
         )
 
     # ---------------------------------------------------------------- derived paths
@@ -214,6 +220,8 @@ class Settings:
             out["input"] = self.input_kind
         if self.top_vertebra:
             out["top_vertebra"] = self.top_vertebra
+        if self.tta:
+            out["tta"] = True
         return out
 
 
@@ -225,6 +233,7 @@ _OPTIONS: dict[str, Any] = {
     "instance_model": None, "overwrite": False, "no_n4": False, "precision": None, "engine": None,
     "level_rule": None, "top_vertebra": None, "verbose": 0, "pattern": None, "allow_unsafe_checkpoints": False,
     "allow_modality_mismatch": False,
+    "stop_on_first_crash": False, "mem_mb": None, "tta": False, "save_probabilities": False,
 }
 
 

@@ -39,9 +39,14 @@ PER_SCAN = ["_desc-spine_dseg.json", "_desc-spine_dseg.nii.gz", "_desc-spine_dse
             "_desc-spine_morphometry.tsv", "_desc-vertebrae_centroids.json", "_desc-vertebrae_dseg.json",
             "_desc-vertebrae_dseg.nii.gz"]
 ROOT_FILES = [".bidsignore", "dataset_description.json", "desc-spine_dseg.tsv", "desc-vertebrae_dseg.tsv"]
-GROUP_FILES = ["group_T2w.json", "group_T2w.tsv", "group_T2w_levels.json", "group_T2w_levels.tsv",
-               "group_T2w_report.html"]
-LOG_RE = re.compile(r"^logs/(participant|group)_\d{8}T\d{9}Z_pid\d+(\.log|_settings\.json)$")
+GROUP_FILES = ["group_T2w.json", "group_T2w.tsv", "group_T2w_failed.json", "group_T2w_failed.tsv",
+               "group_T2w_levels.json", "group_T2w_levels.tsv", "group_T2w_report.html"]
+LOG_RE = re.compile(r"^logs/(participant|group)_\d{8}T\d{9}Z_pid\d+(\.log|_settings\.json|_methods\.(md|bib|json))$")
+
+
+def _group_files(stems: list[str]) -> list[str]:
+    """The group level's tables and report, and one page per scan."""
+    return GROUP_FILES + [f"group_T2w_scans/{Path(s).name}.html" for s in stems]
 
 
 def _tree(out: Path) -> tuple[list[str], list[str]]:
@@ -71,9 +76,9 @@ def test_participant_then_group_exact_tree_and_valid(tmp_path: Path, test_models
     assert main([str(std.root), str(out), "group"]) == 0
 
     files, logs = _tree(out)
-    expected = sorted(ROOT_FILES + GROUP_FILES + [s + k for s in STEMS for k in PER_SCAN])
+    expected = sorted(ROOT_FILES + _group_files(STEMS) + [s + k for s in STEMS for k in PER_SCAN])
     assert files == expected
-    assert len(logs) == 4 and all(LOG_RE.match(f) for f in logs), logs
+    assert len(logs) == 7 and all(LOG_RE.match(f) for f in logs), logs  # 2 logs + settings, participant methods
     assert [s + "_T2w.nii.gz" for s in STEMS] == std.expected
 
     report = _validate(out)
@@ -206,6 +211,7 @@ def test_demo_dataset_through_the_app(tmp_path: Path, test_models: None) -> None
     assert sorted(p.relative_to(demo).as_posix() for p in demo.rglob("*")
                   if p.is_file() and out not in p.parents) == raw_before
     files, _ = _tree(out)
-    assert files == sorted(ROOT_FILES + GROUP_FILES + ["sub-01/anat/sub-01_acq-sag" + k for k in PER_SCAN])
+    assert files == sorted(ROOT_FILES + _group_files(["sub-01_acq-sag"])
+                           + ["sub-01/anat/sub-01_acq-sag" + k for k in PER_SCAN])
     report = _validate(out)
     assert report.ok, report.summary()

@@ -31,7 +31,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("naming", ("spineps.labeling",)),
     ("measure", ("spineps.measure",)),
     ("pipeline", ("spineps.loading", "spineps.pipeline", "spineps.resources")),
-    ("runs", ("spineps.participant", "spineps.group", "spineps.evaluate", "spineps.synth", "spineps.training")),
+    ("runs", ("spineps.methods", "spineps.failures", "spineps.participant", "spineps.group", "spineps.evaluate",
+              "spineps.synth", "spineps.training")),
     ("cli", ("spineps.cli", "spineps.evaluate.cli", "spineps.training.cli")),
 )
 

@@ -324,7 +324,8 @@ def test_load_segmenters_dispatch(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert isinstance(sem, BandSemanticSegmenter) and isinstance(ins, ComponentInstanceSegmenter)
     # the segmenters get the threads of each step (--omp-nthreads 1), not the run's CPUs (--nprocs 2)
     assert calls == [("semantic", sem_dir.resolve(), {"device": "cpu", "nprocs": 1, "n4": False, "precision": "auto",
-                                                      "engine": "auto", "allow_unsafe": False}),
+                                                      "engine": "auto", "allow_unsafe": False, "tta": False,
+                                                      "probabilities": False}),
                      ("instance", ins_dir.resolve(), {"device": "cpu", "nprocs": 1, "precision": "auto",
                                                      "engine": "auto"})]
 

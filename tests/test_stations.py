@@ -202,6 +202,55 @@ def test_a_session_is_complete_only_when_every_station_is_this_runs(tmp_path: Pa
     assert all("Stations" in sc for sc in sidecars())
 
 
+def test_stations_failures_are_recorded_and_stop_on_first_crash_stops_after_the_session(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Stations and issue 19 together: a failed station leaves its failure record (the session's
+    other station is still named and written), ``--stop-on-first-crash`` stops after that
+    session and lists the next session's stations as not attempted, a failed session naming
+    records every station, a completed session clears each station's record; one methods text
+    per run."""
+    from spineps import loading, participant
+    from spineps.cli.main import main
+    from spineps.failures import read_failures
+    from tests.segmenters import ComponentInstanceSegmenter
+
+    monkeypatch.setattr(loading, "load_instance_segmenter", lambda settings: ComponentInstanceSegmenter())
+    cuts = even_cuts(WHOLE, 2, overlap_mm=40.0)
+    ds = write_station_dataset(tmp_path / "ds", [(WHOLE, cuts), (WHOLE, cuts)], images=False)
+    out = tmp_path / "out"
+    args = ["instance", str(ds / "derivatives" / "reference"), str(out), "--nprocs", "1"]
+    predict, name = participant._predict_station, participant._name_session
+
+    def broken_station(settings, scan, run):  # type: ignore[no-untyped-def]
+        if scan.key.startswith("sub-01_ses-1_acq-sag_chunk-2"):
+            raise RuntimeError("station broken on purpose")
+        return predict(settings, scan, run)
+
+    def recorded() -> dict[str, str]:
+        return {rec["bids_name"]: rec["reason"] for rec in read_failures(out)}
+
+    monkeypatch.setattr(participant, "_predict_station", broken_station)
+    capsys.readouterr()
+    assert main(args + ["--stop-on-first-crash"]) != 0
+    text = capsys.readouterr().err
+    assert "not attempted (--stop-on-first-crash): 2 scan(s)" in text and "sub-02_ses-1_acq-sag_chunk-1" in text
+    assert list(recorded()) == ["sub-01_ses-1_acq-sag_chunk-2"] and "on purpose" in recorded()[
+        "sub-01_ses-1_acq-sag_chunk-2"]
+    assert (out / "sub-01/ses-1/anat/sub-01_ses-1_acq-sag_chunk-1_desc-vertebrae_dseg.json").is_file()
+    assert not (out / "sub-02").exists() and len(list((out / "logs").glob("*_methods.md"))) == 1
+
+    monkeypatch.setattr(participant, "_predict_station", predict)
+    monkeypatch.setattr(participant, "_name_session", lambda runs, settings: (_ for _ in ()).throw(
+        RuntimeError("naming broken on purpose")))
+    assert main(args) != 0  # without --stop-on-first-crash: both sessions tried, every station recorded
+    assert sorted(recorded()) == [f"sub-0{s}_ses-1_acq-sag_chunk-{k}" for s in (1, 2) for k in (1, 2)]
+    assert all("naming broken on purpose" in why for why in recorded().values())
+
+    monkeypatch.setattr(participant, "_name_session", name)
+    assert main(args) == 0 and recorded() == {}
+    assert len(list((out / "logs").glob("*_methods.md"))) == 3
+
+
 def test_the_readme_numbers_are_the_benchmarks() -> None:
     """The README's station and alignment numbers come from benchmarks/naming_alignment.py."""
     repo = Path(__file__).resolve().parents[1]

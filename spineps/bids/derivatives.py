@@ -42,6 +42,8 @@ __all__ = [
     "INSTANCE_SIDECAR",
     "CENTROIDS",
     "FIGURE",
+    "PROBSEG",
+    "PROBSEG_SIDECAR",
     "CODE_URL",
     "BIDS_VERSION",
     "BIDSIGNORE_LINES",
@@ -96,6 +98,10 @@ INSTANCE_SIDECAR = OutputKind(INSTANCE_DESC, "dseg", ".json")
 CENTROIDS = OutputKind(INSTANCE_DESC, "centroids", ".json")
 #: per-scan overview figure (listed in .bidsignore)
 FIGURE = OutputKind(SEMANTIC_DESC, "dseg", ".png")
+#: the semantic network's class probabilities (``--save-probabilities``): 4D float16, one
+#: volume per network output (the sidecar's ``VolumeLabels`` says which label each holds)
+PROBSEG = OutputKind(SEMANTIC_DESC, "probseg", ".nii.gz")
+PROBSEG_SIDECAR = OutputKind(SEMANTIC_DESC, "probseg", ".json")
 
 #: what :func:`write_bidsignore` puts into ``.bidsignore``
 BIDSIGNORE_LINES: tuple[str, ...] = (

@@ -159,6 +159,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recompute scans whose outputs are complete (default: skip them)")
     o.add_argument("--no-n4", "--no_n4", dest="no_n4", action="store_true",
                    help="skip N4 bias-field correction before the semantic phase")
+    o.add_argument("--stop-on-first-crash", "--stop_on_first_crash", dest="stop_on_first_crash", action="store_true",
+                   help="stop at the first scan that fails (the scans not attempted are listed; default: log the "
+                        "failure, go on with the other scans)")
+    o.add_argument("--tta", action="store_true",
+                   help="test-time augmentation: the semantic phase also predicts on mirrored copies and averages, "
+                        "along the axes the model allows (its checkpoint's inference_allowed_mirroring_axes; a "
+                        "model without them is run without, with a warning); about 4-8x the semantic network's "
+                        "time on CPU (default: off)")
+    o.add_argument("--save-probabilities", "--save_probabilities", dest="save_probabilities", action="store_true",
+                   help="also write the semantic network's class probabilities per scan: a 4D "
+                        "_desc-spine_probseg.nii.gz on the scan's grid, one volume per class, 16-bit fixed point "
+                        "(NIfTI has no float16; 2 bytes per value) (default: off)")
     o.add_argument("-v", "--verbose", dest="verbose", action="count", default=0,
                    help="more log output (-v debug messages; -vv also tracebacks)")
     return p
@@ -188,11 +200,19 @@ def _add_resource_arguments(p: argparse.ArgumentParser) -> None:
                    help=_NPROCS_HELP)
     r.add_argument("--omp-nthreads", "--omp_nthreads", dest="omp_nthreads", type=_positive_int, metavar="N",
                    help=_OMP_HELP)
+    add_mem_argument(r)
     r.add_argument("--device", choices=DEVICES, default="auto",
                    help="where the networks run; auto picks CUDA when available, else CPU (default: auto)")
     r.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help=_PRECISION_HELP)
     r.add_argument("--engine", choices=ENGINES, default="auto", help=_ENGINE_HELP)
+
+
+def add_mem_argument(p: Any) -> None:
+    """``--mem-mb`` (the BIDS-App and ``spineps instance``)."""
+    p.add_argument("--mem-mb", "--mem_mb", dest="mem_mb", type=_positive_int, metavar="MB",
+                   help="memory budget in MB: the per-scan resource check compares its estimate with this "
+                        "instead of the memory detected (MemAvailable, cgroup limit); default: detected")
 
 
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -293,6 +313,9 @@ def add_instance_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--omp-nthreads", "--omp_nthreads", dest="omp_nthreads", type=_positive_int, metavar="N",
                    help=_OMP_HELP)
     add_level_naming_arguments(p)
+    add_mem_argument(p)
+    p.add_argument("--stop-on-first-crash", "--stop_on_first_crash", dest="stop_on_first_crash", action="store_true",
+                   help="stop at the first mask that fails (default: go on with the others)")
     p.add_argument("--overwrite", action="store_true", help="recompute masks whose outputs are complete")
     p.add_argument("-v", "--verbose", dest="verbose", action="count", default=0,
                    help="more log output (-v debug messages; -vv also tracebacks)")

@@ -97,6 +97,7 @@ class ScanRecord:
     cobb: dict[str, Any] = field(default_factory=dict)  # the Cobb angle's end vertebrae (alignment)
     outliers: list[Any] = field(default_factory=list)
     demonstration: list[str] = field(default_factory=list)  # model roles that were demonstration models
+    page: Optional[str] = None  # the scan's page (spineps.group.scan_page), relative to output_dir
 
 
 @dataclass
@@ -109,6 +110,8 @@ class GroupSummary:
     n_outliers: int
     seconds: float
     timings: dict[str, float] = field(default_factory=dict)
+    #: failed, incomplete and unreadable scans (``spineps.group.failed``), one dict per scan
+    problems: list[dict[str, str]] = field(default_factory=list)
 
     @property
     def n_scans(self) -> int:
@@ -462,7 +465,7 @@ def _scan_blob(r: ScanRecord, kidx: dict[tuple[str, str, str], int]) -> dict[str
     flags = _flags_of(r)
     conf = r.naming.get("confidence")
     return {
-        "n": r.bids_name, "sub": r.subject, "ses": r.session, "fig": r.figure,
+        "n": r.bids_name, "sub": r.subject, "ses": r.session, "fig": r.figure, "pg": r.page,
         "lv": ",".join(qc.get("levels") or []), "nv": qc.get("n_vertebrae") if r.instance_path else None,
         "rule": r.naming.get("rule"), "conf": _r(float(conf), 3) if isinstance(conf, (int, float)) else None,
         "flags": flags,
@@ -497,8 +500,9 @@ def demonstration_banner(records: Sequence[ScanRecord]) -> str:
 
 
 def render_html(records: Sequence[ScanRecord], stats: dict, *, title: str, output_dir_name: str, software: str,
-                threshold: float, min_scans: int) -> str:
-    """The report page (a string): templates + one inline JSON blob."""
+                threshold: float, min_scans: int, extra: Optional[dict[str, Any]] = None) -> str:
+    """The report page (a string): templates + one inline JSON blob (``extra`` is added to
+    the blob: the methods texts, the failed scans)."""
     from spineps.measure.qc import FLAG_CODES
 
     keys = _plot_keys(records)
@@ -516,6 +520,7 @@ def render_html(records: Sequence[ScanRecord], stats: dict, *, title: str, outpu
         "software": software, "output_dir_name": output_dir_name, "report_id": ident,
         "threshold": threshold, "min_scans": min_scans, "flag_codes": dict(FLAG_CODES),
         "keys": [list(k) for k in keys], "stats": st_rows, "measure_choices": choices, "scans": scans,
+        **(extra or {}),
     }
     blob = json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     blob = blob.replace("</", "<\\/").replace("<!--", "<\\!--")
@@ -527,6 +532,14 @@ def render_html(records: Sequence[ScanRecord], stats: dict, *, title: str, outpu
     html = html.replace("__SPINEPS_CSS__", _template("report.css"))
     html = html.replace("__SPINEPS_JS__", _template("report.js"))
     return html.replace("__SPINEPS_DATA__", blob)
+
+
+def _methods_blob(out: Path) -> list[dict[str, Any]]:
+    """The distinct methods texts of the participant runs (``spineps.methods``), as HTML."""
+    from spineps.methods import collect_methods, markdown_to_html
+
+    return [{"html": markdown_to_html(m["markdown"]), "bibtex": m["bibtex"], "runs": m["runs"]}
+            for m in collect_methods(out)]
 
 
 # ------------------------------------------------------------------------------ main
@@ -615,6 +628,8 @@ def build_group(output_dir: Union[str, Path], *, participant_labels: Optional[It
     from spineps.bids.derivatives import write_bidsignore
     from spineps.fsutil import write_json_atomic
     from spineps.group import outliers as om
+    from spineps.group.failed import problem_rows, write_failed_table
+    from spineps.group.scan_page import write_scan_pages
 
     t0 = time.perf_counter()
     out = Path(output_dir)
@@ -639,8 +654,15 @@ def build_group(output_dir: Union[str, Path], *, participant_labels: Optional[It
     _write(files["table"], "\n".join(["\t".join(names)] + ["\t".join(r) for r in rows]) + "\n")
     write_json_atomic(files["table_json"], cols)
     _write_levels(files["levels"], files["levels_json"], records, stats, thr, mins)
+    problems = problem_rows(out, failed, participant_labels)
+    files["failed"], files["failed_json"] = write_failed_table(out, problems)
+    pages = write_scan_pages(out, records, software=_software(), level_order=_level_order(),
+                             css=_template("report.css") + "\n" + _template("scan.css"))
+    for r in records:
+        r.page = pages.get(r.bids_name)
     html = render_html(records, stats, title=title or f"SPINEPS group report \u2014 {len(records)} scan(s)",
-                       output_dir_name=out.resolve().name, software=_software(), threshold=thr, min_scans=mins)
+                       output_dir_name=out.resolve().name, software=_software(), threshold=thr, min_scans=mins,
+                       extra={"methods": _methods_blob(out), "failed": problems})
     _write(files["report"], html)
     write_bidsignore(out)
     n_flagged = sum(1 for r in records if (r.qc.get("flags") or r.outliers))
@@ -654,7 +676,7 @@ def build_group(output_dir: Union[str, Path], *, participant_labels: Optional[It
              files["report"].name, len(html.encode()) / 1024, seconds)
     return GroupSummary(out, records, failed, files, n_flagged, len(outs), seconds,
                         {"read": round(t_read, 3), "stats": round(t_stats, 3),
-                         "write": round(seconds - t_read - t_stats, 3)})
+                         "write": round(seconds - t_read - t_stats, 3)}, problems)
 
 
 def run_group(settings: "Settings") -> GroupSummary:

@@ -16,9 +16,11 @@
 
 Devices: ``device="auto"`` uses CUDA when present, else CPU. ``nprocs`` sets torch's
 threads (and ONNX Runtime's): the threads of each step, ``Settings.threads``. Half precision
-(autocast) is used by nnU-Net on CUDA only. Test-time mirroring
-follows ``inference_augmentation`` on GPU but is off on CPU unless ``mirroring=True`` is
-asked for (it costs 8x on CPU). Opt-in CPU speed options (``benchmarks/inference_options.py``
+(autocast) is used by nnU-Net on CUDA only. Test-time mirroring:
+``tta`` (the app's ``--tta``, off by default on every device) mirrors along the axes the model
+allows and refuses, with a warning, for a model that allows none; without ``tta``,
+``mirroring`` decides (None: ``inference_augmentation`` on GPU, off on CPU; True forces all
+three axes, e.g. for ``benchmarks/tta_probabilities.py``). Opt-in CPU speed options (``benchmarks/inference_options.py``
 measures them): ``channels_last`` (weights in ``torch.channels_last_3d``: identical labels, within
 noise of the default speed on 2 cores) and ``cpu_bf16`` (bfloat16 autocast: several times faster
 on CPUs with native bf16, labels differ in a few boundary voxels).
@@ -69,7 +71,7 @@ class NnUNetSemanticSegmenter:
                  mirroring: Optional[bool] = None, step_size: Optional[float] = None,
                  cleanup: CleanupSettings = CleanupSettings(), n4_settings: N4Settings = N4Settings(),
                  channels_last: Optional[bool] = None, cpu_bf16: bool = False, precision: Optional[str] = None,
-                 engine: str = "torch"):
+                 engine: str = "torch", tta: Optional[bool] = None, probabilities: bool = False):
         import torch
 
         from spineps.models.precision import resolve_precision
@@ -88,6 +90,14 @@ class NnUNetSemanticSegmenter:
         self.n4_settings = n4_settings
         self.cleanup = cleanup
         self.mirroring, self.step_size = self._sliding_window(mirroring, step_size)
+        self.tta_axes: Optional[tuple[int, ...]] = None  # --tta: the network axes mirrored
+        if tta is not None:  # --tta: mirroring along the axes the model allows, or none
+            self.mirroring = bool(tta) and self._tta_allowed(loaded)
+        #: --save-probabilities: ``segment`` leaves (4D float16 on the image grid, label values)
+        #: in ``last_probabilities``
+        self.save_probabilities = bool(probabilities)
+        self.last_probabilities: Optional[tuple[np.ndarray, list[int]]] = None
+        self._model_probs: Optional[np.ndarray] = None
         self.predictor = self._predictor(loaded)
         # precision (spineps.models.precision): "bf16" on CPU = bfloat16 autocast + channels-last
         # weights (the fastest combination in benchmarks/inference_options.py)
@@ -116,12 +126,39 @@ class NnUNetSemanticSegmenter:
         mirror = bool(self.config.inference_augmentation and on_gpu) if mirroring is None else bool(mirroring)
         return mirror, float(self.config.default_step_size if step_size is None else step_size)
 
+    def _tta_allowed(self, loaded: Any) -> bool:
+        """Whether the model allows test-time mirroring, and along which axes (kept in
+        ``self.tta_axes``): the ones its checkpoint names (``inference_allowed_mirroring_axes``),
+        else all three when its ``inference_config.json`` has ``inference_augmentation``; never
+        the left-right axis when the model has lateralised labels (left / right processes: a
+        mirrored copy would swap them). Logged either way."""
+        from spineps.labels import SEMANTIC_BY_VALUE
+
+        axes = getattr(loaded, "mirror_axes", None)
+        if axes is None and self.config.inference_augmentation:
+            axes = (0, 1, 2)
+        lateral = any(lab is not None and ("left" in lab.name or "right" in lab.name)
+                      for lab in (SEMANTIC_BY_VALUE.get(int(v)) for v in self.config.labels.values()))
+        if axes is not None and lateral:
+            net_order = tuple(reversed(self.config.orientation))  # the network's arrays: model grid reversed
+            lr = next((i for i, c in enumerate(net_order) if c in ("L", "R")), None)
+            axes = tuple(a for a in axes if a != lr)
+        if axes:
+            self.tta_axes = tuple(int(a) for a in axes)
+            log.info("test-time mirroring (--tta) along network axes %s%s", self.tta_axes,
+                     " (not left-right: the model has left/right labels)" if lateral else "")
+            return True
+        log.warning("--tta: the semantic model %s allows no test-time mirroring (no "
+                    "inference_allowed_mirroring_axes in its checkpoint, inference_augmentation false%s): run "
+                    "without it", self.name, ", left-right excluded" if lateral and axes is not None else "")
+        return False
+
     def _predictor(self, loaded: Any) -> Any:
         """nnU-Net's predictor, initialised by hand from the loaded folder (no trainer lookup)."""
         from spineps.models.nnunet_import import nnunet_predictor_class
 
         nnUNetPredictor = nnunet_predictor_class()
-        mirror_axes = getattr(loaded, "mirror_axes", None)
+        mirror_axes = self.tta_axes if self.tta_axes is not None else getattr(loaded, "mirror_axes", None)
         if self.mirroring and mirror_axes is None:
             mirror_axes = (0, 1, 2)
         on_gpu = self.device.type == "cuda"
@@ -218,14 +255,15 @@ class NnUNetSemanticSegmenter:
     def from_folder(cls, folder: Path, *, device: str = "auto", nprocs: Optional[int] = None, n4: bool = True,
                     folds: Optional[tuple[int, ...]] = None, mirroring: Optional[bool] = None,
                     step_size: Optional[float] = None, precision: str = "fp32",
-                    engine: str = "torch", allow_unsafe: bool = False) -> "NnUNetSemanticSegmenter":
+                    engine: str = "torch", allow_unsafe: bool = False, tta: Optional[bool] = None,
+                    probabilities: bool = False) -> "NnUNetSemanticSegmenter":
         """Validate and load a model folder (``ModelError`` on any problem, before any scan).
         ``allow_unsafe``: unpickle a checkpoint the safe loader refuses (``--allow-unsafe-checkpoints``)."""
         from spineps.models.nnunet_folder import load_nnunet_folder
 
         loaded = load_nnunet_folder(Path(folder), folds, allow_unsafe=allow_unsafe)
         return cls(loaded, device=device, nprocs=nprocs, n4=n4, mirroring=mirroring, step_size=step_size,
-                   precision=precision, engine=engine)
+                   precision=precision, engine=engine, tta=tta, probabilities=probabilities)
 
     # ------------------------------------------------------------------------------------------
     def predict_indices(self, model_image: Volume) -> np.ndarray:
@@ -242,7 +280,13 @@ class NnUNetSemanticSegmenter:
         data = np.ascontiguousarray(arr.transpose(2, 1, 0))[None]  # SimpleITK axis order
         props = {"spacing": [float(sp[2]), float(sp[1]), float(sp[0])]}
         with torch.inference_mode(), quiet_stdout(log):
-            seg = self.predictor.predict_single_npy_array(data, props, None, None, False)
+            out = self.predictor.predict_single_npy_array(data, props, None, None, self.save_probabilities)
+        if self.save_probabilities:
+            seg, probs = out
+            # (classes, x, y, z) on the model grid; float16 halves what is held until written
+            self._model_probs = np.ascontiguousarray(np.asarray(probs).transpose(0, 3, 2, 1)).astype(np.float16)
+        else:
+            seg = out
         seg = np.asarray(seg)
         if seg.shape != data.shape[1:]:
             raise ModelError(f"nnU-Net returned shape {seg.shape} for input {data.shape[1:]}", self.folder)
@@ -273,6 +317,7 @@ class NnUNetSemanticSegmenter:
         from spineps.geometry.resampling import back_to_grid
 
         self.timings = {}
+        self.last_probabilities, self._model_probs = None, None
         t_all = time.perf_counter()
         if image.data.ndim != 3 or min(image.shape) < 1:
             raise InputError(f"need a non-empty 3D image, got shape {image.shape}")
@@ -288,8 +333,28 @@ class NnUNetSemanticSegmenter:
         t0 = time.perf_counter()
         back = back_to_grid(mask_m, image, order=0)
         self.timings["back_to_grid"] = time.perf_counter() - t0
+        if self._model_probs is not None:
+            t0 = time.perf_counter()
+            self.last_probabilities = self._probabilities_on(mask_m, image)
+            self.timings["probabilities"] = time.perf_counter() - t0
         self.timings["total"] = time.perf_counter() - t_all
         return Volume(np.ascontiguousarray(back.data, dtype=np.uint8), image.affine.copy())
+
+    def _probabilities_on(self, model_grid: Volume, image: Volume) -> tuple[np.ndarray, list[int]]:
+        """The network's class probabilities (softmax, before the clean-up of the mask) on
+        ``image``'s grid by linear interpolation: (x, y, z, classes) float16, and the label
+        value of each class (0: background)."""
+        from spineps.geometry.resampling import back_to_grid
+
+        probs = self._model_probs
+        assert probs is not None
+        self._model_probs = None
+        out = np.empty((*image.shape, probs.shape[0]), np.float16)
+        for c in range(probs.shape[0]):
+            vol = back_to_grid(model_grid.with_data(probs[c].astype(np.float32)), image, order=1)
+            out[..., c] = np.clip(np.asarray(vol.data), 0.0, 1.0)
+        labels = [int(self._lut[c]) if c < self._lut.size else -1 for c in range(probs.shape[0])]
+        return out, labels
 
     def provenance(self) -> dict[str, Any]:
         if self._checksum is None:
@@ -305,6 +370,7 @@ class NnUNetSemanticSegmenter:
             "checkpoints": list(self.loaded.checkpoint_names),
             "step_size": self.step_size,
             "mirroring": self.mirroring,
+            **({"mirror_axes": list(self.tta_axes)} if self.mirroring and self.tta_axes else {}),
             "orientation": list(self.config.orientation),
             "spacing": [list(self.config.spacing_min), list(self.config.spacing_max)]
             if not self.config.fixed_spacing else list(self.config.spacing_min),

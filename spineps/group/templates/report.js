@@ -3,6 +3,7 @@
   "use strict";
   var D = JSON.parse(document.getElementById("report-data").textContent);
   var SCANS = D.scans;
+  var FAILED = D.failed || [];
   var PAGE = 50;
   var SVGNS = "http://www.w3.org/2000/svg";
   var STORE = "spineps-ratings:" + D.report_id;
@@ -121,7 +122,8 @@
     var cards = [
       ["Scans", SCANS.length, ""], ["Subjects", Object.keys(subs).length, ""],
       ["Flagged scans", flagged, flagged ? "bad" : ""], ["Outlier measurements", outl, outl ? "warn" : ""],
-      ["Vertebrae found", levels, ""], ["Rated", "0", "", "card-rated"]
+      ["Vertebrae found", levels, ""], ["Rated", "0", "", "card-rated"],
+      ["Failed / incomplete", FAILED.length, FAILED.length ? "bad" : "", "card-failed"]
     ];
     var html = cards.map(function (c) {
       return "<div class='card " + c[2] + "'><div class='num'" + (c[3] ? " id='" + c[3] + "'" : "") + ">" + esc(c[1]) +
@@ -273,7 +275,8 @@
     var body = $("scan-body");
     body.innerHTML = rows.map(function (i) {
       var s = SCANS[i];
-      return "<tr data-scan='" + i + "'><td><a href='#scan=" + encodeURIComponent(s.n) + "'>" + esc(s.n) + "</a></td><td>" +
+      return "<tr data-scan='" + i + "'><td><a href='#scan=" + encodeURIComponent(s.n) + "'>" + esc(s.n) + "</a>" +
+        (s.pg ? " <a class='pg' title='the scan&#39;s own page (self-contained)' href='" + esc(s.pg) + "'>page</a>" : "") + "</td><td>" +
         esc(s.sub) + "</td><td>" + esc(s.ses || "") + "</td><td>" + esc(s.lv || "n/a") + "</td><td class='num'>" +
         esc(s.nv == null ? "n/a" : s.nv) + "</td><td>" + esc(s.rule || "n/a") + "</td><td class='num'>" + fmt(s.conf, 2) +
         "</td><td>" + flagHtml(s) + "</td><td class='num'>" + s.ot.length + "</td><td>" + ratingHtml(s.n) + "</td></tr>";
@@ -313,7 +316,8 @@
     }).join("") + "<label><input type='radio' name='rating' value=''" + (!r.rating ? " checked" : "") + "> unrated</label>";
     view.innerHTML =
       "<div class='head'><h2 id='scan-title'>" + esc(s.n) + "</h2><button type='button' id='scan-prev'>&larr; previous</button>" +
-      "<button type='button' id='scan-next'>next &rarr;</button><a href='#'>close</a></div>" +
+      "<button type='button' id='scan-next'>next &rarr;</button>" +
+      (s.pg ? "<a id='scan-page-link' href='" + esc(s.pg) + "'>open the scan's page</a>" : "") + "<a href='#'>close</a></div>" +
       "<div class='cols'><div class='fig'>" + (s.fig ? "<a href='" + esc(s.fig) + "'><img loading='lazy' alt='" + esc(s.n) +
       " overlay' src='" + esc(s.fig) + "'></a>" : "<div class='nofig'>no figure for this scan</div>") + "</div>" +
       "<div class='side'><div class='rating' id='rating-box'><b>Rating</b><br>" + opts +
@@ -348,6 +352,35 @@
     $("scan-view").hidden = true;
   }
 
+  /* ---------------- failed and incomplete scans ---------------- */
+  function renderFailed() {
+    if (!FAILED.length) { $("failed-list").innerHTML = "<p class='ok'>none: every scan of the participant runs is in the report</p>"; return; }
+    var cols = [["bids_name", "Scan"], ["status", "Status"], ["error", "Error"], ["reason", "Reason"], ["log_file", "Log"], ["time", "Time (UTC)"]];
+    $("failed-list").innerHTML = "<table id='failed-table'><thead><tr>" + cols.map(function (c) { return "<th>" + esc(c[1]) + "</th>"; }).join("") +
+      "</tr></thead><tbody>" + FAILED.map(function (f) {
+        return "<tr class='failed-row'>" + cols.map(function (c) {
+          var v = f[c[0]] == null ? "n/a" : f[c[0]];
+          if (c[0] === "log_file" && v !== "n/a") return "<td><a href='" + esc(v) + "'>" + esc(v) + "</a></td>";
+          return "<td>" + (c[0] === "status" ? "<span class='flag'>" + esc(v) + "</span>" : esc(v)) + "</td>";
+        }).join("") + "</tr>";
+      }).join("") + "</tbody></table>";
+  }
+
+  /* ---------------- about / methods ---------------- */
+  function renderMethods() {
+    var m = D.methods || [];
+    if (!m.length) {
+      $("methods").innerHTML = "<p class='hint'>No methods text found (participant runs write logs/*_methods.md).</p>";
+      return;
+    }
+    $("methods").innerHTML = m.map(function (e, i) {
+      return "<div class='methods'>" + (m.length > 1 ? "<h3>Runs " + esc(e.runs.join(", ")) + "</h3>" : "") + e.html +
+        "<details><summary>BibTeX</summary><pre class='bib' id='bib-" + i + "'></pre></details>" +
+        "<p class='hint'>From run(s) " + esc(e.runs.join(", ")) + "</p></div>";
+    }).join("");
+    m.forEach(function (e, i) { $("bib-" + i).textContent = e.bibtex; });
+  }
+
   /* ---------------- wiring ---------------- */
   function init() {
     renderCards();
@@ -355,6 +388,8 @@
     renderPlot();
     renderTable();
     renderRatingSummary();
+    renderMethods();
+    renderFailed();
     $("filter").addEventListener("input", function () { state.filter = this.value; state.page = 0; renderTable(); });
     $("flagged-only").addEventListener("change", function () { state.flagged = this.checked; state.page = 0; renderTable(); });
     $("unrated-only").addEventListener("change", function () { state.unrated = this.checked; state.page = 0; renderTable(); });
