@@ -361,13 +361,14 @@ def _sacrum_cue(semantic: Volume, instance: Volume, ids: list[int], gap_mm: floa
     pieces, n = ndimage.label(sac[sl])
     idx = np.arange(1, n + 1)
     gaps = np.asarray(ndimage.minimum(dist, pieces, idx)).reshape(-1)
-    vol = np.asarray(ndimage.sum(np.ones_like(dist), pieces, idx)).reshape(-1) * float(np.prod(spacing))
-    world_z = semantic.affine[2, :3] @ np.asarray(ndimage.center_of_mass(sac[sl], pieces, idx)).reshape(-1, 3).T
+    vol = np.bincount(pieces.ravel(), minlength=n + 1)[1:] * float(np.prod(spacing))
+    coms = np.asarray(ndimage.center_of_mass(sac[sl], pieces, idx)).reshape(-1, 3)
+    world_z = coms @ semantic.affine[2, :3]
     ok = (gaps <= gap_mm) & (vol >= _MIN_SACRUM_MM3)
     if not ok.any():
         ev.update({"gap_mm": float(gaps.min()), "below_lowest": False, "applies": False})
         return ev
-    com_s = np.asarray(ndimage.center_of_mass(pieces == int(idx[ok][np.argmin(world_z[ok])])))
+    com_s = coms[np.flatnonzero(ok)[np.argmin(world_z[ok])]]
     com_l = np.argwhere(low_mask[sl]).mean(0)
     dz = float((semantic.affine[:3, :3] @ (com_l - com_s))[2])
     ev.update({"gap_mm": gap, "below_lowest": dz > 0, "applies": bool(gap <= gap_mm and dz > 0)})
