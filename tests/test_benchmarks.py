@@ -85,6 +85,22 @@ def test_phase_probe_exclusive_time_and_own_peaks() -> None:
         assert probe.peak_kib["b"] - probe.peak_kib["a"] > 30 * 1024
 
 
+def test_phase_probe_notices_an_ignored_peak_reset(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a kernel that accepts the clear_refs write but keeps the high-water mark (seen on a CI
+    # machine): the probe must say its per-phase peaks are not per phase
+    mod = sys.modules[rb.PhaseProbe.__module__]
+    real = mod.status_kib
+    monkeypatch.setattr(mod, "status_kib", lambda key: real(key) + (500 * 1024 if key == "VmHWM" else 0))
+    probe = rb.PhaseProbe()
+    assert probe.can_reset is False
+    monkeypatch.setattr(mod, "status_kib", real)
+    probe = rb.PhaseProbe()
+    monkeypatch.setattr(mod, "status_kib", lambda key: real(key) + (500 * 1024 if key == "VmHWM" else 0))
+    probe.enter("a")  # a reset that stops working later is noticed at the next phase change
+    probe.leave()
+    assert probe.can_reset is False
+
+
 def test_forward_timer_counts_outermost_calls_only() -> None:
     torch = pytest.importorskip("torch")
     net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())

@@ -8,7 +8,8 @@ import json
 import numpy as np
 
 from spineps.models.folder import read_model_config
-from spineps.training.partial_labels import Margins, labels_from_bodies, labels_from_discs
+from spineps.training.partial_labels import (Margins, below_lowest_plane, labels_from_bodies, labels_from_discs,
+                                             sacrum_below_l5)
 from spineps.training.semantic import (IGNORE_INDEX, LABEL_ORDER, MODEL_ORIENTATION, Recipe, inference_config,
                                        plans_dict, real_cases, small_plans, values_to_indices)
 
@@ -76,6 +77,38 @@ def test_discs_give_bodies_between_them_and_the_top_of_s1_below_l5_s1():
             assert (lab[25:37, 55:64, 13:27] == SACRUM).all() and (lab[25:37, 66:, 15:25] == IGNORE_INDEX).all()
         else:
             assert not (lab == SACRUM).any()
+
+
+def test_below_lowest_plane_follows_a_tilted_inferior_surface():
+    # the lowest body's bottom descends 1 voxel per 4 voxels of P (a tilted endplate)
+    inst = np.zeros((60, 80, 20), np.int64)
+    inst[20:40, 5:15, 5:15] = 23
+    for p in range(20, 40):
+        inst[p, 25:30 + (p - 20) // 4, 5:15] = 24
+    below = below_lowest_plane(inst, (1.0, 1.0, 1.0), margin_mm=3.0)
+    # in front (p 20) the surface is at i 29, behind (p 39) at i 33 (a least-squares plane through
+    # the steps); 3 mm margin
+    assert not below[20, 31, 10] and below[20, 33, 10]
+    assert not below[39, 36, 10] and below[39, 38, 10]
+    # the plane extends beyond the body's footprint (P behind it, R beside it)
+    assert below[55, 50, 0] and not below[55, 30, 0]
+    assert not below_lowest_plane(np.zeros((4, 4, 4), np.int64), (1.0, 1.0, 1.0), 1.0).any()
+
+
+def test_sacrum_below_l5_takes_the_bone_under_l5_not_l5_nor_far_pieces():
+    inst = _column([(23, 10, 30, 20, 40), (24, 36, 56, 21, 41)], n_i=120)
+    bone = np.zeros(inst.shape, bool)
+    bone[inst > 0] = True  # the model's bodies over the annotation: never sacrum
+    bone[22:44, 64:78, 12:28] = True  # S1, 8 mm below L5 (a disc between): sacrum
+    bone[0:12, 100:112, 0:10] = True  # a 1.4 ml piece more than 25 mm from L5: not
+    s1 = sacrum_below_l5(inst, bone, (1.0, 1.0, 1.0))
+    assert s1[22:44, 64:78, 12:28].all()
+    assert not s1[inst > 0].any() and not s1[0:12, 100:112, 0:10].any()
+    # a piece smaller than min_ml is left alone; no annotation: nothing
+    tiny = np.zeros(inst.shape, bool)
+    tiny[30:33, 62:65, 18:21] = True
+    assert not sacrum_below_l5(inst, tiny, (1.0, 1.0, 1.0)).any()
+    assert not sacrum_below_l5(np.zeros_like(inst), bone, (1.0, 1.0, 1.0)).any()
 
 
 def test_small_plans_and_plans_dict_agree_on_the_small_network():

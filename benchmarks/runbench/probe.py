@@ -42,14 +42,22 @@ class PhaseProbe:
         self._t = time.perf_counter()
         self._wrapped: list[tuple[Any, str, Any]] = []
 
-    @staticmethod
-    def _reset() -> bool:
+    #: how far above the resident set the high-water mark may read right after a reset (the
+    #: two are read one after the other) for the reset to count as done
+    RESET_SLACK_KIB = 2048
+
+    @classmethod
+    def _reset(cls) -> bool:
+        """Reset the high-water mark to the current resident set; False where that is refused
+        or silently ignored (some sandboxed kernels accept the write and do nothing: the mark
+        then stays above the resident set, and per-phase peaks would all read the process's
+        historical peak)."""
         try:
             with open("/proc/self/clear_refs", "w") as fh:
                 fh.write("5")
-            return True
         except OSError:
             return False
+        return status_kib("VmHWM") <= status_kib("VmRSS") + cls.RESET_SLACK_KIB
 
     def _switch(self) -> None:
         now = time.perf_counter()
@@ -59,7 +67,7 @@ class PhaseProbe:
         self.peak_kib[cur] = max(self.peak_kib[cur], hwm)
         self.process_peak_kib = max(self.process_peak_kib, hwm)
         if self.can_reset:
-            self._reset()
+            self.can_reset = self._reset()
         self._t = time.perf_counter()
 
     def enter(self, name: str) -> None:

@@ -28,7 +28,8 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["Margins", "stack_order", "gap_between", "surface_zone", "labels_from_bodies", "labels_from_discs"]
+__all__ = ["Margins", "stack_order", "gap_between", "surface_zone", "labels_from_bodies", "labels_from_discs",
+           "below_lowest_plane", "sacrum_below_l5"]
 
 
 @dataclass(frozen=True)
@@ -202,3 +203,49 @@ def labels_from_discs(inst: np.ndarray, spacing: Sequence[float], *, body: int, 
     out[sac] = sacrum
     out[discs] = disc
     return out
+
+
+def below_lowest_plane(inst: np.ndarray, spacing: Sequence[float], margin_mm: float) -> np.ndarray:
+    """Voxels more than ``margin_mm`` below the inferior surface of the lowest instance of
+    ``inst``: a plane ``I = a P + b R + c`` (mm) fitted to the lowest voxel of each of its
+    (P, R) columns, so a tilted endplate (lordosis, sacral slope) tilts the boundary."""
+    order = stack_order(inst)
+    out = np.zeros(inst.shape, bool)
+    if not order:
+        return out
+    sp, si, sr = (float(s) for s in spacing)
+    _, last, has = _column_ends(inst == order[-1])
+    pp, rr = np.nonzero(has)
+    a = np.c_[pp * sp, rr * sr, np.ones(pp.size)]
+    if pp.size >= 3 and np.linalg.matrix_rank(a) == 3:
+        coef = np.linalg.lstsq(a, last[pp, rr] * si, rcond=None)[0]
+    else:
+        coef = np.array([0.0, 0.0, float(last[pp, rr].max()) * si])
+    P, n_i, R = inst.shape
+    plane = (coef[0] * np.arange(P)[:, None] * sp + coef[1] * np.arange(R)[None, :] * sr + coef[2])  # (P, R) mm
+    out[:] = (np.arange(n_i)[None, :, None] * si) > (plane[:, None, :] + margin_mm)
+    return out
+
+
+def sacrum_below_l5(inst: np.ndarray, predicted_bone: np.ndarray, spacing: Sequence[float], *,
+                    margin_mm: float = 4.0, min_ml: float = 0.5, reach_mm: float = 25.0) -> np.ndarray:
+    """Where a body-annotated scan whose lowest annotated body is L5 has its sacrum: the
+    pieces of ``predicted_bone`` (a model's body / endplate / sacrum voxels) that lie more
+    than ``margin_mm`` below L5's inferior surface (``below_lowest_plane``), at least
+    ``min_ml`` large, reaching within ``reach_mm`` of L5 (across its disc). Below L5 the
+    next bone is S1, whatever a model called it: a model that calls S1 a vertebra names
+    every level one off."""
+    order = stack_order(inst)
+    out = np.zeros(inst.shape, bool)
+    if not order:
+        return out
+    cand = predicted_bone & below_lowest_plane(inst, spacing, margin_mm) & (inst == 0)
+    lab, n = ndimage.label(cand)
+    if not n:
+        return out
+    vox_ml = float(np.prod([float(s) for s in spacing])) / 1000.0
+    sizes = np.bincount(lab.ravel(), minlength=n + 1)
+    dist = ndimage.distance_transform_edt(inst != order[-1], sampling=[float(s) for s in spacing])
+    near = ndimage.minimum(dist, lab, range(1, n + 1))
+    keep = [k + 1 for k in range(n) if sizes[k + 1] * vox_ml >= min_ml and float(near[k]) <= reach_mm]
+    return np.isin(lab, keep) if keep else out

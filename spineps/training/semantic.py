@@ -236,20 +236,53 @@ def add_pseudo_labels(raw: Path, recipe: Recipe, real_root: Path, nprocs: int = 
     # in a body-annotated scan is the error the round-1 model made on water-fat contrast)
     decided = {49: (idx[49], idx[100], idx[26]), 100: (idx[100], idx[49], idx[26])}
     names = []
-    for set_name, sub, _img_p, _lab_p, value in real_cases(real_root, "train", recipe.holdout):
+    for set_name, sub, _img_p, lab_p, value in real_cases(real_root, "train", recipe.holdout):
         case = f"real{set_name.lower()}_{sub.replace('sub-', '')}"
         img: Any = nib.load(str(raw / "imagesTr" / f"{case}_0000.nii.gz"))  # an image class of nibabel's choosing
         lab_file = raw / "labelsTr" / f"{case}.nii.gz"
         lab: Any = nib.load(str(lab_file))
         target = np.asarray(lab.dataobj).astype(np.uint8)
         pred = seg.segment(Volume(np.asarray(img.dataobj, dtype=np.float32), img.affine))
-        out = pseudo_target(target, values_to_indices(np.asarray(pred.data)), ignore=IGNORE_INDEX,
-                            decided=decided[value])
+        pred_idx = values_to_indices(np.asarray(pred.data))
+        out = pseudo_target(target, pred_idx, ignore=IGNORE_INDEX, decided=decided[value])
+        if value == 49:
+            s1 = _s1_as_sacrum(lab_p, pred_idx, tuple(float(z) for z in img.header.get_zooms()[:3]))
+            if s1 is not None:
+                unknown = target == IGNORE_INDEX
+                out[s1 & unknown] = IGNORE_INDEX  # its border stays unknown, its interior is sacrum
+                out[ndimage_erode(s1) & unknown] = idx[26]
+                log.info("%s: %d voxels below the annotated L5 taught as sacrum (S1)", case,
+                         int((ndimage_erode(s1) & unknown).sum()))
         nib.save(nib.Nifti1Image(out, img.affine), str(lab_file))
         names.append(case)
         log.info("pseudo-labelled %s: %d of %d unknown voxels adopted", case,
                  int(((target == IGNORE_INDEX) & (out != IGNORE_INDEX)).sum()), int((target == IGNORE_INDEX).sum()))
     return names
+
+
+def _s1_as_sacrum(lab_p: Path, pred_idx: np.ndarray, spacing: tuple[float, float, float]) -> "np.ndarray | None":
+    """The model's bone below the annotated L5 of a body-annotated scan (``desc-vert`` next to
+    ``lab_p``), as ``partial_labels.sacrum_below_l5`` finds it; None when the scan has no
+    level-named annotation or its lowest annotated body is not L5."""
+    import nibabel as nib
+
+    from spineps.training.partial_labels import sacrum_below_l5
+
+    vert_p = lab_p.with_name(lab_p.name.replace("desc-spine", "desc-vert"))
+    if not vert_p.is_file():
+        return None
+    inst = np.asarray(_reorient(nib.load(str(vert_p)), MODEL_ORIENTATION).dataobj).astype(np.int64)
+    vals = [int(v) for v in np.unique(inst) if v > 0]
+    if not vals or max(vals) != 24 or inst.shape != pred_idx.shape:
+        return None
+    bone = np.isin(pred_idx, [LABEL_ORDER.index(v) + 1 for v in (49, 62, 26)])
+    return sacrum_below_l5(inst, bone, spacing)
+
+
+def ndimage_erode(mask: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    return np.asarray(ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(3, 1)))
 
 
 def ndimage_label(mask: np.ndarray) -> np.ndarray:
