@@ -260,7 +260,7 @@ def add_pseudo_labels(raw: Path, recipe: Recipe, real_root: Path, nprocs: int = 
     return names
 
 
-def _s1_as_sacrum(lab_p: Path, pred_idx: np.ndarray, spacing: tuple[float, float, float]) -> "np.ndarray | None":
+def _s1_as_sacrum(lab_p: Path, pred_idx: np.ndarray, spacing: tuple[float, ...]) -> "np.ndarray | None":
     """The model's bone below the annotated L5 of a body-annotated scan (``desc-vert`` next to
     ``lab_p``), as ``partial_labels.sacrum_below_l5`` finds it; None when the scan has no
     level-named annotation or its lowest annotated body is not L5."""
