@@ -124,6 +124,7 @@ def real_benchmark(sem: Any, ins: Any, real_root: Path) -> list[dict]:
                               levels=set_name in ("VB3", "VB3extra"))
             row["bodies"] = bodies
             row["naming"] = {k: res.naming.get(k) for k in ("rule", "confidence", "levels") if k in res.naming}
+            row["naming"]["confidence_raw"] = res.naming.get("evidence", {}).get("confidence_raw")
         out.append(row)
         log.info("real %s %s: Dice %s (%.1f s)", set_name, sub, _fmt(row["dice"]), dt)
     return out

@@ -242,3 +242,56 @@ def test_soft_ribs_cue_does_not_outweigh_the_body_sizes(monkeypatch):
     assert ribs_alone[0].startswith("C"), ribs_alone  # the ribs cue alone is fooled
     got = _names(naming)
     assert got[0] >= 17, (got, naming.rule_used)  # thoracolumbar or lumbar, not cervical
+
+
+def test_conus_cue_finds_where_the_cord_ends_and_places_the_window_around_it():
+    levels = [18, 19, 20, 21, 22]  # T11..L3, the cord ends at the L1/L2 disc (index 2.5)
+    ph = build_phantom(levels, sacrum=False, seed=5)
+    naming = name_levels(*_post(ph.semantic, ph.anonymous))
+    conus = naming.evidence["conus"]
+    assert conus["applies"] and conus["ends_in_view"], conus
+    assert 2.2 <= conus["position"] <= 2.8, conus
+    assert naming.evidence["standalone"]["conus"]["levels"] == ["T11", "T12", "L1", "L2", "L3"]
+    assert _names(naming) == levels, (naming.levels(), naming.rule_used)
+
+
+def test_a_cord_that_runs_out_of_view_rules_out_lumbar_windows():
+    from spineps.labeling import levels as lv
+
+    ph = build_phantom(list(range(12, 17)), sacrum=False, seed=6)  # T5..T9: cord to the bottom
+    naming = name_levels(*_post(ph.semantic, ph.anonymous))
+    conus = naming.evidence["conus"]
+    assert conus["applies"] and not conus["ends_in_view"], conus
+    thoracic = lv._Candidate("standard", VARIANTS["standard"].index(12), tuple(range(12, 17)))
+    lumbar = lv._Candidate("standard", VARIANTS["standard"].index(20), tuple(range(20, 25)))
+    assert lv._conus_ll(thoracic, conus) > lv._conus_ll(lumbar, conus) + 2.5
+    # no cord at all (a lumbar window below the conus): the cue does not apply
+    ph = build_phantom(list(range(21, 25)), sacrum=False, seed=7)
+    assert not name_levels(*_post(ph.semantic, ph.anonymous)).evidence["conus"]["applies"]
+
+
+_TPTBOX_SAMPLE = "lib/python3.11/site-packages/TPTBox/tests/sample_mri"
+
+
+def test_a_real_lumbar_crop_with_its_conus_is_named_where_the_cord_ends():
+    """TPTBox's sample MRI (installed with the reference, ``benchmarks/reference_venv.sh``): a
+    real 1.5 mm crop of three vertebrae with a full manual mask whose files number them 5-7.
+    Its bodies measure 31 x 34 x 45 mm (height x depth x width, the middle one 36.7 ml: lumbar
+    size, cervical bodies are about 14 x 16 x 20 mm) and the cord ends in the lower part of the
+    middle one: the conus, at L1-L2 in most adults. Body sizes alone say L3-L5; with the conus
+    the middle vertebra is named L1 (T12-L2)."""
+    import os
+    from pathlib import Path
+
+    from spineps.geometry.io import load_volume
+    from spineps.synth.truth import anonymous_vertebrae
+
+    root = Path(os.environ.get("SPINEPS_REF_VENV", "/tmp/spineps-ref-venv")) / _TPTBOX_SAMPLE
+    if not root.is_dir():
+        pytest.skip(f"TPTBox's sample MRI is not installed ({root}; bash benchmarks/reference_venv.sh)")
+    sem = load_volume(root / "sub-mri_seg-subreg_label-6_msk.nii.gz", kind="label")
+    vert = load_volume(root / "sub-mri_seg-vert_label-6_msk.nii.gz", kind="label")
+    naming = name_levels(sem, anonymous_vertebrae(vert))
+    assert naming.evidence["standalone"]["size"]["levels"][0].startswith("L")  # lumbar-size bodies
+    assert naming.evidence["conus"]["ends_in_view"] and 1.0 < naming.evidence["conus"]["position"] < 2.0
+    assert naming.levels() == ["T12", "L1", "L2"], (naming.levels(), naming.rule_used)

@@ -8,7 +8,7 @@ drawn from ``REFERENCE_BODY_MM`` times an overall scale and per-dimension noise;
 dens on top of a shorter body; endplates are the top/bottom voxel layer of each body (62),
 discs (100) fill the gaps; arch (41), spinous process (42), costal processes (43/44,
 pointing anterolaterally in the cervical, posterolaterally in the thoracic and laterally in
-the lumbar spine), articular processes (45..48), canal (61) with cord (60); the sacrum
+the lumbar spine), articular processes (45..48), canal (61) with cord (60) down to the L1/L2 disc; the sacrum
 (26) is a block below the last disc with an endplate on top.
 """
 
@@ -92,6 +92,8 @@ def build_phantom(levels: list[int], *, sacrum: bool = True, scale: float = 1.0,
 
     z = nz * sz - margin_mm
     canal_pts = []
+    # the cord ends (conus tip) at the L1/L2 disc; above the field of view when it starts below L1
+    z_conus = nz * sz + 1.0 if levels and min(v for v in levels if v != 28) > 20 else -1.0
     for i, v in enumerate(levels):
         h, d, w = sizes[i]
         reg = _region(v)
@@ -136,6 +138,8 @@ def build_phantom(levels: list[int], *, sacrum: bool = True, scale: float = 1.0,
                 paint(art & zslab(za1, min(za1 + 4.0, zb1)), 45 if sign < 0 else 46, v)
                 paint(art & zslab(max(za0 - 4.0, zb0), za0), 47 if sign < 0 else 48, v)
         z = zb0
+        if v == 20:
+            z_conus = z - DISC_MM["L"] * scale / 2
         last = i == len(levels) - 1
         if not last or sacrum:
             dh = discs[i]
@@ -151,14 +155,14 @@ def build_phantom(levels: list[int], *, sacrum: bool = True, scale: float = 1.0,
         blk = (np.abs(xs - xc) <= 24.0 * scale) & (np.abs(ys - yc) <= 20.0 * scale)
         paint(blk & zslab(z - sz, z), 62, 200 + levels[-1], 52)
         paint(blk & zslab(z - sh, z), 26, 26)
-    # canal and cord through the whole column
+    # canal through the whole column, the cord down to its conus
     if processes and canal_pts:
         zz = np.array([p[0] for p in canal_pts])[::-1]
         yy = np.array([p[1] for p in canal_pts])[::-1]
         ykz = np.interp(np.arange(nz) * sz, zz, yy)[None, None, :]
         rr = np.sqrt((xs - xc) ** 2 + (ys - ykz) ** 2)
         paint(rr < 7.5 * scale, 61, 0)
-        cord = (rr < 3.5 * scale) & (sem == 61)
+        cord = (rr < 3.5 * scale) & (sem == 61) & (zs > z_conus)
         sem[cord] = 60
         split[cord] = 60
     anon = np.zeros_like(truth)

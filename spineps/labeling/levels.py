@@ -49,12 +49,20 @@ Cues (``LevelNaming.evidence`` holds each one's measurements and its own best na
   volume border only contributes the dimensions that are not cut. Alone it estimates
   where a window that shows neither end lies; its accuracy is modest (numbers in the
   tests and the report).
+- ``conus`` (soft): where the spinal cord (60) ends. The lowest point of its largest piece
+  is placed between the body centroids of consecutive vertebrae (``position`` k + f); when
+  the canal goes on below it the conus is in view and its level follows an adult
+  distribution (mean lower L1 / L1-L2 disc, sd 0.6 vertebrae, 5 % outliers; Saifuddin 1998),
+  otherwise the cord runs out of view and the conus lies below the window. It places small
+  fields of view (a lumbar crop with lumbar-size bodies and the conus inside it is T12-L2,
+  not L3-L5) and rules out lumbar names for a window whose canal holds cord to its bottom.
+  Only as good as the cord segmentation.
 - ``count-from-top`` (top = C2, C1 with ``has_c1``: the reference behaviour) and
   ``count-from-bottom`` (bottom = L5): forced options; count-from-top is also the last
   resort when nothing is measurable.
 - ``anchor="T12"``: user override "the top vertebra is T12" (hard, penalty 1000).
 
-Precedence in ``rule="auto"``: anchor > sacrum > c2 > soft cues (ribs + size) >
+Precedence in ``rule="auto"``: anchor > sacrum > c2 > soft cues (ribs + conus + size) >
 count-from-top. The penalties implement it: the soft cues choose among the namings the
 hard ones allow (e.g. L5 vs L6 under the sacrum) but never overrule them; with a hard
 cue the size cue's weight drops to 0.05 (a tie-breaker). Without a hard cue only the
@@ -64,6 +72,13 @@ first, followed by the soft cues that changed the result (``"sacrum"``,
 ``"sacrum+ribs"``, ``"sacrum+c2"``, ``"ribs+size"``, ``"size"``, ``"count-from-top"``,
 ``"anchor"``...). A warning is recorded whenever an available cue's own best naming
 differs from the final one, and when a hard cue had to be overruled.
+
+Confidence: the best candidate's softmax probability, calibrated (Platt scaling per kind
+of naming, ``CONFIDENCE_CALIBRATION``, fitted by ``benchmarks/naming_calibration.py`` on
+phantoms and checked there on held-out phantoms and the real VB3 scans) so that a naming of
+confidence c is right about c of the time; the raw probability stays in the evidence
+(``confidence_raw``). A naming no cue supports (counted from the top or bottom) gets
+``NO_CUE_CONFIDENCE``; a user anchor keeps its probability.
 
 Implausible anatomy (``implausible_anatomy``): structures that do not look like a spine
 (what a semantic model makes of pure noise) are recognised by their body sizes (no window
@@ -94,7 +109,7 @@ import numpy as np
 from spineps.errors import InputError, UsageError
 from spineps.fsutil import jsonable
 from spineps.geometry.volume import Volume
-from spineps.labels import COSTAL_L, COSTAL_R, LEVEL_RULES, SACRUM, vertebra_name, vertebra_value
+from spineps.labels import CANAL, CORD, COSTAL_L, COSTAL_R, LEVEL_RULES, SACRUM, vertebra_name, vertebra_value
 from spineps.postprocess.vertebrae import (VertebraCentroids, VertebraFrame, body_mask_of, vertebra_frames,
                                            vertebra_ids)
 
@@ -109,6 +124,9 @@ __all__ = [
     "apply_naming",
     "implausible_anatomy",
     "IMPLAUSIBLE_CONFIDENCE",
+    "CONFIDENCE_CALIBRATION",
+    "calibrated_confidence",
+    "confidence_kind",
 ]
 
 log = logging.getLogger(__name__)
@@ -422,6 +440,83 @@ def _tilt_class(v: int, variant: str) -> tuple[float, float]:
     return _TILT_LUMBAR
 
 
+#: where the spinal cord ends (conus medullaris tip), in vertebra units from the centroid of
+#: L1's body (0) towards L2's (1): mean at the lower third of L1 / the L1-L2 disc, range T12
+#: to L3 (Saifuddin et al. 1998, 504 adults; the phantoms: uniform between mid L1 and mid L2)
+_CONUS_MEAN = 0.4
+_CONUS_SD = 0.6
+_CONUS_OUTLIER = 0.05  # mixture weight of a uniform over _CONUS_SPAN vertebrae
+_CONUS_SPAN = 12.0
+#: smallest cord (mm^3) and the canal length below its tip (mm) for "the cord ends in view"
+_CONUS_MIN_CORD_MM3 = 300.0
+_CONUS_CANAL_BELOW_MM = 10.0
+
+
+def _conus_cue(semantic: Volume, measures: list[VertebraMeasure]) -> dict[str, Any]:
+    """Where the spinal cord (60) ends relative to the vertebrae: the lowest point (along the
+    line from the top to the bottom body centroid) of its largest piece, as a position in
+    vertebra units (``k + f``: between the body centroids of vertebrae ``k`` and ``k + 1``,
+    top = 0, extrapolated past the ends). ``ends``: the canal (61) goes on at least
+    ``_CONUS_CANAL_BELOW_MM`` below the tip (the conus is in view); otherwise the cord runs
+    out of view and the conus lies below ``position``."""
+    from scipy import ndimage
+
+    ev: dict[str, Any] = {"applies": False}
+    cents = [m.centroid for m in measures if m.centroid is not None and m.n_body >= 8]
+    if len(cents) < 2 or len(cents) != len(measures):
+        return ev
+    sem = np.asarray(semantic.data)
+    cord = sem == CORD
+    if not cord.any():
+        ev["cord_mm3"] = 0.0
+        return ev
+    pieces, n = ndimage.label(cord)
+    sizes = np.bincount(pieces.ravel(), minlength=n + 1)[1:]
+    big = int(np.argmax(sizes)) + 1
+    ev["cord_mm3"] = float(sizes[big - 1] * semantic.voxel_volume)
+    if ev["cord_mm3"] < _CONUS_MIN_CORD_MM3:
+        return ev
+    c = np.asarray(cents, float)
+    down = c[-1] - c[0]
+    down /= max(float(np.linalg.norm(down)), 1e-6)
+    aff = semantic.affine
+
+    def along(mask: np.ndarray) -> np.ndarray:
+        vox = np.argwhere(mask).astype(float)
+        return (vox @ aff[:3, :3].T + aff[:3, 3]) @ down
+
+    tip_pts = np.argwhere(pieces == big).astype(float)
+    t_cord = (tip_pts @ aff[:3, :3].T + aff[:3, 3]) @ down
+    tip = tip_pts[int(np.argmax(t_cord))] @ aff[:3, :3].T + aff[:3, 3]
+    canal_t = along((sem == CANAL) | cord)
+    ends = bool(canal_t.max() - t_cord.max() >= _CONUS_CANAL_BELOW_MM)
+    # position between consecutive body centroids: the segment nearest the tip
+    best = (math.inf, 0.0)
+    for k in range(len(c) - 1):
+        seg = c[k + 1] - c[k]
+        f = float((tip - c[k]) @ seg / max(float(seg @ seg), 1e-6))
+        lo_ok, hi_ok = (k == 0 or f >= 0), (k == len(c) - 2 or f <= 1)
+        fc = min(max(f, 0.0), 1.0)
+        dist = float(np.linalg.norm(tip - (c[k] + fc * seg)))
+        if lo_ok and hi_ok and dist < best[0]:
+            best = (dist, k + f)
+    ev.update({"applies": True, "ends_in_view": ends, "position": round(best[1], 3),
+               "tip_world_mm": [round(float(x), 1) for x in tip]})
+    return ev
+
+
+def _conus_ll(c: "_Candidate", cue: dict[str, Any]) -> float:
+    """Log-likelihood of the cord's end under candidate ``c`` (see ``_conus_cue``)."""
+    seq = VARIANTS[c.variant]
+    x = float(cue["position"]) - (seq.index(20) - c.offset)  # 0 = this candidate's L1
+    z = (x - _CONUS_MEAN) / _CONUS_SD
+    if cue["ends_in_view"]:
+        dens = math.exp(-0.5 * z * z) / (_CONUS_SD * math.sqrt(2 * math.pi))
+        return math.log((1 - _CONUS_OUTLIER) * dens + _CONUS_OUTLIER / _CONUS_SPAN)
+    beyond = 0.5 * math.erfc(z / math.sqrt(2.0))  # P(the conus lies below x)
+    return math.log((1 - _CONUS_OUTLIER) * beyond + _CONUS_OUTLIER)
+
+
 def _ribs_cue(measures: list[VertebraMeasure]) -> dict[str, Any]:
     """Per-vertebra costal-process tilts; usable when at least three are measured on
     vertebrae that the border does not cut. Processes shorter than ``_SHORT_PROCESS_MM``
@@ -498,6 +593,48 @@ PLAUSIBLE_TILT_DEG = 60.0
 PLAUSIBLE_BODY_TOTAL_MM3 = 500.0
 #: the most confidence a naming of implausible structures gets
 IMPLAUSIBLE_CONFIDENCE = 0.1
+
+# ------------------------------------------------------------------------------ calibration
+#: Platt scaling of the candidates' softmax probability ``p`` per kind of naming:
+#: ``c = sigmoid(a * logit(p) + b)``. Fitted by ``benchmarks/naming_calibration.py`` on its
+#: fit split of phantoms (its JSON holds the same numbers; a test ties the two); "hard": a
+#: hard cue (sacrum, C2) fixed the window, "soft": only the ribs and size cues did.
+CONFIDENCE_CALIBRATION: dict[str, tuple[float, float]] = {
+    "hard": (1.0, 0.0),
+    "soft": (1.0, 0.0),
+}
+#: the confidence of a naming that no cue supports (counted from the top or bottom by
+#: rule, or because nothing was measurable): the count is right only when the field of view
+#: happens to start (end) where the rule assumes
+NO_CUE_CONFIDENCE = 0.05
+_P_CLIP = 1e-6
+
+
+def confidence_kind(rule_used: str) -> str:
+    """"anchor" (the user said), "hard", "soft" or "none" (see ``CONFIDENCE_CALIBRATION``)."""
+    used = set(rule_used.split("+"))
+    if "anchor" in used:
+        return "anchor"
+    if used & {"sacrum", "c2"}:
+        return "hard"
+    if used & {"ribs", "size", "conus"}:
+        return "soft"
+    return "none"
+
+
+def calibrated_confidence(p: float, kind: str, params: Optional[dict[str, tuple[float, float]]] = None) -> float:
+    """The calibrated confidence of a naming of ``kind`` (``confidence_kind``) whose best
+    candidate has softmax probability ``p``, with ``params`` (default
+    ``CONFIDENCE_CALIBRATION``); an anchor keeps ``p``."""
+    params = CONFIDENCE_CALIBRATION if params is None else params
+    if kind == "anchor":
+        return float(p)
+    if kind not in params:
+        return NO_CUE_CONFIDENCE
+    a, b = params[kind]
+    q = min(max(float(p), _P_CLIP), 1.0 - _P_CLIP)
+    z = a * math.log(q / (1.0 - q)) + b
+    return 1.0 / (1.0 + math.exp(-z))
 
 
 def _shape_reasons(measures: list[VertebraMeasure]) -> list[str]:
@@ -597,6 +734,8 @@ def _score(c: _Candidate, active: dict[str, Any], feats: np.ndarray, ok: np.ndar
         parts["c2"] = 0.0 if c.names[k] == 2 else -_PENALTY["c2"]
     if "ribs" in active:
         parts["ribs"] = _ribs_ll(c.names, c.variant, active["ribs"]["_tilts"], active["ribs"]["_outlier"])
+    if "conus" in active:
+        parts["conus"] = _conus_ll(c, active["conus"])
     if use_size:
         ll, s = _size_ll(c.names, feats, ok)
         parts["size"] = size_weight * ll
@@ -648,7 +787,7 @@ def _anchor_value(anchor: Optional[str]) -> Optional[int]:
 def _standalone(scorer: _Scorer, available: dict[str, Any], have_size: bool) -> dict[str, _Candidate]:
     """The naming each available cue gives alone (for the evidence and disagreement warnings)."""
     standalone: dict[str, _Candidate] = {}
-    for key in ("sacrum", "c2", "ribs"):
+    for key in ("sacrum", "c2", "ribs", "conus"):
         if key in available:
             act: dict[str, Any] = {key: available[key]}
             if key in ("sacrum", "c2") and "ribs" in available:
@@ -722,7 +861,7 @@ def _auto_rule_used(scorer: _Scorer, plan: _Plan, best: _Candidate, warnings: li
     (each left out once); the final run's scores restored."""
     active, use_size, size_weight = plan.active, plan.use_size, plan.size_weight
     satisfied = [k for k in _PRECEDENCE if k in active and best.parts.get(k, 0.0) == 0.0]
-    soft = [k for k in ("ribs", "size") if (k in active if k == "ribs" else use_size)]
+    soft = [k for k in ("ribs", "conus", "size") if (k in active if k != "size" else use_size)]
     decisive = []
     for k in soft:
         act = {a: b for a, b in active.items() if a != k}
@@ -736,8 +875,11 @@ def _auto_rule_used(scorer: _Scorer, plan: _Plan, best: _Candidate, warnings: li
     return best, conf, rule_used
 
 
-def _available(sac: dict[str, Any], c2: dict[str, Any], ribs: dict[str, Any]) -> dict[str, Any]:
+def _available(sac: dict[str, Any], c2: dict[str, Any], ribs: dict[str, Any], conus: dict[str, Any]
+               ) -> dict[str, Any]:
     available: dict[str, Any] = {}
+    if conus.get("applies"):
+        available["conus"] = conus
     if sac.get("applies"):
         available["sacrum"] = True
     if c2.get("applies"):
@@ -754,8 +896,10 @@ def _cues(semantic: Volume, instance: Volume, ids: list[int], measures: list[Ver
     sac = _sacrum_cue(semantic, instance, ids, sacrum_gap_mm)
     c2 = _c2_cue(measures, dens_ratio, dens_vs_next)
     ribs = _ribs_cue(measures)
-    evidence.update({"sacrum": sac, "c2": c2, "ribs": {k: v for k, v in ribs.items() if not k.startswith('_')}})
-    return _available(sac, c2, ribs), c2
+    conus = _conus_cue(semantic, measures)
+    evidence.update({"sacrum": sac, "c2": c2, "ribs": {k: v for k, v in ribs.items() if not k.startswith('_')},
+                     "conus": conus})
+    return _available(sac, c2, ribs, conus), c2
 
 
 def name_levels(semantic: Volume, instance: Volume, *, rule: str = "auto", anchor: Optional[str] = None,
@@ -804,6 +948,8 @@ def name_levels(semantic: Volume, instance: Volume, *, rule: str = "auto", ancho
     for key, c in standalone.items():
         if c.names != best.names:
             warnings.append(f"rule '{key}' alone suggests {_top_name(c)}; used {_top_name(best)}")
+    evidence["confidence_raw"] = conf
+    conf = calibrated_confidence(conf, confidence_kind(rule_used))
     implausible = implausible_anatomy(measures, cands, feats, ok) if anchor_value is None else []
     if implausible:
         conf = min(conf, IMPLAUSIBLE_CONFIDENCE)
