@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -69,6 +70,8 @@ def test_participant_process_imports_only_what_the_run_needs(tmp_path: Path) -> 
     assert (tmp_path / "out" / "sub-01" / "anat" / "sub-01_acq-sag_desc-vertebrae_dseg.json").is_file()
     heavy = sorted(m for m in modules if any(m == h or m.startswith(h + ".") for h in NOT_NEEDED))
     assert not heavy, f"a participant run imported {heavy}"
+    # pandas (nnU-Net's import chain) stays a lazy module that never ran: none of its submodules
+    assert not [m for m in modules if m.startswith("pandas.")], "a participant run loaded pandas"
 
 
 _PREDICTOR_IMPORT = """
@@ -78,8 +81,13 @@ cls = nnunet_predictor_class()
 mod = sys.modules["nnunetv2.inference.predict_from_raw_data"]
 out = {"class": f"{cls.__module__}.{cls.__qualname__}", "dynamo_after": "torch._dynamo" in sys.modules,
        "stand_in": mod.OptimizedModule.__module__}
+out["pandas_lazy"] = type(sys.modules["pandas"]).__name__ == "_LazyModule" and "pandas.core" not in sys.modules
 import torch._dynamo
 out["real"] = f"{torch._dynamo.OptimizedModule.__module__}.{torch._dynamo.OptimizedModule.__qualname__}"
+from nnunetv2.preprocessing.resampling import default_resampling  # uses pd in its functions
+out["pandas_works"] = bool(default_resampling.pd.isna(float("nan"))) and "pandas.core" in sys.modules
+from pandas import DataFrame
+out["dataframe"] = DataFrame({"a": [1, 2]}).shape == (2, 1) and type(sys.modules["pandas"]).__name__ == "module"
 print(json.dumps(out))
 """
 
@@ -101,6 +109,8 @@ def test_nnunet_predictor_without_dynamo_and_with_it_when_compiling(compile_env:
         assert out["dynamo_after"] and out["stand_in"] == "torch._dynamo.eval_frame"
     else:
         assert not out["dynamo_after"] and out["stand_in"] == "spineps.models.nnunet_import"
+        assert out["pandas_lazy"], "pandas ran while nnU-Net's predictor was imported"
+    assert out["pandas_works"] and out["dataframe"]  # a lazy pandas loads itself on first use
 
 
 # ----------------------------------------------------------------------------- validation beside model loading
@@ -365,3 +375,48 @@ def test_job_cost_fixed_cost_parts_add_up() -> None:
     assert jc.memory(res) == {"after_indexing": 80.0, "after_model_loading": 390.0, "after_validation": 390.0,
                               "floor_at_first_voxel": 400.0, "peak": 600.0}
     assert jc.tree_rss_mib(os.getpid()) > 0
+
+
+_HEAP_RETENTION = """
+import json, sys
+import numpy as np
+from spineps.resources import return_freed_memory
+
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+
+set_ = return_freed_memory() if sys.argv[1] == "set" else False
+big = np.ones(16 * 2 ** 20 // 8); del big  # glibc's dynamic threshold rises to 16 MiB here
+before = rss()
+blocks = [np.ones(8 * 2 ** 20 // 8) for _ in range(12)]  # 96 MiB in 8 MiB blocks, touched
+del blocks[:-1]  # all but the last (on top of the heap: it would keep the others from a trim)
+print(json.dumps({"set": set_, "kept_mib": rss() - before}))
+"""
+
+
+@pytest.mark.parametrize("mode", ["set", "default"])
+def test_freed_image_sized_blocks_go_back_to_the_kernel(mode: str) -> None:
+    """With ``return_freed_memory`` (participant processes call it first) 88 MiB of freed
+    8 MiB arrays are no longer resident; with glibc's dynamic threshold they stay."""
+    env = _env()
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    env.pop("SPINEPS_KEEP_MALLOC", None)
+    proc = subprocess.run([sys.executable, "-c", _HEAP_RETENTION, mode], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    if mode == "set":
+        if not out["set"]:
+            pytest.skip("the C library is not glibc (no mallopt)")
+        assert out["kept_mib"] < 20, out
+    elif platform.libc_ver()[0] == "glibc":
+        assert out["kept_mib"] > 60, out  # what the setting is for
+
+
+def test_return_freed_memory_respects_the_users_choice() -> None:
+    from spineps.resources import return_freed_memory
+
+    assert return_freed_memory({"MALLOC_MMAP_THRESHOLD_": "65536"}) is False
+    assert return_freed_memory({"SPINEPS_KEEP_MALLOC": "1"}) is False

@@ -13,24 +13,78 @@ nnU-Net's class itself, unchanged.
 The full import is used instead when nnU-Net would compile (``nnUNet_compile`` set true: the
 checks must then see real ``OptimizedModule`` instances), when ``torch._dynamo`` is already
 imported (nothing to save), or when the module is already imported.
+
+The same module chain imports ``pandas`` at module level (nnU-Net's resampling and
+batchgenerators use ``pd`` in a few functions a participant process never calls): about
+30 MiB of resident memory and half a second. (``blosc2``, for nnU-Net's compressed training
+data, would be the next, but acvl_utils evaluates ``blosc2.ndarray.NDArray`` in an annotation
+at import time.) They are imported *lazily* (``lazy_modules``):
+``sys.modules`` holds a module object that imports the real one on its first attribute
+access, so every function that uses them works unchanged and a process that never touches
+them never pays for them.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import sys
 import types
-from typing import Any
+from typing import Any, Iterator
+from contextlib import contextmanager
 
 from spineps.logging_setup import quiet_stdout
 
-__all__ = ["nnunet_predictor_class", "PREDICTOR_MODULE"]
+__all__ = ["nnunet_predictor_class", "PREDICTOR_MODULE", "LAZY_MODULES", "lazy_modules"]
 
 log = logging.getLogger(__name__)
 
 PREDICTOR_MODULE = "nnunetv2.inference.predict_from_raw_data"
 _DYNAMO = "torch._dynamo"
+
+
+#: modules the predictor's import chain imports at module level but a participant never uses
+LAZY_MODULES = ("pandas",)
+
+
+class _LazyModule(types.ModuleType):
+    """A module whose code runs on first use: it holds only the module's spec until an
+    attribute it does not have is asked for; then the real module is imported (and replaces
+    it in ``sys.modules``), its namespace copied in, and every further lookup answered from
+    it. No ``__path__`` before that, so importing a submodule loads the package first.
+    (The standard library's ``importlib.util.LazyLoader`` is not enough on Python 3.11: the
+    ``import`` statement itself reads ``__spec__``, which loads the module.)"""
+
+    def __init__(self, spec: Any) -> None:
+        super().__init__(spec.name)
+        self.__spec__ = spec
+        self.__loader__ = spec.loader
+
+    def __getattr__(self, attr: str) -> Any:
+        name = self.__name__
+        if sys.modules.get(name) is self:
+            del sys.modules[name]
+        real = importlib.import_module(name)
+        self.__dict__.update(real.__dict__)
+        return getattr(real, attr)
+
+
+@contextmanager
+def lazy_modules(names: tuple[str, ...] = LAZY_MODULES) -> Iterator[list[str]]:
+    """Within the block, an ``import`` of one of ``names`` (not imported yet) binds a module
+    that loads itself on first use (``_LazyModule``); it stays in ``sys.modules`` after the
+    block until then. Yields the names made lazy."""
+    made = []
+    for name in names:
+        if name in sys.modules:
+            continue
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            continue
+        sys.modules[name] = _LazyModule(spec)
+        made.append(name)
+    yield made
 
 
 def _compile_requested() -> bool:
@@ -60,7 +114,7 @@ def nnunet_predictor_class() -> Any:
     stand_in = _stand_in()
     sys.modules[_DYNAMO] = stand_in
     try:
-        with quiet_stdout(log):
+        with quiet_stdout(log), lazy_modules():
             from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     finally:
         if sys.modules.get(_DYNAMO) is stand_in:
