@@ -600,8 +600,8 @@ IMPLAUSIBLE_CONFIDENCE = 0.1
 #: fit split of phantoms (its JSON holds the same numbers; a test ties the two); "hard": a
 #: hard cue (sacrum, C2) fixed the window, "soft": only the ribs and size cues did.
 CONFIDENCE_CALIBRATION: dict[str, tuple[float, float]] = {
-    "hard": (1.0, 0.0),
-    "soft": (1.0, 0.0),
+    "hard": (2.245, -2.3053),
+    "soft": (0.465, -0.1418),
 }
 #: the confidence of a naming that no cue supports (counted from the top or bottom by
 #: rule, or because nothing was measurable): the count is right only when the field of view
