@@ -909,8 +909,11 @@ def _write_measurements_and_figure(out: Path, scan: Any, result: "ScanResult", i
     try:
         from spineps.measure.figures import write_figure
 
+        m = result.measurements
         write_figure(result.semantic, result.instance, FIGURE.path(out, scan), image=image,
-                     title=Path(scan.relpath).name)
+                     title=Path(scan.relpath).name, alignment=m.alignment if m is not None else None,
+                     session_values=[v for v in m.values if v.structure == "spine"]
+                     if m is not None and m.session else None)
     except Exception as exc:
         log.warning("%s: figure not written: %s: %s", scan.relpath, type(exc).__name__, one_line(str(exc)))
         log.debug("traceback", exc_info=True)
