@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
@@ -80,7 +79,7 @@ def test_semantic_only_scan(small) -> None:
     assert {"*_morphometry.tsv", "*_morphometry.json", "group_*"} <= set(BIDSIGNORE_LINES)
 
 
-def test_figure_is_fast_and_shows_the_masks(small, tmp_path) -> None:
+def test_figure_shows_the_masks(small, tmp_path) -> None:
     import matplotlib.image as mpimg
 
     from spineps.geometry.volume import Volume
@@ -89,12 +88,9 @@ def test_figure_is_fast_and_shows_the_masks(small, tmp_path) -> None:
     rng = np.random.default_rng(0)
     img = Volume((np.asarray(small.semantic.data) > 0) * 200.0 + rng.normal(50, 10, small.semantic.shape),
                  small.semantic.affine)
-    write_figure(small.semantic, small.instance, tmp_path / "warm.png", image=img)  # imports, font cache
-    t0 = time.perf_counter()
+    # (its cost is measured in benchmarks/run_benchmark.py's "figures" phase, not asserted here)
     out = write_figure(small.semantic, small.instance, tmp_path / "sub-01_desc-spine_dseg.png", image=img,
                        title="sub-01")
-    seconds = time.perf_counter() - t0
-    assert seconds < 2.0, seconds
     png = mpimg.imread(out)
     assert png.ndim == 3 and png.shape[0] >= 500 and png.shape[1] >= 300
     # the body colour of the semantic registry (#f032e6, magenta) is blended into the sagittal panel
