@@ -4,7 +4,8 @@ stations that overlap (with a patient shift and different spacings), abut, leave
 repeat one region. The stations' reference masks (anonymised: the level names taken away) go
 through the real post-processing and the session naming, so these tests do not depend on the
 quality of a model; the end-to-end test runs ``spineps instance`` with the bundled instance
-model on the reference semantic masks."""
+model on the reference semantic masks, and the derivatives of such a run are checked against
+the BIDS schema and ``bids-validator-deno``."""
 
 from __future__ import annotations
 
@@ -263,3 +264,115 @@ def test_the_readme_numbers_are_the_benchmarks() -> None:
         assert f"{summary['alignment_reference'][key]}°" in readme, key
     assert f"{summary['alignment_reference']['slip_mm']} mm (slips)" in readme
     assert summary["alignment_reference"]["curve_deg"] <= 3.0 and summary["alignment_reference"]["slip_mm"] <= 1.0
+
+
+# --------------------------------------------------------------------------- BIDS validity
+#: a session of three overlapping stations (the middle one with a patient shift in its
+#: header), and one of two stations with a gap (named alone): small phantoms, so that the
+#: bundled instance model runs both sessions in about 25 s (one thread, on two busy cores)
+VALID_JOINED = PhantomSpec(seed=6, fov="thoracolumbar", spacing=(2.0, 2.0, 3.5))
+VALID_ALONE = PhantomSpec(seed=4, fov="lumbar", spacing=(2.0, 2.0, 3.5))
+PER_STATION = ["_desc-spine_dseg.json", "_desc-spine_dseg.nii.gz", "_desc-spine_dseg.png",
+               "_desc-spine_morphometry.json", "_desc-spine_morphometry.tsv", "_desc-vertebrae_centroids.json",
+               "_desc-vertebrae_dseg.json", "_desc-vertebrae_dseg.nii.gz"]
+
+
+@pytest.fixture(scope="module")
+def stations_derivatives(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``spineps instance`` (the bundled instance model) on the reference masks of two
+    sessions of stations: sub-01's ``chunk-1..3`` overlap (named as one spine), sub-02's
+    ``chunk-1..2`` leave a gap (each named alone)."""
+    from spineps.cli.main import main
+    from spineps.models.registry import BUNDLED_INSTANCE, bundled_model_dir
+
+    if bundled_model_dir(BUNDLED_INSTANCE) is None:
+        pytest.skip("no bundled instance model in this installation")
+    joined = even_cuts(VALID_JOINED, 3, overlap_mm=30.0, shifts=[(0.0, 0.0, 0.0), (0.0, 3.0, -5.0), (0.0, 0.0, 0.0)])
+    alone = even_cuts(VALID_ALONE, 2, overlap_mm=-40.0)
+    tmp = tmp_path_factory.mktemp("stations_bids")
+    ds = write_station_dataset(tmp / "ds", [(VALID_JOINED, joined), (VALID_ALONE, alone)], images=False)
+    out = tmp / "out"
+    assert main(["instance", str(ds / "derivatives" / "reference"), str(out), "--nprocs", "1"]) == 0
+    return out
+
+
+def _station_stems() -> dict[str, list[str]]:
+    return {"sub-01": [f"sub-01_ses-1_acq-sag_chunk-{k}" for k in (1, 2, 3)],
+            "sub-02": [f"sub-02_ses-1_acq-sag_chunk-{k}" for k in (1, 2)]}
+
+
+@pytest.mark.slow
+def test_stations_derivatives_keep_chunk_and_carry_the_session_sidecar(stations_derivatives: Path) -> None:
+    """Every output of a station keeps its ``chunk-`` entity, no per-session file is written,
+    and the instance sidecar and the centroids JSON of every station carry the session's
+    ``Stations`` section (order, anchoring station, offsets, matched vertebrae); the
+    morphometry JSON the session's alignment."""
+    out = stations_derivatives
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    per_subject = [f for f in files if f.startswith("sub-")]
+    expected = sorted(f"{sub}/ses-1/anat/{stem}{kind}" for sub, stems in _station_stems().items()
+                      for stem in stems for kind in PER_STATION)
+    assert per_subject == expected  # every name keeps chunk-; nothing per session beside the stations
+    anat = out / "sub-01" / "ses-1" / "anat"
+    stems = _station_stems()["sub-01"]
+    sections = []
+    for stem in stems:
+        inst = json.loads((anat / f"{stem}_desc-vertebrae_dseg.json").read_text())["Stations"]
+        cent = json.loads((anat / f"{stem}_desc-vertebrae_centroids.json").read_text())["Stations"]
+        assert inst == cent
+        sections.append(inst)
+        session = json.loads((anat / f"{stem}_desc-spine_morphometry.json").read_text())["SessionAlignment"]
+        assert session["Stations"] == stems and set(session["OffsetsMM"]) == set(stems)
+    assert sections[0] == sections[1] == sections[2]  # one session section, the same in every station
+    side = sections[0]
+    assert side["Stations"] == side["NamedTogether"] == stems and side["NamedAlone"] is False
+    assert side["AnchoredBy"] == stems[2]  # the sacrum is in the lowest station; chunk-1 has no anchor
+    offsets = side["OffsetsMM"]
+    assert set(offsets) == set(stems) and all(len(v) == 3 and all(isinstance(x, float) for x in v)
+                                              for v in offsets.values())
+    # chunk-2's header was shifted by (0, 3, -5) mm: its offset undoes that shift
+    assert np.allclose(np.subtract(offsets[stems[1]], offsets[stems[0]]), [0.0, -3.0, 5.0], atol=1.5), offsets
+    assert [(lk["upper"], lk["lower"], lk["relation"], lk["joined"]) for lk in side["Links"]] == [
+        (stems[0], stems[1], "overlap", True), (stems[1], stems[2], "overlap", True)]
+    assert all(lk["matched_vertebrae"] and all(isinstance(n, str) and n[0] in "TLS" for n in lk["matched_vertebrae"])
+               for lk in side["Links"])
+    # the gap: each station named alone, with a warning, its sidecar says so
+    anat2 = out / "sub-02" / "ses-1" / "anat"
+    for stem in _station_stems()["sub-02"]:
+        alone = json.loads((anat2 / f"{stem}_desc-vertebrae_dseg.json").read_text())["Stations"]
+        assert alone["NamedAlone"] is True and alone["Links"][0]["relation"] == "gap"
+        assert not alone["Links"][0]["joined"] and any("do not meet" in w for w in alone["Warnings"])
+
+
+@pytest.mark.slow
+def test_stations_derivatives_pass_the_schema_name_check(stations_derivatives: Path) -> None:
+    """The file names of the stations' derivatives against the BIDS schema
+    (``bidsschematools``, no validator needed): every name is valid or covered by the
+    dataset's ``.bidsignore``; the masks and their sidecars are valid names by themselves."""
+    from spineps.bids.validation import check_names_with_schema
+
+    out = stations_derivatives
+    files = [p for p in out.rglob("*") if p.is_file()]
+    ignore = (out / ".bidsignore").read_text().splitlines()
+    assert check_names_with_schema(files, root=out, derivative=True, bidsignore=ignore) == []
+    unignored = check_names_with_schema(files, root=out, derivative=True)
+    assert unignored and all(p.endswith(("_dseg.png", "_morphometry.json", "_morphometry.tsv", "_centroids.json"))
+                             for p in unignored), unignored
+    # the check tells a chunk- entity out of place (so the names above are really checked)
+    assert check_names_with_schema(["sub-01/ses-1/anat/sub-01_ses-1_chunk-1_acq-sag_desc-vertebrae_dseg.nii.gz"],
+                                   derivative=True) != []
+
+
+@pytest.mark.slow
+def test_stations_derivatives_pass_the_bids_validator(stations_derivatives: Path) -> None:
+    """The whole derivative tree of a stations run through ``bids-validator-deno`` (the path
+    the product uses, ``spineps.bids.validation.validate_dataset``): no errors."""
+    from spineps.bids.validation import validate_dataset
+
+    report = validate_dataset(stations_derivatives, derivative=True)
+    if not report.available:
+        pytest.skip(f"BIDS validator not available (the schema name check above still ran): {report.reason}")
+    warnings = "\n  ".join(["warnings:", *report.warnings])
+    assert report.ok and report.errors == [], f"{report.summary(100)}\n{warnings}"
+    # no warning about a station's own outputs (their sidecars say what they are)
+    assert not [w for w in report.warnings if "/sub-" in w], warnings
