@@ -51,9 +51,9 @@ def _set_threads(settings: "Settings") -> int:
     os.environ.setdefault("nnUNet_def_n_proc", str(n))
     torch.set_num_threads(n)
     if settings.n4:
-        import SimpleITK as sitk
+        from spineps.semantic.preprocess import set_itk_threads
 
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(n)
+        set_itk_threads(n)  # applied when N4 runs (SimpleITK is imported only then)
     log.info("threads: %d per step (--omp-nthreads %d, --nprocs %d; one process, scans one after the other)", n,
              settings.omp_nthreads, settings.nprocs)
     return n

@@ -82,12 +82,16 @@ mod = sys.modules["nnunetv2.inference.predict_from_raw_data"]
 out = {"class": f"{cls.__module__}.{cls.__qualname__}", "dynamo_after": "torch._dynamo" in sys.modules,
        "stand_in": mod.OptimizedModule.__module__}
 out["pandas_lazy"] = type(sys.modules["pandas"]).__name__ == "_LazyModule" and "pandas.core" not in sys.modules
+out["sitk_lazy"] = type(sys.modules["SimpleITK"]).__name__ == "_LazyModule" and "SimpleITK.SimpleITK" not in sys.modules
 import torch._dynamo
 out["real"] = f"{torch._dynamo.OptimizedModule.__module__}.{torch._dynamo.OptimizedModule.__qualname__}"
 from nnunetv2.preprocessing.resampling import default_resampling  # uses pd in its functions
 out["pandas_works"] = bool(default_resampling.pd.isna(float("nan"))) and "pandas.core" in sys.modules
 from pandas import DataFrame
 out["dataframe"] = DataFrame({"a": [1, 2]}).shape == (2, 1) and type(sys.modules["pandas"]).__name__ == "module"
+import numpy as np
+from spineps.semantic.preprocess import n4_correct  # imports SimpleITK when it runs
+out["n4"] = n4_correct(np.ones((8, 8, 8), np.float32), (1.0, 1.0, 1.0)).shape == (8, 8, 8)
 print(json.dumps(out))
 """
 
@@ -110,7 +114,8 @@ def test_nnunet_predictor_without_dynamo_and_with_it_when_compiling(compile_env:
     else:
         assert not out["dynamo_after"] and out["stand_in"] == "spineps.models.nnunet_import"
         assert out["pandas_lazy"], "pandas ran while nnU-Net's predictor was imported"
-    assert out["pandas_works"] and out["dataframe"]  # a lazy pandas loads itself on first use
+        assert out["sitk_lazy"], "SimpleITK was loaded while nnU-Net's predictor was imported"
+    assert out["pandas_works"] and out["dataframe"] and out["n4"]  # lazy modules load themselves on first use
 
 
 # ----------------------------------------------------------------------------- validation beside model loading

@@ -28,7 +28,10 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 @pytest.fixture
 def restore_threads(monkeypatch: pytest.MonkeyPatch):
+    from spineps.semantic import preprocess
+
     monkeypatch.delenv("nnUNet_def_n_proc", raising=False)  # restored afterwards (the loader sets a default)
+    monkeypatch.setitem(preprocess._ITK_THREADS, "n", preprocess._ITK_THREADS["n"])
     threads, itk = torch.get_num_threads(), sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
     yield
     torch.set_num_threads(threads)
@@ -57,12 +60,13 @@ def test_omp_nthreads_is_what_each_step_uses(tmp_path: Path, tiny_models: tuple[
     semantic, instance = loading.load_segmenters(s)
     assert instance is not None
     assert torch.get_num_threads() == 1  # --nprocs 2 used to win (set by the segmenters after --omp-nthreads)
-    assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == 1  # N4 (ITK)
     prov = semantic.provenance()
     assert prov["threads"] == 1 and semantic.engine == engine
     if engine == "onnxruntime":
         assert prov["engine"]["threads"] == 1  # the ONNX Runtime session's intra-op threads
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(2)
     mask = semantic.segment(_image())
+    assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == 1  # N4 (ITK), set when it ran
     instance.segment(mask)
     assert torch.get_num_threads() == 1  # nnU-Net's helpers leave it as it was
 

@@ -71,6 +71,16 @@ class N4Settings:
     spline_distance_mm: float = 100.0
 
 
+#: ITK's thread count for N4 (``set_itk_threads``), applied when N4 runs: SimpleITK is only
+#: imported then (it holds ~90 MiB; a run without N4 never loads it)
+_ITK_THREADS: dict[str, Optional[int]] = {"n": None}
+
+
+def set_itk_threads(n: int) -> None:
+    """The number of threads N4 (ITK) uses from its next run on."""
+    _ITK_THREADS["n"] = int(n)
+
+
 def n4_correct(data: np.ndarray, spacing: Sequence[float], settings: N4Settings = N4Settings(),
                mask: Optional[np.ndarray] = None) -> np.ndarray:
     """N4 bias-field correction inside the bounding box of the non-zero voxels (or of
@@ -79,6 +89,8 @@ def n4_correct(data: np.ndarray, spacing: Sequence[float], settings: N4Settings 
     Returns float32 of the same shape."""
     import SimpleITK as sitk
 
+    if _ITK_THREADS["n"] is not None:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(_ITK_THREADS["n"])
     arr = np.asarray(data, dtype=np.float32)
     fg = (arr > 0) if mask is None else np.asarray(mask, bool)
     box = nonzero_bbox(fg)
