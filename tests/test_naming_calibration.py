@@ -65,3 +65,7 @@ def test_the_readme_quotes_the_benchmark() -> None:
     check = _result()["check"]
     assert (f"on {check['calibrated']['n']} held-out phantom namings its expected calibration error is "
             f"{check['calibrated']['ece']} (the raw softmax's: {check['raw']['ece']})") in readme
+    vb3 = _result()["vb3"]["calibrated"]
+    mean = sum(b["n"] * b["mean_confidence"] for b in vb3["bins"] if b["n"]) / vb3["n"]
+    assert (f"on the {vb3['n']} real VB3 validation scans, through the whole pipeline: {vb3['right']}/{vb3['n']} "
+            f"right at a mean confidence of {mean:.3f}") in readme
