@@ -295,3 +295,26 @@ def test_a_real_lumbar_crop_with_its_conus_is_named_where_the_cord_ends():
     assert naming.evidence["standalone"]["size"]["levels"][0].startswith("L")  # lumbar-size bodies
     assert naming.evidence["conus"]["ends_in_view"] and 1.0 < naming.evidence["conus"]["position"] < 2.0
     assert naming.levels() == ["T12", "L1", "L2"], (naming.levels(), naming.rule_used)
+
+
+@pytest.mark.parametrize("names", [("C5", "C6", "C7"), ("C3", "C4", "C5")])
+def test_a_three_vertebra_cervical_crop_is_placed_in_the_cervical_spine(names):
+    """A small field of view (three cervical vertebrae of a phantom's truth masks, 1.5 mm, the
+    rest of the spine cut away): no end in view, the absolute body sizes place it."""
+    from spineps.geometry.cropping import crop_to_bbox
+    from spineps.labels import vertebra_value
+    from spineps.synth.anatomy import PhantomSpec, make_phantom
+    from spineps.synth.truth import anonymous_vertebrae
+
+    ph = make_phantom(PhantomSpec(seed=0, fov="cervical", spacing=(1.5, 1.5, 1.5)))
+    vals = [vertebra_value(n) for n in names]
+    inst = np.asarray(ph.instance.data)
+    box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in np.nonzero(np.isin(inst, vals)))
+    sem, ins = crop_to_bbox(ph.semantic, box)[0], crop_to_bbox(ph.instance, box)[0]
+    s, m = np.asarray(sem.data).copy(), np.asarray(ins.data).copy()
+    other = (m > 0) & (m < 100) & ~np.isin(m, vals)  # parts of the neighbours inside the box
+    s[other], m[other] = 0, 0
+    naming = name_levels(sem.with_data(s), anonymous_vertebrae(ins.with_data(m)))
+    got = [vertebra_value(n) for n in naming.levels()]
+    assert len(got) == 3 and all(2 <= v <= 7 for v in got), (naming.levels(), naming.rule_used)
+    assert abs(got[0] - vals[0]) <= 1, (naming.levels(), names)
