@@ -556,31 +556,3 @@ def check_scan_resources(header: "HeaderInfo", output_dir: Path, *,
               _mb(mem) if mem is not None else "unknown", _mb(disk) if disk is not None else "unknown")
     return est
 
-
-#: glibc's ``mallopt`` parameter for the mmap threshold (malloc.h)
-_M_MMAP_THRESHOLD = -3
-#: allocations from this size up get pages of their own, given back to the kernel on free
-MMAP_THRESHOLD_BYTES = 256 * 1024
-
-
-def return_freed_memory(environ: Optional[Mapping[str, str]] = None) -> bool:
-    """Make glibc give large freed blocks back to the kernel at once: a fixed mmap threshold
-    (``mallopt(M_MMAP_THRESHOLD)``). By default glibc raises the threshold to the size of
-    every mmapped block freed (up to 32 MiB), after which the pipeline's many image-sized
-    arrays come from the heap and their freed pages stay resident: the process's peak grows
-    by what earlier phases left behind (``benchmarks/job_cost.py`` measures the difference).
-    Left alone where the user set ``MALLOC_MMAP_THRESHOLD_`` (glibc's own variable) or
-    ``SPINEPS_KEEP_MALLOC=1``, and where the C library is not glibc. True when it was set."""
-    import ctypes
-    import ctypes.util
-
-    env = os.environ if environ is None else environ
-    if "MALLOC_MMAP_THRESHOLD_" in env or env.get("SPINEPS_KEEP_MALLOC", "") == "1":
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))

@@ -183,10 +183,7 @@ def _participant(settings: Settings) -> None:
     selected and the models load; its verdict is awaited before the first scan, and comes
     first when any of these steps fails (``participant.validated_first``)."""
     from spineps import loading, participant
-    from spineps.resources import return_freed_memory
 
-    if return_freed_memory():
-        log.debug("glibc: freed blocks from %d KiB up go back to the kernel at once", 256)
     loading.announce_models(settings)  # before anything else: which models, and whether they are demonstrations
     pending = participant.start_validation(settings)
     discovery = participant.validated_first(settings, pending, lambda: participant.select_scans(settings))
