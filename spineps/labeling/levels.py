@@ -481,15 +481,13 @@ def _conus_cue(semantic: Volume, measures: list[VertebraMeasure]) -> dict[str, A
     down /= max(float(np.linalg.norm(down)), 1e-6)
     aff = semantic.affine
 
-    def along(mask: np.ndarray) -> np.ndarray:
-        vox = np.argwhere(mask).astype(float)
-        return (vox @ aff[:3, :3].T + aff[:3, 3]) @ down
+    def world(mask: np.ndarray) -> np.ndarray:
+        return np.argwhere(mask).astype(float) @ aff[:3, :3].T + aff[:3, 3]
 
-    tip_pts = np.argwhere(pieces == big).astype(float)
-    t_cord = (tip_pts @ aff[:3, :3].T + aff[:3, 3]) @ down
-    tip = tip_pts[int(np.argmax(t_cord))] @ aff[:3, :3].T + aff[:3, 3]
-    canal_t = along((sem == CANAL) | cord)
-    ends = bool(canal_t.max() - t_cord.max() >= _CONUS_CANAL_BELOW_MM)
+    cord_w = world(pieces == big)
+    t_cord = cord_w @ down
+    tip = cord_w[int(np.argmax(t_cord))]
+    ends = bool((world((sem == CANAL) | cord) @ down).max() - t_cord.max() >= _CONUS_CANAL_BELOW_MM)
     # position between consecutive body centroids: the segment nearest the tip
     best = (math.inf, 0.0)
     for k in range(len(c) - 1):
@@ -598,7 +596,7 @@ IMPLAUSIBLE_CONFIDENCE = 0.1
 #: Platt scaling of the candidates' softmax probability ``p`` per kind of naming:
 #: ``c = sigmoid(a * logit(p) + b)``. Fitted by ``benchmarks/naming_calibration.py`` on its
 #: fit split of phantoms (its JSON holds the same numbers; a test ties the two); "hard": a
-#: hard cue (sacrum, C2) fixed the window, "soft": only the ribs and size cues did.
+#: hard cue (sacrum, C2) fixed the window, "soft": only the ribs, conus and size cues did.
 CONFIDENCE_CALIBRATION: dict[str, tuple[float, float]] = {
     "hard": (2.245, -2.3053),
     "soft": (0.465, -0.1418),
