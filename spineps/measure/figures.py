@@ -187,38 +187,32 @@ def _coronal_line(plane: Any, measure: str, endplate: str, vertebra: int, color:
                        _tuple(c - _SEARCH_HALF_MM * lat), color, clip=True)
 
 
-def alignment_overlay(alignment: Any, session_values: Optional[Sequence[Any]] = None
-                      ) -> tuple[list[OverlayLine], list[OverlayText]]:
-    """The lines and texts that show ``alignment`` (``spineps.measure.alignment.Alignment``)
-    on the figure: on the sagittal panel the endplates of every measured curve
-    (``CURVES``: kyphosis T4-T12, lordoses C2-C7, L1-L5, L1-S1) with its value and level range
-    beside its lower endplate, on the coronal panel the end-vertebra endplates of the largest
-    Cobb angle with its value; and one note per measure for the block under the panels, its
-    value and endplates or ``n/a (<reason>)``. ``session_values``: the session's level-range
-    rows (``LevelValue``, structure ``spine``) of a station whose whole-spine measures are
-    those of its session's stations together (one more note). Nothing here reads a volume."""
+def _value(alignment: Any, level: str, measure: str) -> float:
+    try:
+        return float(alignment.get(level, "spine", measure))
+    except KeyError:
+        return float("nan")
+
+
+def _plane_of(alignment: Any, name: str, side: str) -> Any:
+    from spineps.labels import vertebra_value
+
+    bp = alignment.planes.get(vertebra_value(name))
+    return None if bp is None else bp.plane(side)
+
+
+def _curve_overlays(alignment: Any) -> tuple[list[OverlayLine], list[OverlayText]]:
+    """The sagittal endplate lines, tags and notes of every curve of ``CURVES``."""
     from spineps.labels import vertebra_value
     from spineps.measure.alignment import CURVES
 
     lines: list[OverlayLine] = []
     texts: list[OverlayText] = []
-    planes = alignment.planes
-
-    def value(level: str, measure: str) -> float:
-        try:
-            return float(alignment.get(level, "spine", measure))
-        except KeyError:
-            return float("nan")
-
-    def plane(name: str, side: str) -> Any:
-        bp = planes.get(vertebra_value(name))
-        return None if bp is None else bp.plane(side)
-
     for rng, measure, (un, us), (ln, ls), _sign in CURVES:
         key = f"{rng} spine {measure}"
         label = f"{_curve_name(measure)} {_pretty_range(rng)}"
-        x = value(rng, measure)
-        upper, lower = plane(un, us), plane(ln, ls)
+        x = _value(alignment, rng, measure)
+        upper, lower = _plane_of(alignment, un, us), _plane_of(alignment, ln, ls)
         if not math.isfinite(x) or upper is None or lower is None:
             why = alignment.not_measured.get(key, "not measured")
             texts.append(OverlayText("notes", f"{label} n/a ({why})", _NA_COLOR))
@@ -229,37 +223,63 @@ def alignment_overlay(alignment: Any, session_values: Optional[Sequence[Any]] = 
         lines += [up, lo]
         texts.append(OverlayText("sagittal", f"{label} {_fmt_deg(x)}", color, lo.start, key))
         texts.append(OverlayText("notes", f"{label} {_fmt_deg(x)} ({alignment.used.get(key, '')})", color))
-    cobb = value("all", "cobb_deg")
-    ends = alignment.cobb
-    if math.isfinite(cobb) and ends.get("upper_end_vertebra") and ends.get("lower_end_vertebra"):
-        u, b = ends["upper_end_vertebra"], ends["lower_end_vertebra"]
-        pu, pb = plane(u, "superior"), plane(b, "inferior")
-        label = f"Cobb {u}\u2013{b} {_fmt_deg(cobb)}"
-        color = ALIGNMENT_COLORS["cobb"]
-        if pu is not None and pb is not None:
-            key = "all spine cobb_deg"
-            lu = _coronal_line(pu, key, f"{u} superior", vertebra_value(u), color)
-            lb = _coronal_line(pb, key, f"{b} inferior", vertebra_value(b), color)
-            lines += [lu, lb]
-            mid = tuple((np.asarray(lu.centre) + np.asarray(lb.centre)) / 2)
-            texts.append(OverlayText("coronal", label, color, (float(mid[0]), float(mid[1]), float(mid[2])), key))
-        used = alignment.used.get("all spine cobb_deg", "")
-        texts.append(OverlayText("notes", f"{label} (apex {ends.get('apex', '?')}, convex "
-                                          f"{ends.get('convexity', '?')}; {used})", color))
-    else:
-        why = alignment.not_measured.get("all spine cobb_deg", "not measured")
-        texts.append(OverlayText("notes", f"Cobb n/a ({why})", _NA_COLOR))
-    if session_values:
-        parts = []
-        for lv in session_values:
-            if lv.structure != "spine":
-                continue
-            name = "Cobb" if lv.measure == "cobb_deg" else f"{_curve_name(lv.measure)} {_pretty_range(lv.level)}"
-            parts.append(f"{name} {_fmt_deg(lv.value) if math.isfinite(lv.value) else 'n/a'}")
-        if parts:
-            texts.append(OverlayText("notes", "session (stations together, as in the morphometry TSV): "
-                                     + "; ".join(parts), "#dddddd"))
     return lines, texts
+
+
+def _cobb_overlays(alignment: Any) -> tuple[list[OverlayLine], list[OverlayText]]:
+    """The coronal end-vertebra endplate lines, tag and note of the largest Cobb angle."""
+    from spineps.labels import vertebra_value
+
+    cobb = _value(alignment, "all", "cobb_deg")
+    ends = alignment.cobb
+    if not (math.isfinite(cobb) and ends.get("upper_end_vertebra") and ends.get("lower_end_vertebra")):
+        why = alignment.not_measured.get("all spine cobb_deg", "not measured")
+        return [], [OverlayText("notes", f"Cobb n/a ({why})", _NA_COLOR)]
+    lines: list[OverlayLine] = []
+    texts: list[OverlayText] = []
+    u, b = ends["upper_end_vertebra"], ends["lower_end_vertebra"]
+    pu, pb = _plane_of(alignment, u, "superior"), _plane_of(alignment, b, "inferior")
+    label = f"Cobb {u}\u2013{b} {_fmt_deg(cobb)}"
+    color = ALIGNMENT_COLORS["cobb"]
+    if pu is not None and pb is not None:
+        key = "all spine cobb_deg"
+        lu = _coronal_line(pu, key, f"{u} superior", vertebra_value(u), color)
+        lb = _coronal_line(pb, key, f"{b} inferior", vertebra_value(b), color)
+        lines += [lu, lb]
+        mid = tuple((np.asarray(lu.centre) + np.asarray(lb.centre)) / 2)
+        texts.append(OverlayText("coronal", label, color, (float(mid[0]), float(mid[1]), float(mid[2])), key))
+    used = alignment.used.get("all spine cobb_deg", "")
+    texts.append(OverlayText("notes", f"{label} (apex {ends.get('apex', '?')}, convex "
+                                      f"{ends.get('convexity', '?')}; {used})", color))
+    return lines, texts
+
+
+def _session_note(session_values: Sequence[Any]) -> list[OverlayText]:
+    parts = []
+    for lv in session_values:
+        if lv.structure != "spine":
+            continue
+        name = "Cobb" if lv.measure == "cobb_deg" else f"{_curve_name(lv.measure)} {_pretty_range(lv.level)}"
+        parts.append(f"{name} {_fmt_deg(lv.value) if math.isfinite(lv.value) else 'n/a'}")
+    if not parts:
+        return []
+    return [OverlayText("notes", "session (stations together, as in the morphometry TSV): " + "; ".join(parts),
+                        "#dddddd")]
+
+
+def alignment_overlay(alignment: Any, session_values: Optional[Sequence[Any]] = None
+                      ) -> tuple[list[OverlayLine], list[OverlayText]]:
+    """The lines and texts that show ``alignment`` (``spineps.measure.alignment.Alignment``)
+    on the figure: on the sagittal panel the endplates of every measured curve
+    (``CURVES``: kyphosis T4-T12, lordoses C2-C7, L1-L5, L1-S1) with its value and level range
+    beside its lower endplate, on the coronal panel the end-vertebra endplates of the largest
+    Cobb angle with its value; and one note per measure for the block under the panels, its
+    value and endplates or ``n/a (<reason>)``. ``session_values``: the session's level-range
+    rows (``LevelValue``, structure ``spine``) of a station whose whole-spine measures are
+    those of its session's stations together (one more note). Nothing here reads a volume."""
+    lines, texts = _curve_overlays(alignment)
+    cobb_lines, cobb_texts = _cobb_overlays(alignment)
+    return lines + cobb_lines, texts + cobb_texts + (_session_note(session_values) if session_values else [])
 
 
 def _sample(vol: Volume, pts: np.ndarray, order: int, cval: float) -> np.ndarray:
@@ -275,6 +295,16 @@ def _sample(vol: Volume, pts: np.ndarray, order: int, cval: float) -> np.ndarray
         out[ok] = data[idx[ok, 0], idx[ok, 1], idx[ok, 2]]
         return out
     return ndimage.map_coordinates(data.astype(np.float32, copy=False), vox.T, order=1, mode="constant", cval=cval)
+
+
+def _steering_line(centres: Sequence[np.ndarray], fallback: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """World S, R and A of the line the panels follow: the vertebra centroids sorted by S (or
+    the labelled voxels' mean)."""
+    if not centres:
+        return np.array([fallback[2]]), np.array([fallback[0]]), np.array([fallback[1]])
+    c = np.asarray(centres, float)
+    c = c[np.argsort(c[:, 2])]
+    return c[:, 2], c[:, 0], c[:, 1]
 
 
 def render_panels(semantic: Volume, instance: Optional[Volume], image: Optional[Volume] = None, *,
@@ -300,16 +330,7 @@ def render_panels(semantic: Volume, instance: Optional[Volume], image: Optional[
     w = corners @ A.T + t
     lo_w, hi_w = w.min(axis=0) - 12.0, w.max(axis=0) + 12.0
     cents, slivers = _centroids(instance, semantic)
-    steer = [c for v, c in cents.items() if v not in slivers]
-    if steer:
-        zs = np.array([c[2] for c in steer])
-        order = np.argsort(zs)
-        cz = zs[order]
-        cx = np.array([c[0] for c in steer])[order]
-        cy = np.array([c[1] for c in steer])[order]
-    else:
-        mid = fg.mean(axis=0) @ A.T + t
-        cz, cx, cy = np.array([mid[2]]), np.array([mid[0]]), np.array([mid[1]])
+    cz, cx, cy = _steering_line([c for v, c in cents.items() if v not in slivers], fg.mean(axis=0) @ A.T + t)
     span = float(max(hi_w[2] - lo_w[2], hi_w[1] - lo_w[1], hi_w[0] - lo_w[0]))
     step = max(PIXEL_MM, span / _MAX_PIXELS, min(semantic.spacing) * 0.5)
     zz = np.arange(hi_w[2], lo_w[2], -step)  # superior first
@@ -470,6 +491,25 @@ def _draw_alignment(ax: Any, panel: Mapping[str, Any], k: int, mm_per_px: float)
                     fontweight="bold", ha="left", va="top", bbox=box)
 
 
+def _draw_panel(ax: Any, panel: Mapping[str, Any], label: str, k: int, rgb: np.ndarray, mm_per_px: float) -> None:
+    """One panel (``k`` 0: sagittal, 1: coronal): the overlay, its label, the level names and
+    the alignment lines."""
+    x0, x1, z0, z1 = panel["extent"]
+    ax.imshow(rgb, extent=(x0, x1, z0, z1), interpolation="nearest", aspect="equal")
+    ax.set_xlim(x0, x1)
+    ax.set_ylim(z0, z1)
+    ax.set_axis_off()
+    ax.text(0.02, 0.01, label, transform=ax.transAxes, color="#bbbbbb", fontsize=8, va="bottom")
+    for name, hpos, zpos in panel["text"]:
+        if k == 0:  # anterior of the body (anterior is on the left: larger y)
+            xpos, ha = hpos + 30.0, "right"
+        else:  # the patient's left of the body (right side of the panel)
+            xpos, ha = hpos - 24.0 if x0 > x1 else hpos + 24.0, "left"
+        ax.text(xpos, zpos, name, color="white", fontsize=9, fontweight="bold", ha=ha, va="center",
+                bbox={"boxstyle": "round,pad=0.15", "facecolor": "black", "alpha": 0.55, "linewidth": 0})
+    _draw_alignment(ax, panel, k, mm_per_px)
+
+
 def write_figure(semantic: Volume, instance: Optional[Volume], path: Union[str, Path], *,
                  image: Optional[Volume] = None, title: str = "", alignment: Any = None,
                  session_values: Optional[Sequence[Any]] = None) -> Path:
@@ -507,22 +547,7 @@ def write_figure(semantic: Volume, instance: Optional[Volume], path: Union[str, 
                           left=0.01, right=0.99, top=top, bottom=bottom)
     mm_per_px = max(h_mm, 1.0) / max((top - bottom) * total_in * FIGURE_DPI, 1.0)
     for k, (panel, label) in enumerate(((sag, "sagittal (A left)"), (cor, "coronal (R left)"))):
-        ax = fig.add_subplot(gs[0, k])
-        rgb = _overlay_rgb(panel, sem_lut, inst_lut)
-        x0, x1, z0, z1 = panel["extent"]
-        ax.imshow(rgb, extent=(x0, x1, z0, z1), interpolation="nearest", aspect="equal")
-        ax.set_xlim(x0, x1)
-        ax.set_ylim(z0, z1)
-        ax.set_axis_off()
-        ax.text(0.02, 0.01, label, transform=ax.transAxes, color="#bbbbbb", fontsize=8, va="bottom")
-        for name, hpos, zpos in panel["text"]:
-            if k == 0:  # anterior of the body (anterior is on the left: larger y)
-                xpos, ha = hpos + 30.0, "right"
-            else:  # the patient's left of the body (right side of the panel)
-                xpos, ha = hpos - 24.0 if x0 > x1 else hpos + 24.0, "left"
-            ax.text(xpos, zpos, name, color="white", fontsize=9, fontweight="bold", ha=ha, va="center",
-                    bbox={"boxstyle": "round,pad=0.15", "facecolor": "black", "alpha": 0.55, "linewidth": 0})
-        _draw_alignment(ax, panel, k, mm_per_px)
+        _draw_panel(fig.add_subplot(gs[0, k]), panel, label, k, _overlay_rgb(panel, sem_lut, inst_lut), mm_per_px)
     for i, (text, color) in enumerate(notes):
         fig.text(0.01, (notes_in - 0.06 - 0.14 * i) / total_in, text, color=color, fontsize=7.5, va="top",
                  ha="left")
