@@ -30,6 +30,7 @@ for the calibrated confidence. The fitted constants go to the JSON;
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -44,6 +45,7 @@ SHORT_PER_SPLIT = 24
 BINS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0 + 1e-9)
 
 
+@functools.lru_cache(maxsize=None)
 def _load_sibling(name: str) -> Any:
     import importlib.util
 

@@ -555,4 +555,3 @@ def check_scan_resources(header: "HeaderInfo", output_dir: Path, *,
     log.debug("%s: %s; %s memory available, %s disk free", header.path, est.describe(),
               _mb(mem) if mem is not None else "unknown", _mb(disk) if disk is not None else "unknown")
     return est
-

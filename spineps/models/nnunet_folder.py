@@ -226,9 +226,10 @@ class _Network:
 
 def _build_network(info: NnUNetFolder, configuration: str) -> _Network:
     """The network of ``configuration`` (weights not loaded)."""
-    from spineps.models.nnunet_import import lazy_modules
+    from spineps.models.nnunet_import import make_lazy
 
-    with quiet_stdout(log), lazy_modules():  # nnU-Net's image readers import SimpleITK, unused here
+    make_lazy()  # nnU-Net's image readers import SimpleITK, unused here
+    with quiet_stdout(log):
         from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
         from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
         from nnunetv2.utilities.plans_handling.plans_handler import PlansManager

@@ -20,7 +20,7 @@ batchgenerators use ``pd`` in a few functions a participant process never calls)
 not used here: ~90 MiB and 0.3 s), which the N4 step imports when it runs (never, with
 ``--no-n4``). (``blosc2``, for nnU-Net's compressed training
 data, would be the next, but acvl_utils evaluates ``blosc2.ndarray.NDArray`` in an annotation
-at import time.) They are imported *lazily* (``lazy_modules``):
+at import time.) They are imported *lazily* (``make_lazy``):
 ``sys.modules`` holds a module object that imports the real one on its first attribute
 access, so every function that uses them works unchanged and a process that never touches
 them never pays for them.
@@ -33,12 +33,11 @@ import logging
 import os
 import sys
 import types
-from typing import Any, Iterator
-from contextlib import contextmanager
+from typing import Any
 
 from spineps.logging_setup import quiet_stdout
 
-__all__ = ["nnunet_predictor_class", "PREDICTOR_MODULE", "LAZY_MODULES", "lazy_modules"]
+__all__ = ["nnunet_predictor_class", "PREDICTOR_MODULE", "LAZY_MODULES", "make_lazy"]
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +71,9 @@ class _LazyModule(types.ModuleType):
         return getattr(real, attr)
 
 
-@contextmanager
-def lazy_modules(names: tuple[str, ...] = LAZY_MODULES) -> Iterator[list[str]]:
-    """Within the block, an ``import`` of one of ``names`` (not imported yet) binds a module
-    that loads itself on first use (``_LazyModule``); it stays in ``sys.modules`` after the
-    block until then. Yields the names made lazy."""
+def make_lazy(names: tuple[str, ...] = LAZY_MODULES) -> list[str]:
+    """From now on an ``import`` of one of ``names`` (not imported yet) binds a module that
+    loads itself on first use (``_LazyModule``). Returns the names made lazy."""
     made = []
     for name in names:
         if name in sys.modules:
@@ -86,7 +83,7 @@ def lazy_modules(names: tuple[str, ...] = LAZY_MODULES) -> Iterator[list[str]]:
             continue
         sys.modules[name] = _LazyModule(spec)
         made.append(name)
-    yield made
+    return made
 
 
 def _compile_requested() -> bool:
@@ -115,8 +112,9 @@ def nnunet_predictor_class() -> Any:
 
     stand_in = _stand_in()
     sys.modules[_DYNAMO] = stand_in
+    make_lazy()
     try:
-        with quiet_stdout(log), lazy_modules():
+        with quiet_stdout(log):
             from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     finally:
         if sys.modules.get(_DYNAMO) is stand_in:

@@ -249,10 +249,10 @@ def add_pseudo_labels(raw: Path, recipe: Recipe, real_root: Path, nprocs: int = 
             s1 = _s1_as_sacrum(lab_p, pred_idx, tuple(float(z) for z in img.header.get_zooms()[:3]))
             if s1 is not None:
                 unknown = target == IGNORE_INDEX
+                core = ndimage_erode(s1) & unknown
                 out[s1 & unknown] = IGNORE_INDEX  # its border stays unknown, its interior is sacrum
-                out[ndimage_erode(s1) & unknown] = idx[26]
-                log.info("%s: %d voxels below the annotated L5 taught as sacrum (S1)", case,
-                         int((ndimage_erode(s1) & unknown).sum()))
+                out[core] = idx[26]
+                log.info("%s: %d voxels below the annotated L5 taught as sacrum (S1)", case, int(core.sum()))
         nib.save(nib.Nifti1Image(out, img.affine), str(lab_file))
         names.append(case)
         log.info("pseudo-labelled %s: %d of %d unknown voxels adopted", case,
