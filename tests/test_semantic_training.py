@@ -167,3 +167,61 @@ def test_pseudo_target_fills_only_unknown_interiors_of_undecided_classes():
     # what the target already knew is kept
     known = target != U
     assert (out[known] == target[known]).all()
+
+
+def _canal_slices(shape=(30, 12, 30)):
+    """Arrays in P-I-R: a bright canal disc (radius 8) around a darker cord disc (radius 4)
+    in every slice across the I axis; the model's prediction calls only the cord's centre cord."""
+    ii, kk = np.meshgrid(np.arange(shape[0]), np.arange(shape[2]), indexing="ij")
+    r = np.hypot(ii - 15, kk - 15)
+    image = np.full(shape, 100.0, np.float32)
+    pred = np.zeros(shape, np.uint8)
+    for j in range(shape[1]):
+        image[:, j][r <= 8] = 900.0
+        image[:, j][r <= 4] = 300.0
+        pred[:, j][r <= 8] = 61
+        pred[:, j][r <= 1.5] = 60
+    return image, pred, r
+
+
+def test_cord_by_contrast_grows_the_thin_cord_to_the_dark_part_of_the_canal():
+    from spineps.training.pseudo_labels import cord_by_contrast
+
+    image, pred, r = _canal_slices()
+    image[:, :, :][np.broadcast_to((r > 5) & (r <= 6), image[:, 0].shape)[:, None, :].repeat(12, 1)] = 900.0
+    pred[:, 0][r <= 1.5] = 61  # a slice without predicted cord: nothing is grown there
+    image[:, 1][r <= 8] = 350.0  # a slice without contrast: the CSF is not bright
+    image[:, 1][r <= 4] = 300.0
+    image[2, 5, 2] = 10.0  # dark, outside the canal: never cord
+    out = cord_by_contrast(image, pred, cord=60, canal=61, axis=1)
+    for j in range(2, 12):
+        assert (out[:, j] == (r <= 4)).all(), j  # the whole dark disc, none of the CSF ring
+    assert not out[:, 0].any()
+    assert (out[:, 1] == (pred[:, 1] == 60)).all()
+    assert not out[2, 5, 2]
+
+
+def test_cord_by_contrast_keeps_dark_canal_not_touching_the_cord_out():
+    from spineps.training.pseudo_labels import cord_by_contrast
+
+    image, pred, r = _canal_slices()
+    ii, kk = np.meshgrid(np.arange(30), np.arange(30), indexing="ij")
+    islet = np.hypot(ii - 15, kk - 22) <= 0.8  # a dark rootlet in the CSF, apart from the cord
+    image[:, 4][islet] = 200.0
+    out = cord_by_contrast(image, pred, cord=60, canal=61, axis=1)
+    assert not out[:, 4][islet].any() and (out[:, 4] == (r <= 4)).all()
+
+
+def test_phantom_spec_cuts_some_training_phantoms_tightly_around_the_canal():
+    from spineps.synth.anatomy import make_phantom
+    from spineps.training.semantic import TIGHT_FOV_FRACTION, phantom_spec
+
+    specs = [phantom_spec(1000 + k, k) for k in range(80)]
+    tight = [s for s in specs if s.ap_half_width is not None]
+    assert 0.5 * TIGHT_FOV_FRACTION * 80 <= len(tight) <= 2 * TIGHT_FOV_FRACTION * 80
+    s = next(s for s in tight if s.fov == "lumbar")
+    ph = make_phantom(s)
+    sem = np.asarray(ph.semantic.data)
+    ap_mm = sem.shape[0] * ph.semantic.spacing[0]  # P-I-R
+    assert ap_mm <= 2 * s.ap_half_width + 2 * ph.semantic.spacing[0]
+    assert (sem == 60).any() and (sem == 61).any() and (sem == 49).any()  # canal and bodies in view

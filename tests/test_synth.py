@@ -431,3 +431,23 @@ def test_sizes_match_real_scans(real_data, lumbar):
 def test_invalid_specs_raise(bad):
     with pytest.raises(ValueError):
         make_phantom(PhantomSpec(**{"spacing": (3.0, 3.0, 3.0), **bad}))
+
+
+def test_ap_half_width_cuts_around_the_posterior_wall_and_cord_contrast_is_opt_in():
+    from spineps.synth.render import CORD_CONTRAST
+
+    full = make_phantom(PhantomSpec(seed=5, fov="lumbar", spacing=(1.5, 1.5, 3.0), orientation=("P", "I", "R")))
+    cut = make_phantom(PhantomSpec(seed=5, fov="lumbar", spacing=(1.5, 1.5, 3.0), orientation=("P", "I", "R"),
+                                   ap_half_width=30.0))
+    assert cut.semantic.shape[0] * 1.5 <= 63.0 < full.semantic.shape[0] * 1.5
+    sem = np.asarray(cut.semantic.data)
+    for v in (49, 61, 100):  # bodies and canal stay in view
+        assert (sem == v).sum() > 0.5 * (np.asarray(full.semantic.data) == v).sum(), v
+    a = render_t2w(cut, seed=3)
+    assert np.array_equal(a.data, render_t2w(cut, seed=3, cord_contrast=None).data)  # default unchanged
+    cords = []
+    for seed in (3, 4, 5, 6):
+        b = render_t2w(cut, seed=seed, cord_contrast=CORD_CONTRAST, noise=0.0, bias=0.0)
+        cords.append(_tissue_mean(b, cut, Tissue.CORD) / _tissue_mean(b, cut, Tissue.CSF))
+    # drawn from 0.28-0.60 (CSF = 1); the means carry partial volume with the CSF around the cord
+    assert all(0.2 < c < 0.85 for c in cords) and max(cords) - min(cords) > 0.05, cords

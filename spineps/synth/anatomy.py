@@ -220,6 +220,9 @@ class PhantomSpec:
     (``"S"``, ``"I"``, ``"A"``, ``"P"``, ``"R"``, ``"L"``) to the millimetres removed on that
     side, e.g. ``{"S": 12.0}`` cuts the top vertebra by the border.
     ``scoliosis``: approximate Cobb angle (degrees) of a lateral curve; 0 = none.
+    ``lr_half_width`` / ``ap_half_width``: a field of view cut to that many millimetres each
+    side of the spine's midline (left-right) / of the bodies' posterior wall (anterior-
+    posterior), as small-FOV scans of the cord are.
     ``stations``: number of overlapping stations the renderer stitches (1 = one FOV).
     ``slips``: ``(level, mm)`` pairs: the vertebra ``level`` (and the whole spine above it)
     displaced by ``mm`` along the local anterior direction relative to the vertebra below,
@@ -248,6 +251,7 @@ class PhantomSpec:
     lordosis_scale: float = 1.0
     stations: int = 1
     lr_half_width: Optional[float] = None  # mm each side of the spine; default from anatomy
+    ap_half_width: Optional[float] = None  # mm each side of the bodies' posterior wall; default from anatomy
     slips: tuple[tuple[str, float], ...] = ()
     wedges: tuple[tuple[str, float], ...] = ()
 
@@ -1233,6 +1237,10 @@ def _fov_world_box(spec: PhantomSpec, levels: list[_Level], curve: _Curve, s_sac
     if spec.lr_half_width is not None:
         mid = (lo[0] + hi[0]) / 2
         lo[0], hi[0] = mid - spec.lr_half_width, mid + spec.lr_half_width
+    if spec.ap_half_width is not None:  # a tight crop around the canal, as small-FOV scans have
+        walls = [(lv.centre + lv.R @ np.array([0.0, -lv.D / 2, 0.0]))[1] for lv in levels[top_i:bot_i + 1]]
+        mid = float(np.mean(walls)) if walls else (lo[1] + hi[1]) / 2
+        lo[1], hi[1] = max(lo[1], mid - spec.ap_half_width), min(hi[1], mid + spec.ap_half_width)
     if top_i == 0:
         hi[2] += 20.0  # skull base above C1
     lo, hi = _crop_box(lo, hi, spec.crop)

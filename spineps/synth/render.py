@@ -68,6 +68,11 @@ SUBJECT_CONTRAST: dict[Tissue, tuple[float, float]] = {
     Tissue.ANNULUS: (0.12, 0.30),
 }
 
+#: realistic mode, where asked for (``render_t2w(cord_contrast=...)``, as the training
+#: phantoms do): a per-subject cord signal (CSF = 1) drawn from this range instead of 0.40;
+#: the real SCT cervical T2w has its cord's median at 0.28 of the canal's 90th percentile
+CORD_CONTRAST = (0.28, 0.60)
+
 
 def supersample_factors(spacing: Sequence[float], target: float = 1.2, limit: int = 4) -> tuple[int, int, int]:
     """Sub-samples per voxel along each axis so that sub-voxels are at most ``target`` mm
@@ -184,12 +189,13 @@ def _station_gain_direct(affine: np.ndarray, shape: tuple[int, int, int], rng: n
 
 def render_t2w(ph: Phantom, seed: int = 0, randomize: bool = False, *, supersample: bool = True,
                stations: Optional[int] = None, noise: Optional[float] = None, bias: Optional[float] = None,
-               scale: float = 1000.0) -> Volume:
+               scale: float = 1000.0, cord_contrast: Optional[tuple[float, float]] = None) -> Volume:
     """T2w TSE image of ``ph`` on its grid (float32, >= 0, CSF about ``scale``).
 
     ``noise``: Rician noise sd relative to CSF (default 0.03; random in randomised mode);
     ``bias``: sd of the log bias field terms (default 0.12); ``stations``: stitched stations
-    (default ``ph.spec.stations``)."""
+    (default ``ph.spec.stations``); ``cord_contrast``: realistic mode's cord signal drawn per
+    subject from this range (e.g. ``CORD_CONTRAST``; default: the fixed ``T2W_SIGNAL``)."""
     from scipy import ndimage
 
     t0 = time.perf_counter()
@@ -212,6 +218,11 @@ def render_t2w(ph: Phantom, seed: int = 0, randomize: bool = False, *, supersamp
         # the real scans' body-disc contrast (``SUBJECT_CONTRAST``)
         for t, (lo, hi) in SUBJECT_CONTRAST.items():
             sig[int(t)] = float(rng.uniform(lo, hi))
+        if cord_contrast is not None:
+            # the cord's signal relative to CSF varies with the sequence and partial volume
+            # (a generator of its own, so the other tissues keep the draws they had)
+            lo_c, hi_c = cord_contrast
+            sig[int(Tissue.CORD)] = float(np.random.default_rng([int(seed), 7919, 60]).uniform(lo_c, hi_c))
         sig[int(Tissue.CSF)] = 1.0
         sig[int(Tissue.BACKGROUND)] = 0.0
     factors = supersample_factors(ph.tissue.spacing) if supersample else (1, 1, 1)

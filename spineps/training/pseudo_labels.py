@@ -14,6 +14,11 @@ taught. ``pseudo_target`` adopts a previous model's prediction there, conservati
   direction): borders, where a prediction is least sure, stay unknown;
 - predicted background only farther than ``background_margin_vox`` voxels from every
   predicted or annotated structure (real images' negatives, without cementing a miss).
+
+``cord_by_contrast`` corrects the one class a previous model gets systematically too small
+on real scans: the spinal cord. In T2w (and the water-fat scans) the cord is darker than the
+CSF around it; where a model found the cord in a slice across the canal but called most of it
+canal, the dark part of the predicted canal that touches the predicted cord is the cord.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from typing import Iterable
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["pseudo_target"]
+__all__ = ["cord_by_contrast", "pseudo_target"]
 
 
 def pseudo_target(target: np.ndarray, predicted: np.ndarray, *, ignore: int, decided: Iterable[int],
@@ -45,4 +50,36 @@ def pseudo_target(target: np.ndarray, predicted: np.ndarray, *, ignore: int, dec
     structures = (predicted > 0) | ((target > 0) & (target != ignore))
     far = ~ndimage.binary_dilation(structures, structure=st, iterations=background_margin_vox)
     out[unknown & far & (predicted == 0)] = 0
+    return out
+
+
+def cord_by_contrast(image: np.ndarray, predicted: np.ndarray, *, cord: int, canal: int, axis: int,
+                     min_ratio: float = 1.3) -> np.ndarray:
+    """The spinal cord inside the predicted canal, slice by slice across the canal (``axis``:
+    the superior-inferior axis of the arrays): in a slice where the prediction has both cord
+    and canal voxels and the canal's median intensity is at least ``min_ratio`` times the
+    cord's, the voxels of ``predicted`` cord or canal darker than the midpoint of the two
+    medians that are connected (in the slice) to the predicted cord. Slices without predicted
+    cord, or without that contrast, contribute only the predicted cord (nothing is grown
+    below the conus or where CSF is not bright). Returns a boolean mask."""
+    if image.shape != predicted.shape:
+        raise ValueError(f"image {image.shape} and prediction {predicted.shape} differ in shape")
+    out = predicted == cord
+    st = ndimage.generate_binary_structure(2, 1)
+    for k in range(image.shape[axis]):
+        idx = tuple(k if a == axis else slice(None) for a in range(image.ndim))
+        p, im = predicted[idx], image[idx]
+        c, q = p == cord, p == canal
+        if c.sum() < 3 or q.sum() < 3:
+            continue
+        mc, mq = float(np.median(im[c])), float(np.median(im[q]))
+        if mq < min_ratio * mc:
+            continue
+        dark = (c | q) & (im < 0.5 * (mc + mq))
+        comp, n = ndimage.label(dark, structure=st)
+        if n == 0:
+            continue
+        keep = np.unique(comp[c & dark])
+        keep = keep[keep > 0]
+        out[idx] = c | np.isin(comp, keep)
     return out

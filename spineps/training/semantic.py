@@ -245,6 +245,7 @@ def add_pseudo_labels(raw: Path, recipe: Recipe, real_root: Path, nprocs: int = 
         pred = seg.segment(Volume(np.asarray(img.dataobj, dtype=np.float32), img.affine))
         pred_idx = values_to_indices(np.asarray(pred.data))
         out = pseudo_target(target, pred_idx, ignore=IGNORE_INDEX, decided=decided[value])
+        _grow_cord(out, target, np.asarray(img.dataobj, dtype=np.float32), np.asarray(pred.data), case)
         if value == 49:
             s1 = _s1_as_sacrum(lab_p, pred_idx, tuple(float(z) for z in img.header.get_zooms()[:3]))
             if s1 is not None:
@@ -258,6 +259,21 @@ def add_pseudo_labels(raw: Path, recipe: Recipe, real_root: Path, nprocs: int = 
         log.info("pseudo-labelled %s: %d of %d unknown voxels adopted", case,
                  int(((target == IGNORE_INDEX) & (out != IGNORE_INDEX)).sum()), int((target == IGNORE_INDEX).sum()))
     return names
+
+
+def _grow_cord(out: np.ndarray, target: np.ndarray, image: np.ndarray, pred: np.ndarray, case: str) -> None:
+    """In ``out`` (a pseudo-labelled target), the cord as ``pseudo_labels.cord_by_contrast``
+    finds it in the unknown voxels: its interior taught as cord, its border left unknown
+    (the model's thin cord would otherwise teach the rest of the cord as canal)."""
+    from spineps.training.pseudo_labels import cord_by_contrast
+
+    grown = cord_by_contrast(image, pred, cord=60, canal=61, axis=MODEL_ORIENTATION.index("I"))
+    unknown = target == IGNORE_INDEX
+    core = ndimage_erode(grown)
+    before = int((out == LABEL_ORDER.index(60) + 1).sum())
+    out[grown & unknown] = IGNORE_INDEX
+    out[core & unknown] = LABEL_ORDER.index(60) + 1
+    log.info("%s: cord by contrast %d voxels (was %d)", case, int((out == LABEL_ORDER.index(60) + 1).sum()), before)
 
 
 def _s1_as_sacrum(lab_p: Path, pred_idx: np.ndarray, spacing: tuple[float, ...]) -> "np.ndarray | None":
@@ -291,6 +307,9 @@ def ndimage_label(mask: np.ndarray) -> np.ndarray:
     return ndimage.label(mask)[0]
 
 
+#: share of training phantoms cut tightly around the canal (``phantom_spec``)
+TIGHT_FOV_FRACTION = 0.15
+
 FOVS = ("whole", "cervical", "thoracic", "lumbar", "lumbar", "thoracolumbar", "thoracolumbar", "cervicothoracic")
 
 
@@ -310,12 +329,19 @@ def phantom_spec(seed: int, k: int) -> Any:
     crop = None
     if rng.random() < 0.3:
         crop = {str(rng.choice(["S", "I"])): float(rng.uniform(5, 25))}
+    oblique = float(rng.choice([0.0, 0.0, rng.uniform(0, 12)]))
+    scoliosis = float(rng.choice([0.0, 0.0, rng.uniform(0, 25)]))
+    t13, l6 = bool(rng.random() < 0.08), bool(rng.random() < 0.08)
+    lordosis, stations = float(rng.uniform(0.7, 1.3)), int(1 + (rng.random() < 0.15))
+    # small-FOV scans of the cord (the SCT cervical scan: 60 x 55 x 52 mm): a tight crop
+    # across the canal for about one phantom in seven (drawn last: the others keep their draws)
+    lr_half = ap_half = None
+    if rng.random() < TIGHT_FOV_FRACTION:
+        lr_half, ap_half = float(rng.uniform(22, 34)), float(rng.uniform(26, 42))
     return PhantomSpec(
         seed=seed, fov=FOVS[k % len(FOVS)], spacing=spacing, orientation=MODEL_ORIENTATION,
-        oblique_deg=float(rng.choice([0.0, 0.0, rng.uniform(0, 12)])),
-        scoliosis=float(rng.choice([0.0, 0.0, rng.uniform(0, 25)])),
-        t13=bool(rng.random() < 0.08), l6=bool(rng.random() < 0.08), crop=crop,
-        lordosis_scale=float(rng.uniform(0.7, 1.3)), stations=int(1 + (rng.random() < 0.15)),
+        oblique_deg=oblique, scoliosis=scoliosis, t13=t13, l6=l6, crop=crop,
+        lordosis_scale=lordosis, stations=stations, lr_half_width=lr_half, ap_half_width=ap_half,
     )
 
 
@@ -324,7 +350,7 @@ def export_phantoms(raw: Path, recipe: Recipe) -> list[str]:
     (random tissue intensities), the others with realistic T2w contrast."""
     from spineps.semantic.preprocess import normalize_range
     from spineps.synth.anatomy import make_phantom
-    from spineps.synth.render import render_t2w
+    from spineps.synth.render import CORD_CONTRAST, render_t2w
 
     rng = np.random.default_rng(recipe.seed)
     seeds = [int(x) for x in rng.integers(0, 2**31 - 1, recipe.phantoms)]
@@ -336,7 +362,8 @@ def export_phantoms(raw: Path, recipe: Recipe) -> list[str]:
             continue
         ph = make_phantom(phantom_spec(seed, k))
         # partial-volume super-sampling for every third phantom (it costs 5-10x the render time)
-        img = render_t2w(ph, seed=seed, randomize=bool(k % 2), supersample=(k % 3 == 0))
+        img = render_t2w(ph, seed=seed, randomize=bool(k % 2), supersample=(k % 3 == 0),
+                         cord_contrast=CORD_CONTRAST)
         image_nii = _reorient(_nifti(img.data, img.affine), MODEL_ORIENTATION)
         label_nii = _reorient(_nifti(ph.semantic.data, ph.semantic.affine), MODEL_ORIENTATION)
         data = normalize_range(np.asarray(image_nii.dataobj, dtype=np.float32))
