@@ -403,3 +403,42 @@ def test_loading_the_semantic_model_loads_neither_simpleitk_nor_pandas() -> None
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out == {"sitk": "_LazyModule", "sitk_loaded": False, "pandas_loaded": False}, out
+
+
+def test_stop_on_first_crash_with_a_held_scan_neither_waits_nor_computes_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another process holds sub-01's lock; sub-02 is broken. With --stop-on-first-crash the
+    run defers sub-01, fails on sub-02 and stops there: it does not wait for sub-01's holder,
+    and lists the deferred sub-01 and the untried sub-03 as not attempted."""
+    from spineps.bids.discovery import Scan
+
+    monkeypatch.setattr(loading, "load_segmenters", lambda settings: make_test_segmenters(settings))
+    ds = BidsFactory(tmp_path / "bids")
+    ds.add("01", acq="sag")
+    bad = ds.add("02", acq="sag", seed=2)
+    ds.add("03", acq="sag", seed=3)
+    raw = bad.read_bytes()
+    bad.write_bytes(raw[: len(raw) // 2])
+    out, release = tmp_path / "out", tmp_path / "release"
+    key = Scan.from_path(ds.root / "sub-01/anat/sub-01_acq-sag_T2w.nii.gz", ds.root).key
+    code = ("import sys, time; from pathlib import Path; from spineps.fsutil import exclusive_lock\n"
+            "with exclusive_lock(Path(sys.argv[1])):\n"
+            "    print('held', flush=True)\n"
+            "    t = time.time()\n"
+            "    while not Path(sys.argv[2]).exists() and time.time() - t < 120: time.sleep(0.05)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(out / "logs" / "locks" / f"{key}.lock"), str(release)],
+                              env=_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        rc = main([str(ds.root), str(out), "participant", "--skip-bids-validation", "--stop-on-first-crash"])
+        assert holder.poll() is None  # the run ended while sub-01 was still held: it did not wait
+    finally:
+        release.touch()
+        holder.wait(timeout=60)
+    assert rc == 1
+    text = sorted((out / "logs").glob("participant_*.log"))[-1].read_text()
+    assert "sub-01_acq-sag_T2w.nii.gz: another run is computing this scan; taking the next one" in text
+    assert "stopping at the first failure (--stop-on-first-crash): 2 scan(s) not attempted" in text
+    assert ("not attempted (--stop-on-first-crash): 2 scan(s): sub-01/anat/sub-01_acq-sag_T2w.nii.gz, "
+            "sub-03/anat/sub-03_acq-sag_T2w.nii.gz") in text
+    assert not list(out.rglob("sub-01_*dseg*")) and not list(out.rglob("sub-03_*dseg*"))
