@@ -113,3 +113,38 @@ def test_unreadable_input_from_discovery_is_recorded(tmp_path: Path, test_models
     assert main([str(ds.root), str(out), "participant", "--skip-bids-validation"]) == 1
     [rec] = read_failures(out)
     assert rec["bids_name"] == "sub-02_acq-sag" and rec["error"] == "InputError" and rec["reason"]
+
+
+def test_group_level_reports_a_cohort_whose_every_scan_failed(tmp_path: Path, test_models: None) -> None:
+    """Every scan failed at the participant level: the group level still writes its report and
+    failed table (the failures and why), and exits non-zero saying so, not "run the participant
+    level first"."""
+    ds = BidsFactory(tmp_path / "bids")
+    for sub, seed in (("01", 0), ("02", 2)):
+        bad = ds.add(sub, acq="sag", seed=seed)
+        raw = bad.read_bytes()
+        bad.write_bytes(raw[: len(raw) // 2])
+    out = tmp_path / "out"
+    assert main([str(ds.root), str(out), "participant", "--skip-bids-validation"]) == 1
+    assert main([str(ds.root), str(out), "group", "--skip-bids-validation"]) == 18
+    rows = _tsv(out / FAILED_TSV)
+    assert [r["bids_name"] for r in rows] == ["sub-01_acq-sag", "sub-02_acq-sag"]
+    assert all(r["status"] == "failed" and "truncated or corrupt" in r["reason"] for r in rows)
+    html = (out / REPORT_HTML).read_text()
+    assert "sub-01_acq-sag" in html and "sub-02_acq-sag" in html
+    text = sorted((out / "logs").glob("group_*.log"))[-1].read_text()
+    assert "no scan has usable participant outputs: 2 failed, incomplete or unreadable scan(s)" in text
+    assert "run the participant level first" not in text
+
+
+def test_group_level_reports_a_cohort_whose_every_output_is_unreadable(tmp_path: Path, test_models: None) -> None:
+    ds = BidsFactory(tmp_path / "bids")
+    ds.add("01", acq="sag")
+    out = tmp_path / "out"
+    assert main([str(ds.root), str(out), "participant", "--skip-bids-validation"]) == 0
+    for f in [*out.rglob("sub-01_acq-sag_desc-spine_dseg.nii.gz"), *(out / "sub-01").rglob("*.tsv")]:
+        f.write_bytes(b"not a nifti, not a table")
+    assert main([str(ds.root), str(out), "group", "--skip-bids-validation"]) == 18
+    rows = _tsv(out / FAILED_TSV)
+    assert [(r["bids_name"], r["status"]) for r in rows] == [("sub-01_acq-sag", "unreadable")]
+    assert "sub-01_acq-sag" in (out / REPORT_HTML).read_text()

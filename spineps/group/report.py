@@ -563,15 +563,23 @@ def _scans_of(out: Path, participant_labels: Optional[Iterable[str]]) -> list[tu
         if missing:
             raise NoMatchError(f"no participant outputs for {', '.join(missing)} in {out}")
         found = [f for f in found if f[0].split("_")[0] in wanted]
-    if not found:
+    if not found and not _problems_recorded(out, participant_labels):
         raise NoMatchError(f"no participant outputs (sub-*/**/*{SEMANTIC_SUFFIX} with sidecar) in {out}: "
                            "run the participant level first")
-    return found
+    return found  # empty where every scan failed: the report then lists the failures
+
+
+def _problems_recorded(out: Path, participant_labels: Optional[Iterable[str]]) -> bool:
+    """Whether the participant level left failure records or incomplete scans (of the wanted
+    participants) in ``out``: it ran, and every scan it tried failed."""
+    from spineps.group.failed import problem_rows
+
+    return bool(problem_rows(out, {}, participant_labels))
 
 
 def _records(out: Path, found: list[tuple[str, Path, Optional[Path]]]) -> tuple[list[ScanRecord], dict[str, str]]:
     """Every scan's record; an unreadable one is logged and listed in the second value."""
-    from spineps.errors import NoMatchError, SpinepsError
+    from spineps.errors import SpinepsError
 
     records: list[ScanRecord] = []
     failed: dict[str, str] = {}
@@ -582,9 +590,7 @@ def _records(out: Path, found: list[tuple[str, Path, Optional[Path]]]) -> tuple[
         except (SpinepsError, ValueError) as exc:
             log.error("%s: left out of the group outputs: %s", name, exc)
             failed[name] = str(exc)
-    if not records:
-        raise NoMatchError(f"no readable participant outputs in {out} ({len(failed)} unreadable)")
-    return records, failed
+    return records, failed  # none where every scan is unreadable: the report then lists them
 
 
 def _write_levels(path: Path, json_path: Path, records: Sequence[ScanRecord], stats: dict, thr: float,
@@ -623,8 +629,10 @@ def build_group(output_dir: Union[str, Path], *, participant_labels: Optional[It
     """Build every group output from the participant outputs in ``output_dir``.
 
     Raises ``NoInputError`` when ``output_dir`` does not exist, ``NoMatchError`` when no scan
-    (of the wanted participants) has outputs. A scan whose outputs cannot be read is logged,
-    left out and listed in ``GroupSummary.failed``."""
+    (of the wanted participants) has outputs nor a failure record. A scan whose outputs cannot
+    be read is logged, left out and listed in ``GroupSummary.failed``. Where every scan failed
+    or is unreadable, the outputs are still written (empty tables; the report and the failed
+    table list the scans and why)."""
     from spineps.bids.derivatives import write_bidsignore
     from spineps.fsutil import write_json_atomic
     from spineps.group import outliers as om
@@ -690,4 +698,10 @@ def run_group(settings: "Settings") -> GroupSummary:
              summary.n_flagged, summary.files["report"].name)
     if summary.failed:
         log.warning("%d scan(s) left out (unreadable outputs): %s", len(summary.failed), ", ".join(summary.failed))
+    if not summary.n_scans:
+        from spineps.errors import NoMatchError
+
+        raise NoMatchError(f"no scan has usable participant outputs: {len(summary.problems)} failed, incomplete "
+                           f"or unreadable scan(s), listed with the reason in {summary.files['failed'].name} and "
+                           f"the report {summary.files['report'].name}", out)
     return summary
