@@ -225,3 +225,14 @@ def test_phantom_spec_cuts_some_training_phantoms_tightly_around_the_canal():
     ap_mm = sem.shape[0] * ph.semantic.spacing[0]  # P-I-R
     assert ap_mm <= 2 * s.ap_half_width + 2 * ph.semantic.spacing[0]
     assert (sem == 60).any() and (sem == 61).any() and (sem == 49).any()  # canal and bodies in view
+
+
+def test_dark_canal_is_the_canal_as_dark_as_cord_and_nothing_without_a_predicted_cord():
+    from spineps.training.pseudo_labels import dark_canal
+
+    image, pred, r = _canal_slices()
+    pred[:, 3:6][np.broadcast_to(r <= 1.5, (3, 30, 30)).transpose(1, 0, 2)] = 61  # no cord found here
+    dark = dark_canal(image, pred, cord=60, canal=61)
+    assert (dark[:, 4] == (r <= 4)).all()  # the cord the model missed: dark, not canal
+    assert (dark[:, 8] == ((r <= 4) & (r > 1.5))).all()
+    assert not dark_canal(image, np.where(pred == 60, 61, pred).astype(np.uint8), cord=60, canal=61).any()

@@ -19,6 +19,9 @@ taught. ``pseudo_target`` adopts a previous model's prediction there, conservati
 on real scans: the spinal cord. In T2w (and the water-fat scans) the cord is darker than the
 CSF around it; where a model found the cord in a slice across the canal but called most of it
 canal, the dark part of the predicted canal that touches the predicted cord is the cord.
+``dark_canal`` finds the rest of the predicted canal that is as dark as cord (the cord in the
+slices where the model found none, the conus, nerve roots): neither cord nor canal is taught
+there.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Iterable
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["cord_by_contrast", "pseudo_target"]
+__all__ = ["cord_by_contrast", "dark_canal", "pseudo_target"]
 
 
 def pseudo_target(target: np.ndarray, predicted: np.ndarray, *, ignore: int, decided: Iterable[int],
@@ -83,3 +86,19 @@ def cord_by_contrast(image: np.ndarray, predicted: np.ndarray, *, cord: int, can
         keep = keep[keep > 0]
         out[idx] = c | np.isin(comp, keep)
     return out
+
+
+def dark_canal(image: np.ndarray, predicted: np.ndarray, *, cord: int, canal: int,
+               min_ratio: float = 1.3) -> np.ndarray:
+    """The voxels of the predicted canal darker than the midpoint of the scan's predicted cord
+    and canal medians (no voxel where the prediction has no cord, or where the canal is not
+    ``min_ratio`` times brighter than the cord). Returns a boolean mask."""
+    if image.shape != predicted.shape:
+        raise ValueError(f"image {image.shape} and prediction {predicted.shape} differ in shape")
+    c, q = predicted == cord, predicted == canal
+    if c.sum() < 3 or q.sum() < 3:
+        return np.zeros(image.shape, bool)
+    mc, mq = float(np.median(image[c])), float(np.median(image[q]))
+    if mq < min_ratio * mc:
+        return np.zeros(image.shape, bool)
+    return q & (image < 0.5 * (mc + mq))

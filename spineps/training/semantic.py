@@ -264,14 +264,15 @@ def add_pseudo_labels(raw: Path, recipe: Recipe, real_root: Path, nprocs: int = 
 def _grow_cord(out: np.ndarray, target: np.ndarray, image: np.ndarray, pred: np.ndarray, case: str) -> None:
     """In ``out`` (a pseudo-labelled target), the cord as ``pseudo_labels.cord_by_contrast``
     finds it in the unknown voxels: its interior taught as cord, its border left unknown
-    (the model's thin cord would otherwise teach the rest of the cord as canal)."""
-    from spineps.training.pseudo_labels import cord_by_contrast
+    (the model's thin cord would otherwise teach the rest of the cord as canal); the other
+    dark canal voxels (``pseudo_labels.dark_canal``) are left unknown too."""
+    from spineps.training.pseudo_labels import cord_by_contrast, dark_canal
 
     grown = cord_by_contrast(image, pred, cord=60, canal=61, axis=MODEL_ORIENTATION.index("I"))
     unknown = target == IGNORE_INDEX
     core = ndimage_erode(grown)
     before = int((out == LABEL_ORDER.index(60) + 1).sum())
-    out[grown & unknown] = IGNORE_INDEX
+    out[(grown | dark_canal(image, pred, cord=60, canal=61)) & unknown] = IGNORE_INDEX
     out[core & unknown] = LABEL_ORDER.index(60) + 1
     log.info("%s: cord by contrast %d voxels (was %d)", case, int((out == LABEL_ORDER.index(60) + 1).sum()), before)
 
