@@ -17,7 +17,7 @@ import sys
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, TypeVar
 
 from spineps.errors import BIDSValidationError, ResourceError, ScanFailuresError, SpinepsError, one_line, write_error
@@ -830,6 +830,8 @@ def _write_outputs(settings: "Settings", scan: Any, result: "ScanResult", *, hea
         parameters=params, timings=timings, extra=sem_extra or None))
     if inst_path is not None and cent_path is not None:
         inst_source = f"bids::{sem_path.relative_to(out).as_posix()}"
+        # a station named with others: its names depend on their inputs too
+        together = [f"bids:{_source_name(settings)}:{rel}" for rel in _stations_together(scan, result.stations)]
         inst_extra = {"LevelNaming": jsonable(result.naming)}
         if result.stations is not None:
             inst_extra["Stations"] = jsonable(result.stations)
@@ -838,8 +840,19 @@ def _write_outputs(settings: "Settings", scan: Any, result: "ScanResult", *, hea
         write_sidecar(INSTANCE_SIDECAR.path(out, scan), make_sidecar(
             description="Instance segmentation of the spine: vertebrae 1-28, intervertebral discs 100+X, "
                         "endplates 200+X; values as in desc-vertebrae_dseg.tsv",
-            sources=[source, inst_source], software_version=settings.version, models=models,
+            sources=[source, inst_source, *together], software_version=settings.version, models=models,
             parameters=params, timings=timings, extra=inst_extra))
+
+
+def _stations_together(scan: Any, stations: Optional[dict[str, Any]]) -> list[str]:
+    """The input paths (relative, like ``scan.relpath``) of the other stations named together
+    with ``scan`` (its ``Stations`` section's ``NamedTogether``; stations are named by their
+    stems and lie in one folder); none for a scan named alone."""
+    if not stations:
+        return []
+    rel = PurePosixPath(scan.relpath)
+    return [str(rel.with_name(rel.name.replace(scan.stem, other, 1)))
+            for other in stations.get("NamedTogether", []) if other != scan.stem]
 
 
 def _write_probabilities(settings: "Settings", scan: Any, semantic: "SemanticSegmenter", header: Any,

@@ -324,6 +324,10 @@ def test_stations_derivatives_keep_chunk_and_carry_the_session_sidecar(stations_
         session = json.loads((anat / f"{stem}_desc-spine_morphometry.json").read_text())["SessionAlignment"]
         assert session["Stations"] == stems and set(session["OffsetsMM"]) == set(stems)
     assert sections[0] == sections[1] == sections[2]  # one session section, the same in every station
+    for stem in stems:  # its names depend on the other stations' inputs: they are sources too
+        sources = json.loads((anat / f"{stem}_desc-vertebrae_dseg.json").read_text())["Sources"]
+        ref = "bids:semantic:sub-01/ses-1/anat/{}_desc-spine_dseg.nii.gz"
+        assert sources[0] == ref.format(stem) and sources[2:] == [ref.format(o) for o in stems if o != stem]
     side = sections[0]
     assert side["Stations"] == side["NamedTogether"] == stems and side["NamedAlone"] is False
     assert side["AnchoredBy"] == stems[2]  # the sacrum is in the lowest station; chunk-1 has no anchor
@@ -342,6 +346,7 @@ def test_stations_derivatives_keep_chunk_and_carry_the_session_sidecar(stations_
         alone = json.loads((anat2 / f"{stem}_desc-vertebrae_dseg.json").read_text())["Stations"]
         assert alone["NamedAlone"] is True and alone["Links"][0]["relation"] == "gap"
         assert not alone["Links"][0]["joined"] and any("do not meet" in w for w in alone["Warnings"])
+        assert len(json.loads((anat2 / f"{stem}_desc-vertebrae_dseg.json").read_text())["Sources"]) == 2
 
 
 @pytest.mark.slow
