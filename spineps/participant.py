@@ -151,7 +151,8 @@ def _rel(path: Path, root: Path) -> str:
 
 def _prepare_output_dir(settings: "Settings") -> None:
     """Dataset-level files; every write is atomic, so parallel runs can all do it."""
-    from spineps.bids.derivatives import write_bidsignore, write_dataset_description, write_lookup_tables
+    from spineps.bids.derivatives import (write_bidsignore, write_dataset_description, write_lookup_tables,
+                                          write_readme)
     from spineps.fsutil import remove_stale_locks, remove_stale_temps
 
     remove_stale_temps(settings.output_dir)
@@ -159,6 +160,7 @@ def _prepare_output_dir(settings: "Settings") -> None:
     write_dataset_description(settings.output_dir, bids_dir=settings.bids_dir, version=settings.version,
                               container=settings.container_info(), source_name=_source_name(settings))
     write_lookup_tables(settings.output_dir)
+    write_readme(settings.output_dir, version=settings.version)
     write_bidsignore(settings.output_dir)
 
 

@@ -26,6 +26,7 @@ def _derivative_tree(tmp_path: Path) -> tuple[Path, Path]:
     D.write_dataset_description(out, bids_dir=std.root, version="0.1.0",
                                 container={"Type": "docker", "Tag": "spineps:0.1.0"})
     D.write_lookup_tables(out)
+    D.write_readme(out, version="0.1.0")
     D.write_bidsignore(out)
     models = {"semantic": {"name": "T2w_segmentor", "version": "2.0", "checksum": "sha256:00"}}
     import nibabel as nib
@@ -78,6 +79,7 @@ def test_derivative_tree_has_no_errors(tmp_path):
     assert report.available and report.ok, report.summary()
     # the per-file sidecars silence the SpatialReference recommendation for the masks
     assert not [w for w in report.warnings if "SpatialReference" in w and w.endswith(".nii.gz")], report.warnings
+    assert not [w for w in report.warnings if "README" in w], report.warnings  # the README describes the outputs
 
 
 @needs_validator

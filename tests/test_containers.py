@@ -33,7 +33,7 @@ RUNNER = REPO / "tests" / "_run_with_test_models.py"
 
 PER_SCAN = ["_desc-spine_dseg.json", "_desc-spine_dseg.nii.gz", "_desc-vertebrae_centroids.json",
             "_desc-vertebrae_dseg.json", "_desc-vertebrae_dseg.nii.gz"]
-ROOT_FILES = [".bidsignore", "dataset_description.json", "desc-spine_dseg.tsv", "desc-vertebrae_dseg.tsv"]
+ROOT_FILES = [".bidsignore", "README.md", "dataset_description.json", "desc-spine_dseg.tsv", "desc-vertebrae_dseg.tsv"]
 CACHE_VARS = ("HOME", "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "MPLCONFIGDIR", "TORCH_HOME", "DENO_DIR",
               "nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
 

@@ -38,7 +38,7 @@ STEMS = [
 PER_SCAN = ["_desc-spine_dseg.json", "_desc-spine_dseg.nii.gz", "_desc-spine_dseg.png", "_desc-spine_morphometry.json",
             "_desc-spine_morphometry.tsv", "_desc-vertebrae_centroids.json", "_desc-vertebrae_dseg.json",
             "_desc-vertebrae_dseg.nii.gz"]
-ROOT_FILES = [".bidsignore", "dataset_description.json", "desc-spine_dseg.tsv", "desc-vertebrae_dseg.tsv"]
+ROOT_FILES = [".bidsignore", "README.md", "dataset_description.json", "desc-spine_dseg.tsv", "desc-vertebrae_dseg.tsv"]
 GROUP_FILES = ["group_T2w.json", "group_T2w.tsv", "group_T2w_failed.json", "group_T2w_failed.tsv",
                "group_T2w_levels.json", "group_T2w_levels.tsv", "group_T2w_report.html"]
 LOG_RE = re.compile(r"^logs/(participant|group)_\d{8}T\d{9}Z_pid\d+(\.log|_settings\.json|_methods\.(md|bib|json))$")

@@ -215,6 +215,41 @@ def write_dataset_description(output_dir: Union[str, Path], *, bids_dir: Union[s
     return path
 
 
+README_TEXT = """# SPINEPS spine segmentation
+
+BIDS derivatives written by spineps {version}, a BIDS-App that segments the whole spine in
+sagittal T2-weighted MRI (SPINEPS: a semantic phase, then an instance phase that separates
+the vertebrae).
+
+Per scan, next to the input's BIDS path (`sub-*/[ses-*/]anat/`):
+
+- `*_desc-spine_dseg.nii.gz`: semantic mask (values in `desc-spine_dseg.tsv`);
+- `*_desc-vertebrae_dseg.nii.gz`: instance mask (vertebrae by level, discs 100+X,
+  endplates 200+X; values in `desc-vertebrae_dseg.tsv`) and `*_desc-vertebrae_centroids.json`;
+- `*_desc-spine_morphometry.tsv/.json`: per-level measures; `*_desc-spine_dseg.png`: QC figure.
+
+Each file's JSON sidecar names its sources, the models (name, version, checksum) and the
+run's parameters; a scan is complete when its sidecars exist. The group level adds
+`group_T2w*.tsv/.json` tables and `group_T2w_report.html`. `logs/` holds each run's log,
+settings, methods boilerplate (`*_methods.md`, with references) and failure records.
+"""
+
+
+def write_readme(output_dir: Union[str, Path], *, version: str) -> Path:
+    """Write ``output_dir/README.md`` (what the derivative dataset holds) atomically, unless it
+    already has this content; a README someone else wrote (not starting with our title) is kept."""
+    path = Path(output_dir) / "README.md"
+    text = README_TEXT.format(version=version)
+    try:
+        old = path.read_text(encoding="utf-8") if path.is_file() else None
+    except (OSError, UnicodeDecodeError):
+        old = None
+    if old == text or (old is not None and not old.startswith("# SPINEPS spine segmentation")):
+        return path
+    _write_text(path, text)
+    return path
+
+
 def _write_json(path: Path, obj: Any) -> None:
     try:
         write_json_atomic(path, obj)
