@@ -628,11 +628,9 @@ def build_group(output_dir: Union[str, Path], *, participant_labels: Optional[It
                 title: Optional[str] = None) -> GroupSummary:
     """Build every group output from the participant outputs in ``output_dir``.
 
-    Raises ``NoInputError`` when ``output_dir`` does not exist, ``NoMatchError`` when no scan
-    (of the wanted participants) has outputs nor a failure record. A scan whose outputs cannot
-    be read is logged, left out and listed in ``GroupSummary.failed``. Where every scan failed
-    or is unreadable, the outputs are still written (empty tables; the report and the failed
-    table list the scans and why)."""
+    ``NoInputError`` when ``output_dir`` does not exist, ``NoMatchError`` when no scan (of the
+    wanted participants) has outputs nor a failure record. A scan with unreadable outputs is
+    logged, left out and listed in ``GroupSummary.failed`` (all failed: empty tables, a report)."""
     from spineps.bids.derivatives import write_bidsignore
     from spineps.fsutil import write_json_atomic
     from spineps.group import outliers as om
