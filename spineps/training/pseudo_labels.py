@@ -73,12 +73,10 @@ def cord_by_contrast(image: np.ndarray, predicted: np.ndarray, *, cord: int, can
         idx = tuple(k if a == axis else slice(None) for a in range(image.ndim))
         p, im = predicted[idx], image[idx]
         c, q = p == cord, p == canal
-        if c.sum() < 3 or q.sum() < 3:
+        t = _cord_threshold(im, c, q, min_ratio)
+        if t is None:
             continue
-        mc, mq = float(np.median(im[c])), float(np.median(im[q]))
-        if mq < min_ratio * mc:
-            continue
-        dark = (c | q) & (im < 0.5 * (mc + mq))
+        dark = (c | q) & (im < t)
         comp, n = ndimage.label(dark, structure=st)
         if n == 0:
             continue
@@ -95,10 +93,16 @@ def dark_canal(image: np.ndarray, predicted: np.ndarray, *, cord: int, canal: in
     ``min_ratio`` times brighter than the cord). Returns a boolean mask."""
     if image.shape != predicted.shape:
         raise ValueError(f"image {image.shape} and prediction {predicted.shape} differ in shape")
-    c, q = predicted == cord, predicted == canal
-    if c.sum() < 3 or q.sum() < 3:
-        return np.zeros(image.shape, bool)
-    mc, mq = float(np.median(image[c])), float(np.median(image[q]))
-    if mq < min_ratio * mc:
-        return np.zeros(image.shape, bool)
-    return q & (image < 0.5 * (mc + mq))
+    q = predicted == canal
+    t = _cord_threshold(image, predicted == cord, q, min_ratio)
+    return np.zeros(image.shape, bool) if t is None else q & (image < t)
+
+
+def _cord_threshold(image: np.ndarray, cord: np.ndarray, canal: np.ndarray, min_ratio: float) -> "float | None":
+    """The intensity midway between the median of ``image`` in the ``cord`` and in the
+    ``canal`` mask; None where either has fewer than 3 voxels or the canal is not ``min_ratio``
+    times brighter than the cord."""
+    if cord.sum() < 3 or canal.sum() < 3:
+        return None
+    mc, mq = float(np.median(image[cord])), float(np.median(image[canal]))
+    return None if mq < min_ratio * mc else 0.5 * (mc + mq)

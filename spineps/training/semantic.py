@@ -242,10 +242,11 @@ def add_pseudo_labels(raw: Path, recipe: Recipe, real_root: Path, nprocs: int = 
         lab_file = raw / "labelsTr" / f"{case}.nii.gz"
         lab: Any = nib.load(str(lab_file))
         target = np.asarray(lab.dataobj).astype(np.uint8)
-        pred = seg.segment(Volume(np.asarray(img.dataobj, dtype=np.float32), img.affine))
+        image = np.asarray(img.dataobj, dtype=np.float32)
+        pred = seg.segment(Volume(image, img.affine))
         pred_idx = values_to_indices(np.asarray(pred.data))
         out = pseudo_target(target, pred_idx, ignore=IGNORE_INDEX, decided=decided[value])
-        _grow_cord(out, target, np.asarray(img.dataobj, dtype=np.float32), np.asarray(pred.data), case)
+        _grow_cord(out, target, image, np.asarray(pred.data), case)
         if value == 49:
             s1 = _s1_as_sacrum(lab_p, pred_idx, tuple(float(z) for z in img.header.get_zooms()[:3]))
             if s1 is not None:
@@ -268,13 +269,13 @@ def _grow_cord(out: np.ndarray, target: np.ndarray, image: np.ndarray, pred: np.
     dark canal voxels (``pseudo_labels.dark_canal``) are left unknown too."""
     from spineps.training.pseudo_labels import cord_by_contrast, dark_canal
 
+    cord_idx = LABEL_ORDER.index(60) + 1
     grown = cord_by_contrast(image, pred, cord=60, canal=61, axis=MODEL_ORIENTATION.index("I"))
     unknown = target == IGNORE_INDEX
-    core = ndimage_erode(grown)
-    before = int((out == LABEL_ORDER.index(60) + 1).sum())
+    before = int((out == cord_idx).sum())
     out[(grown | dark_canal(image, pred, cord=60, canal=61)) & unknown] = IGNORE_INDEX
-    out[core & unknown] = LABEL_ORDER.index(60) + 1
-    log.info("%s: cord by contrast %d voxels (was %d)", case, int((out == LABEL_ORDER.index(60) + 1).sum()), before)
+    out[ndimage_erode(grown) & unknown] = cord_idx
+    log.info("%s: cord by contrast %d voxels (was %d)", case, int((out == cord_idx).sum()), before)
 
 
 def _s1_as_sacrum(lab_p: Path, pred_idx: np.ndarray, spacing: tuple[float, ...]) -> "np.ndarray | None":
