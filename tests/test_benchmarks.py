@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import mmap
 import sys
 import time
 from pathlib import Path
@@ -61,9 +62,12 @@ def test_matched_instance_dice_ignores_values() -> None:
 
 def test_phase_probe_exclusive_time_and_own_peaks() -> None:
     def inner() -> int:
-        big = np.ones(40 * 2 ** 20 // 8)  # ~40 MiB touched
-        time.sleep(0.3)
-        return int(big[0])
+        # ~40 MiB of fresh pages, touched: an anonymous mapping of its own (malloc may hand
+        # back heap memory that is already resident after earlier tests, which raises no peak)
+        with mmap.mmap(-1, 40 * 2 ** 20) as big:
+            big.write(b"\1" * len(big))
+            time.sleep(0.3)
+            return big[0]
 
     def outer() -> int:
         time.sleep(0.05)
