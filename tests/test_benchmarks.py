@@ -272,3 +272,20 @@ def test_truth_dice_compares_split_endplates_with_the_truth_endplates(tmp_path: 
         nib.save(nib.Nifti1Image(data, np.eye(4)), paths[-1])
     got = rb.truth_dice(*paths)
     assert got["dice"] == {49: 1.0, 62: 1.0, 100: 1.0} and got["mean"] == 1.0
+
+
+def test_semantic_accuracy_error_profile_on_known_masks() -> None:
+    sa = _load_module("spineps_semantic_accuracy", REPO / "benchmarks" / "semantic_accuracy.py")
+    ann = np.zeros((20, 20, 20), bool)
+    ann[5:15, 5:15, 5:15] = True
+    pred = np.zeros_like(ann)
+    pred[4:16, 5:15, 5:15] = True  # one voxel too long at both ends: 200 false positives at 1 mm
+    pred[0:2, 0:2, 0:2] = True  # a separate blob far away: 8 false positives
+    prof = sa.error_profile(pred, ann, (1.0, 1.0, 1.0))
+    assert prof["precision"] == round(1000 / 1208, 4) and prof["recall"] == 1.0
+    assert prof["fp_within_2mm"] == round(200 / 208, 3) and prof["fp_beyond_5mm"] == round(8 / 208, 3)
+    assert prof["dice_touching"] == round(2000 / 2200, 4)  # the far blob does not touch the annotation
+    # on a coarser grid the same outline error lies 2.5 mm out: no longer "within 2 mm"
+    assert sa.error_profile(pred, ann, (2.5, 1.0, 1.0))["fp_within_2mm"] == 0.0
+    empty = sa.error_profile(np.zeros_like(ann), ann, (1.0, 1.0, 1.0))
+    assert empty["precision"] is None and empty["recall"] == 0.0 and empty["fp_within_2mm"] is None
