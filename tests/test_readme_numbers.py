@@ -91,7 +91,14 @@ def test_quick_start_numbers_come_from_the_demo_benchmark() -> None:
             f"canal {f('spinal_canal/dice')}, arcus {f('arcus_vertebrae/dice')}, all vertebra parts "
             f"{f('vertebra/dice')}; vertebra instances RQ {f('vertebra_instances/rq')}, PQ "
             f"{f('vertebra_instances/pq')}; disc instances RQ {f('disc_instances/rq')}") in flat
-    assert all(f(k) == f(k, e32) for k in e)  # "the same to the second decimal with --precision fp32"
+    # "the same to the second decimal with --precision fp32", except what the README names
+    differ = {k for k in e if f(k) != f(k, e32)}
+    assert differ <= {"disc_instances/rq"}, f"the README does not name these fp32 differences: {differ}"
+    if differ:
+        assert (f"the same to the second decimal except the disc instances' RQ "
+                f"({f('disc_instances/rq', e32)} with fp32") in flat
+    else:
+        assert "the same to the second decimal with `--precision fp32`" in flat
     agree = d["default_vs_fp32"]["spine"]["voxel_agreement"]
     assert f"agree with the default run's on {100 * agree:.2f} % of the voxels" in flat
     level = (f"level accuracy {e['vertebra_instances/level_accuracy']:.2g}, "
