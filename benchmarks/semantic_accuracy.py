@@ -131,7 +131,7 @@ def error_profile(pred: np.ndarray, ann: np.ndarray, spacing: Any) -> dict[str, 
         dist = ndimage.distance_transform_edt(~ann, sampling=[float(s) for s in spacing])[fp]
         near, far = round(float((dist <= 2.0 + 1e-6).mean()), 3), round(float((dist > 5.0).mean()), 3)
     comp, _ = ndimage.label(pred, structure=np.ones((3, 3, 3), bool))
-    touching = np.isin(comp, np.unique(comp[pred & ann & (comp > 0)]))
+    touching = np.isin(comp, np.unique(comp[pred & ann]))  # labels > 0: pred holds them
     d_touch = dice(touching, ann)
     return {"precision": round(tp / n_pred, 4) if n_pred else None, "recall": round(tp / n_ann, 4) if n_ann else None,
             "fp_within_2mm": near, "fp_beyond_5mm": far,
