@@ -24,7 +24,6 @@ STEPS: tuple[tuple[str, str], ...] = (
     ("python + numpy", "import numpy"),
     ("scipy.ndimage, nibabel", "import scipy.ndimage, nibabel"),
     ("torch", "import torch"),
-    ("SimpleITK (N4)", "import SimpleITK"),
     ("nnU-Net predictor, without torch._dynamo (spineps.models.nnunet_import; pre-processing stack: pandas, "
      "scikit-image, blosc2 ...)",
      "from spineps.models.nnunet_import import nnunet_predictor_class\n_p = nnunet_predictor_class()"),
@@ -38,6 +37,15 @@ STEPS: tuple[tuple[str, str], ...] = (
      "_models = load_segmenters(s)"),
     ("pybids (scan discovery)", "import bids"),
     ("matplotlib (QC figure)", "import matplotlib.figure"),
+)
+
+#: the N4 helper process (``spineps.semantic.n4_helper``), one per N4: SimpleITK is imported
+#: there, never in the participant process
+HELPER_STEPS: tuple[tuple[str, str], ...] = (
+    ("python + numpy", "import numpy"),
+    ("the helper's modules (nibabel: it reads the first scan itself)",
+     "import spineps.semantic.n4_helper, spineps.semantic.preprocess, spineps.geometry.io"),
+    ("SimpleITK (N4)", "import SimpleITK"),
 )
 
 _PROBE = """
@@ -55,8 +63,8 @@ print(json.dumps(out))
 """
 
 
-def measure() -> list[dict[str, float]]:
-    proc = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(STEPS)], capture_output=True, text=True,
+def measure(steps: Sequence[tuple[str, str]] = STEPS) -> list[dict[str, float]]:
+    proc = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(list(steps))], capture_output=True, text=True,
                           cwd=str(REPO), check=True)
     rows, prev = [], 0.0
     for label, rss in json.loads(proc.stdout.strip().splitlines()[-1]):
@@ -65,16 +73,22 @@ def measure() -> list[dict[str, float]]:
     return rows
 
 
+def _table(rows: list[dict[str, float]]) -> list[str]:
+    lines = ["| step | RSS after (MiB) | added (MiB) |", "| --- | --- | --- |"]
+    return lines + [f"| {r['step']} | {r['rss_mib']:.0f} | {r['added_mib']:.0f} |" for r in rows]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "import_floor.json")
     args = ap.parse_args(argv)
-    rows = measure()
-    lines = ["| step | RSS after (MiB) | added (MiB) |", "| --- | --- | --- |"]
-    lines += [f"| {r['step']} | {r['rss_mib']:.0f} | {r['added_mib']:.0f} |" for r in rows]
+    rows, helper = measure(), measure(HELPER_STEPS)
+    lines = ["participant process:", *_table(rows), "", "N4 helper process (one per N4, while it runs):",
+             *_table(helper)]
     sys.stdout.write("\n".join(lines) + "\n")
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"python": sys.version.split()[0], "steps": rows}, indent=2) + "\n")
+    args.json.write_text(json.dumps({"python": sys.version.split()[0], "steps": rows, "n4_helper_steps": helper},
+                                    indent=2) + "\n")
     return 0
 
 

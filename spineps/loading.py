@@ -132,7 +132,7 @@ def load_segmenters(settings: "Settings") -> tuple["SemanticSegmenter", Optional
     semantic = _build(lambda: NnUNetSemanticSegmenter.from_folder(
         sem_folder, device=device, nprocs=settings.threads, n4=settings.n4, precision=settings.precision,
         engine=settings.engine, allow_unsafe=settings.allow_unsafe_checkpoints, tta=settings.tta,
-        probabilities=settings.save_probabilities), sem_choice)
+        probabilities=settings.save_probabilities, n4_helper=True), sem_choice)
     instance = None
     if ins_cfg is not None:
         instance = _load_instance(settings, ins_choice, ins_cfg, device)

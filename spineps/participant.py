@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from spineps.settings import Settings
 
 __all__ = ["ParticipantSummary", "start_validation", "finish_validation", "validated_first", "check_inputs",
+           "start_n4_prefetch",
            "select_scans", "run_participant", "process_scan", "process_mask", "load_semantic_mask",
            "model_provenance", "run_models", "session_groups", "STATION_ENTITIES"]
 
@@ -140,6 +141,30 @@ def select_scans(settings: "Settings"):  # -> Discovery
         bids_filters=filters,
         database_dir=database_dir,
     )  # discovery logs each skipped file with its reason
+
+
+def start_n4_prefetch(settings: "Settings", discovery: Any) -> Optional[Any]:  # -> Optional[N4Job]
+    """N4 of the first scan the run will compute, started in a helper process
+    (``spineps.semantic.n4_helper.start_prefetch``) so that it runs while the models load.
+    None when there is nothing to start: N4 off, masks as input, no scan, or the first
+    scans' outputs already there or their locks held by other runs (the first other one is
+    taken; whether it is really computed is decided later: an unused helper is cancelled)."""
+    if not settings.n4 or settings.input_kind != "image":
+        return None
+    for scan in list(getattr(discovery, "scans", ()) or ())[:_PREFETCH_LOOKAHEAD]:
+        if all(p.exists() for p in expected_scan_outputs(settings, scan, with_instances=True)):
+            continue
+        if (settings.logs_dir / "locks" / f"{scan.key}.lock").exists():
+            continue  # another run is computing it (runs that share a cohort take the next scan)
+        from spineps.semantic.n4_helper import start_prefetch
+        from spineps.semantic.preprocess import N4Settings
+
+        return start_prefetch(scan.path, N4Settings(), settings.threads)
+    return None
+
+
+#: how many scans from the start :func:`start_n4_prefetch` looks through for one to correct
+_PREFETCH_LOOKAHEAD = 8
 
 
 def _rel(path: Path, root: Path) -> str:

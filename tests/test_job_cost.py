@@ -381,6 +381,24 @@ def test_job_cost_fixed_cost_parts_add_up() -> None:
     assert jc.tree_rss_mib(os.getpid()) > 0
 
 
+def test_job_cost_fixed_cost_with_the_models_loading_after_the_first_voxel() -> None:
+    """The N4 helper reads the first scan while the models load: the model loading is then
+    no part of the cost before the first voxel, and is reported beside it."""
+    jc = _job_cost_module()
+    res = {"interpreter_s": 0.1, "first_voxel": {"at_s": 0.7, "imports_s": 0.4, "rss_mib": 70.0},
+           "peak_rss_mib": 450.0,
+           "steps": [{"step": "indexing", "start_s": 0.2, "s": 0.45, "imports_s": 0.3, "rss_after_mib": 70.0},
+                     {"step": "model_loading", "start_s": 0.72, "s": 1.5, "imports_s": 1.4, "rss_after_mib": 340.0},
+                     {"step": "validation", "start_s": 2.3, "s": 0.1, "imports_s": 0.0, "rss_after_mib": 340.0}]}
+    parts = jc.fixed_cost(res)
+    assert parts["before_first_voxel"] == 0.7
+    assert parts["model_loading"] == 0.0 and parts["model_loading_imports"] == 0.0
+    assert parts["model_loading_after_first_voxel"] == 1.5 and parts["validation_after_first_voxel"] == 0.1
+    assert parts["imports"] == pytest.approx(0.1)
+    total = sum(v for k, v in parts.items() if k != "before_first_voxel" and not k.endswith("_after_first_voxel"))
+    assert total == pytest.approx(0.7)
+
+
 _MODEL_LOADING = """
 import json, sys
 from pathlib import Path

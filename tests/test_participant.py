@@ -325,7 +325,7 @@ def test_load_segmenters_dispatch(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     # the segmenters get the threads of each step (--omp-nthreads 1), not the run's CPUs (--nprocs 2)
     assert calls == [("semantic", sem_dir.resolve(), {"device": "cpu", "nprocs": 1, "n4": False, "precision": "auto",
                                                       "engine": "auto", "allow_unsafe": False, "tta": False,
-                                                      "probabilities": False}),
+                                                      "probabilities": False, "n4_helper": True}),
                      ("instance", ins_dir.resolve(), {"device": "cpu", "nprocs": 1, "precision": "auto",
                                                      "engine": "auto"})]
 

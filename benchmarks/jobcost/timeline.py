@@ -6,7 +6,7 @@ import (so a step's time splits into imports and work) and, when one of the modu
 ``STEPS`` has been executed, wraps the named function in place so that its calls are timed
 (the callers import these functions at call time, so they find the wrapped ones). Nothing
 in the library is instrumented. ``FIRST_VOXEL`` marks the end of the fixed cost: the first
-call that reads voxels of a scan. Standard library only.
+call that reads voxels of a scan (in this process, or in the N4 helper it starts). Standard library only.
 """
 
 from __future__ import annotations
@@ -23,7 +23,10 @@ STEPS: tuple[tuple[str, str, str], ...] = (
     ("spineps.bids.discovery", "discover_scans", "indexing"),
     ("spineps.loading", "load_segmenters", "model_loading"),
 )
-FIRST_VOXEL = ("spineps.geometry.io", "load_volume")
+#: the calls that read a scan's voxels: the participant's own reading, and the helper process
+#: that reads the first scan for its N4 while the models load (``spineps.semantic.n4_helper``)
+FIRST_VOXEL: tuple[tuple[str, str], ...] = (("spineps.geometry.io", "load_volume"),
+                                            ("spineps.semantic.n4_helper", "start_prefetch"))
 
 
 def rss_mib(key: str = "VmRSS") -> float:
@@ -103,7 +106,8 @@ class _Finder(importlib.abc.MetaPathFinder):
         self.targets: dict[str, list[tuple[str, Callable[[Callable[..., Any]], Callable[..., Any]]]]] = {}
         for mod, fn, name in STEPS:
             self.targets.setdefault(mod, []).append((fn, functools.partial(timeline.wrap_step, name=name)))
-        self.targets.setdefault(FIRST_VOXEL[0], []).append((FIRST_VOXEL[1], timeline.wrap_first_voxel))
+        for mod, fn in FIRST_VOXEL:
+            self.targets.setdefault(mod, []).append((fn, timeline.wrap_first_voxel))
 
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
         for finder in sys.meta_path:

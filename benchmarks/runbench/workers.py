@@ -62,6 +62,7 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
 
     probe = PhaseProbe()
     install_probe(probe)
+    helper_peaks = _watch_n4_helpers()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     from spineps.errors import ScanFailuresError
@@ -95,6 +96,12 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
         "phases": phases,
         "phase_peaks_reset": probe.can_reset,
         "peak_rss_mib_in_process": round(probe.process_peak_kib / 1024, 1),
+        # N4 runs in a helper process (spineps.semantic.n4_helper): its own peak, and what this
+        # process held meanwhile plus that (the process tree's peak during N4, an upper bound)
+        "n4_helper_peak_mib": max(helper_peaks, default=None),
+        "peak_rss_mib_with_n4_helper": round(max(probe.process_peak_kib / 1024,
+                                                 phases["preprocess_n4"]["peak_mib"] + max(helper_peaks, default=0.0)),
+                                             1),
         "cuda_peak_mib": round(torch.cuda.max_memory_allocated() / 2 ** 20, 1) if cuda else None,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -104,6 +111,24 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
         "shape": list(_image_shape(Path(cfg["bids_dir"]))),
     }
     return res
+
+def _watch_n4_helpers() -> list[float]:
+    """The peak RSS (MiB) of every N4 helper process of this run, as each reports it."""
+    from spineps.semantic.n4_helper import N4Job
+
+    peaks: list[float] = []
+    plain = N4Job.wait
+
+    def wait(self: Any) -> Any:
+        try:
+            return plain(self)
+        finally:
+            if self.info.get("peak_rss_mib") is not None:
+                peaks.append(float(self.info["peak_rss_mib"]))
+
+    N4Job.wait = wait  # type: ignore[method-assign]
+    return peaks
+
 
 def _model_info(model: Any) -> dict[str, Any]:
     from spineps.participant import model_provenance
@@ -147,7 +172,8 @@ def _spawn(cmd: list[str], result_file: Path, env: Optional[dict[str, str]] = No
     # ru_maxrss of a child also counts the parent's RSS at fork time (the pre-exec image), which
     # made later cases of a run inherit this process's size (seen 2026-11-27: 789 MiB for a scan
     # whose worker peaked at 649 MiB).
-    in_process = res.get("peak_rss_mib_in_process")
+    # With N4 in its helper process, the peak counts the helper too (``peak_rss_mib_with_n4_helper``).
+    in_process = res.get("peak_rss_mib_with_n4_helper") or res.get("peak_rss_mib_in_process")
     res["peak_rss_mib_rusage"] = round(ru.ru_maxrss / 1024, 1)
     res["peak_rss_mib"] = round(in_process if in_process else ru.ru_maxrss / 1024, 1)
     return res

@@ -181,7 +181,8 @@ def _run(settings: Settings) -> int:
 def _participant(settings: Settings) -> None:
     """The BIDS validator runs in the background (a process of its own) while the scans are
     selected and the models load; its verdict is awaited before the first scan, and comes
-    first when any of these steps fails (``participant.validated_first``)."""
+    first when any of these steps fails (``participant.validated_first``). The first scan's
+    N4 runs in a helper process beside the model loading (``participant.start_n4_prefetch``)."""
     from spineps import loading, participant
 
     loading.announce_models(settings)  # before anything else: which models, and whether they are demonstrations
@@ -190,12 +191,22 @@ def _participant(settings: Settings) -> None:
     if settings.input_kind == "semantic-mask":
         participant.run_participant(settings, None, loading.load_instance_segmenter(settings), discovery=discovery)
         return
-    semantic, instance = participant.validated_first(settings, pending, lambda: loading.load_segmenters(settings))
-    if settings.skip_bids_validation:
-        log.info("BIDS validation skipped (--skip-bids-validation)")
-    else:
-        participant.finish_validation(settings, pending)
-    participant.run_participant(settings, semantic, instance, discovery=discovery)
+    # the first scan's N4 runs in a helper process while the models load (its result is used
+    # only for exactly the voxels it corrected)
+    prefetch = participant.start_n4_prefetch(settings, discovery)
+    try:
+        semantic, instance = participant.validated_first(settings, pending,
+                                                         lambda: loading.load_segmenters(settings))
+        if prefetch is not None and hasattr(semantic, "prefetched_n4"):
+            semantic.prefetched_n4.append(prefetch)
+        if settings.skip_bids_validation:
+            log.info("BIDS validation skipped (--skip-bids-validation)")
+        else:
+            participant.finish_validation(settings, pending)
+        participant.run_participant(settings, semantic, instance, discovery=discovery)
+    finally:
+        if prefetch is not None:
+            prefetch.cancel()  # not used (complete, held by another run, failed): stopped, removed
 
 
 def _group(settings: Settings) -> None:

@@ -3,7 +3,9 @@
 ``NnUNetSemanticSegmenter.segment(image)``:
 
 1. pre-processing (``preprocess.preprocess_image``): intensity shift/cap, N4 in the non-zero
-   bounding box (optional, on by default);
+   bounding box (optional, on by default); in participant runs (``n4_helper``) N4 runs in a
+   helper process (``spineps.semantic.n4_helper``: ITK never loads here), the run's first
+   scan's while the models load (``prefetched_n4``);
 2. reorientation to the model's ``model_expected_orientation`` and resampling to
    ``ModelConfig.target_spacing`` (cubic for the image);
 3. nnU-Net sliding-window inference through ``nnUNetPredictor`` (initialised manually from
@@ -71,7 +73,8 @@ class NnUNetSemanticSegmenter:
                  mirroring: Optional[bool] = None, step_size: Optional[float] = None,
                  cleanup: CleanupSettings = CleanupSettings(), n4_settings: N4Settings = N4Settings(),
                  channels_last: Optional[bool] = None, cpu_bf16: bool = False, precision: Optional[str] = None,
-                 engine: str = "torch", tta: Optional[bool] = None, probabilities: bool = False):
+                 engine: str = "torch", tta: Optional[bool] = None, probabilities: bool = False,
+                 n4_helper: bool = False):
         import torch
 
         from spineps.models.precision import resolve_precision
@@ -88,6 +91,11 @@ class NnUNetSemanticSegmenter:
             torch.set_num_threads(int(nprocs))
         self.n4 = bool(n4)
         self.n4_settings = n4_settings
+        #: N4 in a helper process (``spineps.semantic.n4_helper``: ITK stays out of this
+        #: process); ``prefetched_n4``: helpers started before the model loaded (a run's first
+        #: scan), used when one corrected exactly the image being segmented
+        self.n4_helper = bool(n4_helper)
+        self.prefetched_n4: list[Any] = []
         self.cleanup = cleanup
         self.mirroring, self.step_size = self._sliding_window(mirroring, step_size)
         self.tta_axes: Optional[tuple[int, ...]] = None  # --tta: the network axes mirrored
@@ -256,14 +264,14 @@ class NnUNetSemanticSegmenter:
                     folds: Optional[tuple[int, ...]] = None, mirroring: Optional[bool] = None,
                     step_size: Optional[float] = None, precision: str = "fp32",
                     engine: str = "torch", allow_unsafe: bool = False, tta: Optional[bool] = None,
-                    probabilities: bool = False) -> "NnUNetSemanticSegmenter":
+                    probabilities: bool = False, n4_helper: bool = False) -> "NnUNetSemanticSegmenter":
         """Validate and load a model folder (``ModelError`` on any problem, before any scan).
         ``allow_unsafe``: unpickle a checkpoint the safe loader refuses (``--allow-unsafe-checkpoints``)."""
         from spineps.models.nnunet_folder import load_nnunet_folder
 
         loaded = load_nnunet_folder(Path(folder), folds, allow_unsafe=allow_unsafe)
         return cls(loaded, device=device, nprocs=nprocs, n4=n4, mirroring=mirroring, step_size=step_size,
-                   precision=precision, engine=engine, tta=tta, probabilities=probabilities)
+                   precision=precision, engine=engine, tta=tta, probabilities=probabilities, n4_helper=n4_helper)
 
     # ------------------------------------------------------------------------------------------
     def predict_indices(self, model_image: Volume) -> np.ndarray:
@@ -322,7 +330,8 @@ class NnUNetSemanticSegmenter:
         if image.data.ndim != 3 or min(image.shape) < 1:
             raise InputError(f"need a non-empty 3D image, got shape {image.shape}")
         t0 = time.perf_counter()
-        pre = preprocess_image(image, n4=self.n4, settings=self.n4_settings, timings=self.timings)
+        pre = preprocess_image(image, n4=self.n4, settings=self.n4_settings, timings=self.timings,
+                               correct=self._n4_in_helper if self.n4_helper else None)
         self.timings["preprocess"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         model_img = self.to_model_grid(pre)
@@ -339,6 +348,13 @@ class NnUNetSemanticSegmenter:
             self.timings["probabilities"] = time.perf_counter() - t0
         self.timings["total"] = time.perf_counter() - t_all
         return Volume(np.ascontiguousarray(back.data, dtype=np.uint8), image.affine.copy())
+
+    def _n4_in_helper(self, data: np.ndarray, spacing: Any, settings: N4Settings) -> np.ndarray:
+        from spineps.semantic.n4_helper import n4_isolated
+        from spineps.semantic.preprocess import itk_threads
+
+        return n4_isolated(data, spacing, settings, threads=self.nprocs or itk_threads(),
+                           prefetched=self.prefetched_n4)
 
     def _probabilities_on(self, model_grid: Volume, image: Volume) -> tuple[np.ndarray, list[int]]:
         """The network's class probabilities (softmax, before the clean-up of the mask) on

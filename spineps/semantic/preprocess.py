@@ -15,11 +15,12 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import numpy as np
 
-from spineps.geometry.volume import Volume
+if TYPE_CHECKING:  # pragma: no cover - numpy only at run time: the N4 helper process imports this module
+    from spineps.geometry.volume import Volume
 
 __all__ = ["normalize_range", "n4_correct", "preprocess_image", "N4Settings", "nonzero_bbox", "INTENSITY_CAP"]
 
@@ -81,6 +82,11 @@ def set_itk_threads(n: int) -> None:
     _ITK_THREADS["n"] = int(n)
 
 
+def itk_threads() -> Optional[int]:
+    """The thread count of :func:`set_itk_threads` (None: ITK's default)."""
+    return _ITK_THREADS["n"]
+
+
 def n4_correct(data: np.ndarray, spacing: Sequence[float], settings: N4Settings = N4Settings(),
                mask: Optional[np.ndarray] = None) -> np.ndarray:
     """N4 bias-field correction inside the bounding box of the non-zero voxels (or of
@@ -128,14 +134,17 @@ def n4_correct(data: np.ndarray, spacing: Sequence[float], settings: N4Settings 
 
 
 def preprocess_image(image: Volume, n4: bool = True, settings: N4Settings = N4Settings(),
-                     timings: Optional[dict] = None) -> Volume:
+                     timings: Optional[dict] = None,
+                     correct: Optional[Callable[[np.ndarray, Sequence[float], N4Settings], np.ndarray]] = None
+                     ) -> Volume:
     """``normalize_range`` then (optionally) ``n4_correct`` then ``normalize_range`` again
     (N4 rescales intensities); same grid as ``image``. ``timings`` (if given) receives
-    the seconds spent in N4 under ``"n4"``."""
+    the seconds spent in N4 under ``"n4"``. ``correct``: what runs N4 (``n4_correct``
+    by default; ``n4_helper.n4_isolated`` runs it in a helper process)."""
     data = normalize_range(image.data)
     if n4:
         t0 = time.perf_counter()
-        data = normalize_range(n4_correct(data, image.spacing, settings))
+        data = normalize_range((correct or n4_correct)(data, image.spacing, settings))
         if timings is not None:
             timings["n4"] = time.perf_counter() - t0
         log.debug("N4 took %.2f s on %s", time.perf_counter() - t0, image.shape)
