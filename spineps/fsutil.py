@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-__all__ = ["atomic_path", "write_text_atomic", "write_json_atomic", "remove_stale_temps", "exclusive_lock",
+__all__ = ["pid_alive", "atomic_path", "write_text_atomic", "write_json_atomic", "remove_stale_temps", "exclusive_lock",
            "LockHeld", "remove_stale_locks", "check_real_folder", "TEMP_PREFIX", "is_within", "jsonable"]
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,8 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this machine."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -171,7 +172,7 @@ def _stale_temp(path: Path) -> bool:
         got = _flock_nb(fd)
         if got is None:
             m = _TEMP_RE.match(path.name)
-            got = bool(m and m.group(1) == _host() and not _pid_alive(int(m.group(2))))
+            got = bool(m and m.group(1) == _host() and not pid_alive(int(m.group(2))))
         if got and _same_file(path, fd):
             os.unlink(path)  # still holding the lock: a writer that just created it gives the name up
             return True

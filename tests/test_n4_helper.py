@@ -49,7 +49,7 @@ def _one_itk_thread():
 def _helpers_left() -> list[Path]:
     import tempfile
 
-    return sorted(Path(tempfile.gettempdir()).glob("spineps-n4-*"))
+    return sorted(Path(tempfile.gettempdir()).glob(f"spineps-n4-{os.getpid()}-*"))  # this process's helpers
 
 
 def test_isolated_n4_gives_the_voxels_of_n4_in_this_process() -> None:
@@ -174,3 +174,65 @@ def test_participant_run_keeps_itk_out_and_uses_the_prefetched_n4(tmp_path: Path
     assert log.count("N4 helper (") == 2  # both scans' N4 ran in a helper
     side = json.loads((out / "sub-01/anat/sub-01_acq-sag_desc-vertebrae_dseg.json").read_text())
     assert side["Parameters"]["n4"] is True
+
+
+def test_helper_folders_of_dead_processes_are_removed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A participant killed outright (SIGKILL at a job's time limit) cannot remove its
+    helper's folder; the next helper started on the machine removes it."""
+    import tempfile
+
+    from spineps.semantic import n4_helper
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    orphan = tmp_path / f"spineps-n4-{int(dead.stdout)}-abc"
+    (orphan / "input.npy").parent.mkdir()
+    (orphan / "input.npy").write_bytes(b"x" * 100)
+    mine = tmp_path / f"spineps-n4-{os.getpid()}-def"
+    mine.mkdir()
+    other = tmp_path / "spineps-n4-notapid"
+    other.mkdir()
+    out = n4_isolated(normalize_range(_biased()), (3.0, 1.0, 1.0), FAST, threads=1)
+    assert out.shape == (12, 40, 36)
+    assert not orphan.exists() and mine.exists() and other.exists()
+    assert n4_helper._remove_orphans() == []
+
+
+_KILLED_PARENT = """
+import sys, time
+from pathlib import Path
+from spineps.semantic.n4_helper import start_prefetch
+from spineps.semantic.preprocess import N4Settings
+job = start_prefetch(Path(sys.argv[1]), N4Settings(iterations=(400, 400, 400), convergence=0.0), 1)
+print(job.proc.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_helper_dies_with_its_parent(scan: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    parent = subprocess.Popen([sys.executable, "-c", _KILLED_PARENT, str(scan)], stdout=subprocess.PIPE, text=True,
+                              env=env)
+    assert parent.stdout is not None
+    helper = int(parent.stdout.readline())
+    os.kill(helper, 0)  # running
+    parent.kill()
+    parent.wait()
+    import time
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(helper, 0)
+        except ProcessLookupError:
+            break
+        try:
+            with open(f"/proc/{helper}/stat") as fh:  # a zombie waiting for init to reap it counts as gone
+                if fh.read().split(")")[-1].split()[0] == "Z":
+                    break
+        except FileNotFoundError:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the N4 helper kept running after its parent was killed")

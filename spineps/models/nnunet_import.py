@@ -18,9 +18,9 @@ The same module chain imports ``pandas`` at module level (nnU-Net's resampling a
 batchgenerators use ``pd`` in a few functions a participant process never calls): about
 30 MiB of resident memory and half a second; and ``SimpleITK`` (nnU-Net's image readers,
 not used here: ~90 MiB and 0.3 s), which N4 imports when it runs in this process (a
-participant run's N4 runs in a helper process, ``spineps.semantic.n4_helper``: never here). (``blosc2``, for nnU-Net's compressed training
-data, would be the next, but acvl_utils evaluates ``blosc2.ndarray.NDArray`` in an annotation
-at import time.) They are imported *lazily* (``make_lazy``):
+participant run's N4 runs in a helper process, ``spineps.semantic.n4_helper``: never here).
+(``blosc2``, for nnU-Net's compressed training data, would be the next, but acvl_utils
+evaluates ``blosc2.ndarray.NDArray`` in an annotation at import time.) They are imported *lazily* (``make_lazy``):
 ``sys.modules`` holds a module object that imports the real one on its first attribute
 access, so every function that uses them works unchanged and a process that never touches
 them never pays for them.

@@ -49,6 +49,34 @@ log = logging.getLogger(__name__)
 
 _MODULE = "spineps.semantic.n4_helper"
 _ERR_TAIL = 2000
+#: the helpers' temporary folders: ``<tmp>/spineps-n4-<pid of the process that made it>-<random>``
+_PREFIX = "spineps-n4-"
+
+
+def _remove_orphans() -> list[Path]:
+    """Remove the helper folders of processes that are gone (a participant process killed
+    outright, e.g. by SIGKILL at a job's time limit, cannot remove its own). Best effort."""
+    from spineps.fsutil import pid_alive
+
+    removed = []
+    for folder in Path(tempfile.gettempdir()).glob(f"{_PREFIX}*-*"):
+        pid = folder.name[len(_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def _die_with_parent() -> None:
+    """In the helper: be killed when the process that started it dies (Linux), so a killed
+    participant leaves no N4 running on."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def digest(data: np.ndarray, spacing: Sequence[float]) -> str:
@@ -95,7 +123,8 @@ class N4Job:
 
     @classmethod
     def _new(cls, request: dict[str, Any], what: str, settings: Any, before_start: Any = None) -> "N4Job":
-        folder = Path(tempfile.mkdtemp(prefix="spineps-n4-"))
+        _remove_orphans()
+        folder = Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-"))
         try:
             if before_start is not None:
                 before_start(folder)
@@ -241,6 +270,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     its reason (one line) in ``error.json`` beside the request and exits 1."""
     args = sys.argv[1:] if argv is None else argv
     folder = Path(args[0]).parent
+    if argv is None:
+        _die_with_parent()
     try:
         return _correct(Path(args[0]))
     except Exception as exc:  # the reason for the parent's error message; the traceback on stderr
