@@ -42,6 +42,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from spineps.errors import InputError
+from spineps.fsutil import atomic_path, write_json_atomic
 
 __all__ = ["N4Job", "n4_isolated", "start_prefetch", "digest", "main"]
 
@@ -146,8 +147,7 @@ class N4Job:
             done = self.folder / "done.json"
             if code != 0 or not done.is_file():
                 failed = self.folder / "error.json"
-                why = json.loads(failed.read_text())["error"] if failed.is_file() else (err[-_ERR_TAIL:]
-                                                                                        or "no error output")
+                why = json.loads(failed.read_text())["error"] if failed.is_file() else err[-_ERR_TAIL:] or "no output"
                 if err:
                     log.debug("N4 helper (%s) said: %s", self.what, err[-_ERR_TAIL:])
                 raise InputError(f"N4 bias-field correction failed in its helper process (exit code {code}): {why}",
@@ -167,11 +167,9 @@ class N4Job:
         before N4 starts: waited for (polled) until it is there or the helper has ended; None
         when the helper ended without one (failed)."""
         path = self.folder / "key.json"
-        while not path.is_file():
-            if self.proc is None or self.proc.poll() is not None:
-                return json.loads(path.read_text())["digest"] if path.is_file() else None
+        while not path.is_file() and self.running:
             time.sleep(0.01)
-        return str(json.loads(path.read_text())["digest"])
+        return str(json.loads(path.read_text())["digest"]) if path.is_file() else None
 
     def result_for(self, data: np.ndarray, spacing: Sequence[float], settings: Any) -> Optional[np.ndarray]:
         """The helper's corrected array when it corrects exactly ``data`` at ``spacing`` with
@@ -232,7 +230,7 @@ def n4_isolated(data: np.ndarray, spacing: Sequence[float], settings: Any, threa
         np.save(folder / "input.npy", arr)
 
     try:
-        job = N4Job._new(dict(_request(settings, threads), npy=None, spacing=[float(s) for s in spacing]),
+        job = N4Job._new(dict(_request(settings, threads), spacing=[float(s) for s in spacing]),
                          "image", settings, before_start=save_input)
     except OSError as exc:
         log.warning("cannot start the N4 helper process (%s): N4 runs in this process", exc)
@@ -253,18 +251,6 @@ def _peak_rss_mib() -> float:
     return float("nan")
 
 
-def _save_atomic(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".part.npy")
-    np.save(tmp, arr)
-    os.replace(tmp, path)
-
-
-def _write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     """The helper: ``python -m spineps.semantic.n4_helper REQUEST.json``. A failure leaves
     its reason (one line) in ``error.json`` beside the request and exits 1."""
@@ -279,7 +265,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         traceback.print_exc()
         reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {' '.join(str(exc).split())}"
-        _write_json_atomic(folder / "error.json", {"error": reason})
+        write_json_atomic(folder / "error.json", {"error": reason})
         return 1
 
 
@@ -302,14 +288,15 @@ def _correct(request: Path) -> int:
     else:
         data, spacing = np.load(folder / "input.npy"), tuple(req["spacing"])
     key = digest(data, spacing)
-    _write_json_atomic(folder / "key.json", {"digest": key})
+    write_json_atomic(folder / "key.json", {"digest": key})
     t0 = time.perf_counter()
     out = n4_correct(data, spacing, settings)
     n4_s = time.perf_counter() - t0
-    _save_atomic(Path(req["output"]), out)
+    with atomic_path(Path(req["output"])) as tmp:  # same extension: np.save keeps the name
+        np.save(tmp, out)
     import SimpleITK as sitk  # (imported by n4_correct)
 
-    _write_json_atomic(Path(req["done"]), {"digest": key, "n4_s": round(n4_s, 4),
+    write_json_atomic(Path(req["done"]), {"digest": key, "n4_s": round(n4_s, 4),
                                            "itk_threads": int(sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()),
                                            "peak_rss_mib": round(_peak_rss_mib(), 1)})
     return 0
