@@ -615,7 +615,12 @@ def _run_session(settings: "Settings", scans: list[Any], tag: str, expected: lis
     with ExitStack() as locks:
         try:
             for scan in scans:
-                locks.enter_context(_scan_lock(settings, scan, f"{tag} {scan.relpath}", wait=wait))
+                if _guarded(settings, summary, scan, tag, _Lock(settings, scan, f"{tag} {scan.relpath}", wait,
+                                                                 locks)) is None:
+                    # a lock that cannot be taken (OutputError: a planted link, a symlinked
+                    # folder) fails the whole session, nothing of it touched; the run goes on
+                    _share_failure(settings, summary, scan, [s for s in scans if s is not scan])
+                    return True
         except LockHeld:
             log.info("%s %s: another run is computing this station; taking the next scan (back to its session at "
                      "the end)", tag, scan.relpath)
@@ -657,6 +662,21 @@ def _share_failure(settings: "Settings", summary: ParticipantSummary, failed: An
     for scan in others:
         summary.failed[scan.relpath] = text
         record_failure(settings, scan.relpath, error, reason, bids_name=scan.key)
+
+
+@dataclass
+class _Lock:
+    """A station's lock entered into the session's ``locks`` (for ``_guarded``): True once held."""
+
+    settings: "Settings"
+    scan: Any
+    what: str
+    wait: bool
+    locks: ExitStack
+
+    def __call__(self) -> bool:
+        self.locks.enter_context(_scan_lock(self.settings, self.scan, self.what, wait=self.wait))
+        return True
 
 
 @dataclass

@@ -381,3 +381,33 @@ def test_stations_derivatives_pass_the_bids_validator(stations_derivatives: Path
     assert report.ok and report.errors == [], f"{report.summary(100)}\n{warnings}"
     # no warning about a station's own outputs (their sidecars say what they are)
     assert not [w for w in report.warnings if "/sub-" in w], warnings
+
+
+def test_a_station_lock_that_cannot_be_taken_fails_its_session_and_the_run_goes_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A planted link in place of one station's lock file (an ``OutputError`` while the
+    session takes its locks): that session's stations fail with a record each, the link's
+    target is untouched, the other session is named and written, the exit is non-zero."""
+    from spineps import loading
+    from spineps.cli.main import main
+    from spineps.failures import read_failures
+    from tests.segmenters import ComponentInstanceSegmenter
+
+    monkeypatch.setattr(loading, "load_instance_segmenter", lambda settings: ComponentInstanceSegmenter())
+    cuts = even_cuts(WHOLE, 2, overlap_mm=40.0)
+    ds = write_station_dataset(tmp_path / "ds", [(WHOLE, cuts), (WHOLE, cuts)], images=False)
+    out = tmp_path / "out"
+    (out / "logs" / "locks").mkdir(parents=True)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    (out / "logs" / "locks" / "sub-01_ses-1_acq-sag_chunk-2.lock").symlink_to(victim)
+    capsys.readouterr()
+    assert main(["instance", str(ds / "derivatives" / "reference"), str(out), "--nprocs", "1"]) == 1
+    assert victim.read_text() == "precious\n"
+    text = capsys.readouterr().err
+    assert "OutputError" in text and "sub-01_ses-1_acq-sag_chunk-2" in text, text
+    recorded = {rec["bids_name"]: rec["error"] for rec in read_failures(out)}
+    assert recorded == {"sub-01_ses-1_acq-sag_chunk-1": "OutputError", "sub-01_ses-1_acq-sag_chunk-2": "OutputError"}
+    assert not (out / "sub-01").exists()
+    for k in (1, 2):
+        assert (out / f"sub-02/ses-1/anat/sub-02_ses-1_acq-sag_chunk-{k}_desc-vertebrae_dseg.json").is_file()
