@@ -20,6 +20,14 @@ input range, clip if needed). A target voxel whose centre falls inside the sourc
 view (within half a voxel beyond the outermost source centres) takes the nearest edge
 extension there; farther out it gets ``fill``.
 
+Labels (``resample_labels``): nearest neighbour turns a coarse label grid into blocks on a
+finer one. ``resample_labels`` instead gives each target voxel the label whose one-hot
+indicator, linearly interpolated, is largest there (ties keep the nearest label), so the
+outlines follow the coarse grid's boundaries smoothly. Only target voxels whose nearest source
+voxel lies on a label boundary (its 3x3x3 neighbourhood holds another label) can differ from
+nearest neighbour, and only those are interpolated; everywhere else the result is nearest
+neighbour exactly.
+
 Memory: float32 throughout for images; besides the output, at most one float32 copy of the
 input (the cubic spline coefficients, or the float32 conversion) and one float32 coordinate
 array plus a boolean mask when part of the target lies outside the source.
@@ -33,7 +41,9 @@ import numpy as np
 
 from spineps.geometry.volume import Volume, int3
 
-__all__ = ["to_spacing", "resample_to_grid", "back_to_grid", "spacing_grid"]
+__all__ = ["to_spacing", "resample_to_grid", "resample_labels", "back_to_grid", "spacing_grid"]
+
+_LABEL_CHUNK = 1 << 18  # boundary voxels interpolated at once (bounds the score array's size)
 
 
 def spacing_grid(vol: Volume, spacing: Sequence[float]) -> tuple[tuple[int, int, int], np.ndarray]:
@@ -137,15 +147,95 @@ def _outside_mask(src_shape: Sequence[int], shape: Sequence[int], m: np.ndarray)
     return outside
 
 
-def back_to_grid(vol: Volume, reference, *, order: int = 0) -> Volume:
+def resample_labels(vol: Volume, shape: Sequence[int], affine: np.ndarray, *, fill: int = 0) -> Volume:
+    """Resample the label volume ``vol`` onto ``(shape, affine)`` with smooth outlines: each
+    target voxel takes the label whose linearly interpolated one-hot indicator is largest
+    (ties keep the nearest-neighbour label). Integer dtype kept; outside the source's field of
+    view ``fill`` (see the module docstring)."""
+    from scipy import ndimage
+
+    src = np.asarray(vol.data)
+    if src.dtype.kind not in "iub":
+        raise ValueError(f"resample_labels needs an integer label volume, got dtype {src.dtype}")
+    near = resample_to_grid(vol, shape, affine, order=0, fill=fill)
+    labels = np.unique(src)
+    if labels.size < 2 or near.shape == vol.shape and np.allclose(near.affine, vol.affine, rtol=0, atol=1e-6):
+        return near
+    boundary = ndimage.maximum_filter(src, size=3, mode="nearest") != ndimage.minimum_filter(
+        src, size=3, mode="nearest")
+    near_boundary = resample_to_grid(Volume(boundary.view(np.uint8), vol.affine), near.shape, near.affine,
+                                     order=0, fill=0)
+    idx = np.flatnonzero(np.asarray(near_boundary.data))
+    del near_boundary
+    if idx.size == 0:
+        return near
+    out = np.asarray(near.data)
+    flat = out.reshape(-1)
+    m = np.linalg.solve(vol.affine, near.affine)
+    indicators = [_label_indicator(src, int(lab)) for lab in labels]
+    upper = np.asarray(src.shape).reshape(3, 1) - 1
+    for start in range(0, idx.size, _LABEL_CHUNK):
+        part = idx[start:start + _LABEL_CHUNK]
+        ijk = np.stack(np.unravel_index(part, out.shape)).astype(np.float64)
+        coords = m[:3, :3] @ ijk + m[:3, 3:4]
+        centre = np.clip(np.rint(coords), 0, upper).astype(np.intp)  # nearest source voxel
+        nearest = flat[part]
+        best_score = np.full(part.size, -1.0, np.float32)
+        best_label = nearest.copy()
+        near_score = np.zeros(part.size, np.float32)
+        for lab, (box, lo, reach) in zip(labels, indicators):
+            # the label can score > 0 only where it lies in the nearest voxel's 3x3x3 block
+            rel = centre - lo.astype(np.intp)
+            inside = np.all((rel >= 0) & (rel < np.asarray(box.shape).reshape(3, 1)), axis=0)
+            cand = np.flatnonzero(inside)
+            cand = cand[reach[tuple(rel[:, cand])]]
+            if cand.size == 0:
+                continue
+            score = ndimage.map_coordinates(box, coords[:, cand] - lo, output=np.float32, order=1,
+                                            mode="nearest", prefilter=False)
+            own = nearest[cand] == lab
+            near_score[cand[own]] = score[own]
+            better = score > best_score[cand]
+            best_score[cand[better]] = score[better]
+            best_label[cand[better]] = lab
+        take = best_score > near_score + 1e-4
+        flat[part[take]] = best_label[take]
+    return near
+
+
+def _label_indicator(src: np.ndarray, label: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The 0/1 indicator (uint8) of ``label`` cropped to its bounding box plus one voxel (where
+    the volume allows), the box's first voxel (3, 1), and the indicator dilated by one voxel
+    (3x3x3, bool, same box). Sampled with ``mode="nearest"``, the crop gives the same linear
+    interpolation as the whole indicator: the padding is zero, and where the box meets the
+    volume's border the edge extension is the volume's own."""
+    from scipy import ndimage
+
+    hit = src == label
+    lo, hi = [], []
+    for ax in range(3):
+        other = tuple(a for a in range(3) if a != ax)
+        nz = np.flatnonzero(hit.any(axis=other))
+        lo.append(max(int(nz[0]) - 1, 0))
+        hi.append(min(int(nz[-1]) + 2, src.shape[ax]))
+    crop = hit[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    reach = ndimage.binary_dilation(crop, structure=np.ones((3, 3, 3), bool))
+    return crop.view(np.uint8).copy(), np.asarray(lo, dtype=np.float64).reshape(3, 1), reach
+
+
+def back_to_grid(vol: Volume, reference, *, order: int = 0, smooth_labels: bool = False) -> Volume:
     """Map ``vol`` (e.g. a mask on a model grid) back onto ``reference``'s exact grid.
 
     ``reference`` is a ``Volume`` or a ``HeaderInfo``; the result has exactly its spatial
-    shape and affine. Nearest neighbour by default (labels).
+    shape and affine. Nearest neighbour by default (labels); ``smooth_labels=True`` maps a
+    label volume with :func:`resample_labels` instead (``order`` is then ignored).
     """
     if isinstance(reference, Volume):
         shape, aff = reference.shape, reference.affine
     else:
         aff = np.asarray(reference.affine, dtype=np.float64)
         shape = getattr(reference, "spatial_shape", None) or tuple(reference.shape)[:3]
-    return resample_to_grid(vol, tuple(int(s) for s in shape), aff, order=order, fill=0)
+    target = tuple(int(s) for s in shape)
+    if smooth_labels:
+        return resample_labels(vol, target, aff, fill=0)
+    return resample_to_grid(vol, target, aff, order=order, fill=0)
