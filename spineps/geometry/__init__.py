@@ -10,7 +10,7 @@ from spineps.geometry.cropping import Crop, bbox_of, crop_or_pad, crop_to_bbox, 
 from spineps.geometry.io import HeaderInfo, load_volume, read_header, save_volume
 from spineps.geometry.orientation import (Reorientation, from_orientation, is_sagittal, through_plane_axis,
                                           to_orientation)
-from spineps.geometry.resampling import back_to_grid, resample_to_grid, to_spacing
+from spineps.geometry.resampling import back_to_grid, resample_labels, resample_to_grid, to_spacing
 from spineps.geometry.volume import Volume
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "is_sagittal",
     "to_spacing",
     "resample_to_grid",
+    "resample_labels",
     "back_to_grid",
     "Crop",
     "bbox_of",

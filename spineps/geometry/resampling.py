@@ -39,6 +39,7 @@ from typing import Sequence, Union
 
 import numpy as np
 
+from spineps.geometry.cropping import bbox_of
 from spineps.geometry.volume import Volume, int3
 
 __all__ = ["to_spacing", "resample_to_grid", "resample_labels", "back_to_grid", "spacing_grid"]
@@ -212,15 +213,12 @@ def _label_indicator(src: np.ndarray, label: int) -> tuple[np.ndarray, np.ndarra
     from scipy import ndimage
 
     hit = src == label
-    lo, hi = [], []
-    for ax in range(3):
-        other = tuple(a for a in range(3) if a != ax)
-        nz = np.flatnonzero(hit.any(axis=other))
-        lo.append(max(int(nz[0]) - 1, 0))
-        hi.append(min(int(nz[-1]) + 2, src.shape[ax]))
-    crop = hit[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    box = bbox_of(hit, margin=1)
+    assert box is not None  # ``label`` is one of ``src``'s values
+    crop = hit[box]
     reach = ndimage.binary_dilation(crop, structure=np.ones((3, 3, 3), bool))
-    return crop.view(np.uint8).copy(), np.asarray(lo, dtype=np.float64).reshape(3, 1), reach
+    lo = np.array([sl.start for sl in box], dtype=np.float64).reshape(3, 1)
+    return crop.view(np.uint8).copy(), lo, reach
 
 
 def back_to_grid(vol: Volume, reference, *, order: int = 0, smooth_labels: bool = False) -> Volume:
